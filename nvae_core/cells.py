@@ -1,0 +1,62 @@
+"""Residual cells, and the registry that turns a cell name from the config into a module.
+
+A cell maps x to skip(x) + 0.1 * branch(x). stride is 1 (same size), 2 (down, channels x2) or -1
+(up, channels /2). With normalization='weight_norm' the branch has no batch norm and its convs are
+initialized from the first batch.
+"""
+import torch.nn as nn
+
+from .layers import Conv2d, FactorizedReduce, SqueezeExcite, Upsample, UpsampleSkip, activation, norm
+
+
+def regular_branch(c_in, c_out, stride, cfg, expansion):
+    """Encoder cell (paper Fig. 3b): BN-act-conv3x3-BN-act-conv3x3."""
+    del expansion
+    wn = cfg.normalization == "weight_norm"
+    layers = [norm(c_in, cfg.normalization), activation(cfg.activation)]
+    if stride == -1:
+        layers.append(Upsample())
+    layers += [Conv2d(c_in, c_out, 3, stride=max(stride, 1), padding=1, data_init=wn),
+               norm(c_out, cfg.normalization), activation(cfg.activation),
+               Conv2d(c_out, c_out, 3, padding=1, data_init=wn)]
+    return layers
+
+
+def separable_branch(c_in, c_out, stride, cfg, expansion):
+    """Generative cell (paper Fig. 3a): BN-conv1x1(expand)-BN-act-dwconv5x5-BN-act-conv1x1-BN."""
+    wn = cfg.normalization == "weight_norm"
+    hidden = c_in * expansion
+    layers = [Upsample()] if stride == -1 else []
+    layers += [norm(c_in, cfg.normalization),
+               Conv2d(c_in, hidden, 1, bias=wn, data_init=wn),
+               norm(hidden, cfg.normalization), activation(cfg.activation),
+               Conv2d(hidden, hidden, 5, stride=max(stride, 1), padding=2, groups=hidden, bias=wn,
+                      data_init=wn),
+               norm(hidden, cfg.normalization), activation(cfg.activation),
+               Conv2d(hidden, c_out, 1, bias=wn, data_init=wn),
+               norm(c_out, cfg.normalization)]
+    return layers
+
+
+CELL_BRANCHES = {"regular": regular_branch, "separable": separable_branch}
+
+
+class Cell(nn.Module):
+    """skip(x) + 0.1 * branch(x), the branch ending in squeeze-excitation when enabled."""
+
+    def __init__(self, kind, c_in, c_out, stride, cfg, expansion=6):
+        super().__init__()
+        layers = CELL_BRANCHES[kind](c_in, c_out, stride, cfg, expansion)
+        if cfg.use_se:
+            layers.append(SqueezeExcite(c_out))
+        self.branch = nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
+        if stride == 1:
+            assert c_in == c_out, "a same-size cell keeps its channel count"
+            self.skip = nn.Identity()
+        elif stride == 2:
+            self.skip = FactorizedReduce(c_in, c_out, cfg.activation)
+        else:
+            self.skip = UpsampleSkip(c_in, c_out)
+
+    def forward(self, x):
+        return self.skip(x) + 0.1 * self.branch(x)

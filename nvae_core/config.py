@@ -1,0 +1,190 @@
+"""The one flat, validated configuration of an NVAE run, and its named presets.
+
+Every ablation of the paper is a field here, so a study varies fields, never code. The object is
+flat (str, int, float, bool only) so that it serializes to JSON and becomes MLflow params as is.
+"""
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+CELLS = ("regular", "separable")
+NORMALIZATIONS = ("weight_norm", "batch_norm")
+ACTIVATIONS = ("elu", "swish")
+LIKELIHOODS = ("logistic_mixture", "bernoulli")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# (channels, size, bits) of the datasets whose shape is fixed; "image-folder" takes any.
+DATASET_SHAPES = {
+    "mnist": (1, 32, 1),
+    "cifar10": (3, 32, 8),
+    "celeba64": (3, 64, 8),
+    "digits": (1, 8, 1),
+    "photo-patches": (3, 32, 8),
+    "image-folder": None,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration field holds a value that cannot work; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class NVAEConfig:
+    """Every switch of an NVAE run. Defaults are the paper's CIFAR-10 choices at a small width."""
+
+    # data
+    dataset: str = "cifar10"
+    image_channels: int = 3
+    image_size: int = 32
+    num_x_bits: int = 8  # 1 = dynamically binarized data (Bernoulli likelihood)
+    likelihood: str = "logistic_mixture"
+    num_mixtures: int = 10
+    likelihood_crop: int = 0  # pixels cut from each border before the likelihood (MNIST: 32 -> 28)
+    # architecture
+    num_channels_enc: int = 32
+    num_channels_dec: int = 32
+    num_preprocess_blocks: int = 1
+    num_preprocess_cells: int = 2
+    num_postprocess_blocks: int = 1
+    num_postprocess_cells: int = 2
+    num_latent_scales: int = 1
+    num_groups_per_scale: int = 10
+    ada_groups: bool = False
+    min_groups_per_scale: int = 1
+    num_latent_per_group: int = 20
+    num_cell_per_cond_enc: int = 2
+    num_cell_per_cond_dec: int = 2
+    encoder_cell: str = "regular"
+    decoder_cell: str = "separable"
+    normalization: str = "batch_norm"
+    activation: str = "swish"
+    use_se: bool = True
+    residual_normal: bool = True
+    num_flows: int = 0  # each flow is a pair of IAF cells, the second one mirrored
+    # objective
+    kl_anneal_portion: float = 0.3
+    kl_min_coeff: float = 1e-4
+    kl_balance: bool = True
+    sr_lambda: float = 1e-2  # spectral + BN-scale regularization; 0 switches both off
+    sr_lambda_init: float = 0.0  # > 0: anneal lambda from this value down to sr_lambda with the KL
+    # optimization
+    epochs: int = 400
+    batch_size: int = 32  # per worker
+    learning_rate: float = 1e-2
+    learning_rate_min: float = 1e-4
+    warmup_epochs: float = 5.0
+    weight_decay: float = 3e-4
+    adamax_eps: float = 1e-3
+    seed: int = 0
+    # runtime
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def groups_per_scale(self):
+        """Number of latent groups at each scale, finest scale first."""
+        groups, n = [], self.num_groups_per_scale
+        for _ in range(self.num_latent_scales):
+            groups.append(n)
+            if self.ada_groups:
+                n = max(self.min_groups_per_scale, n // 2)
+        return groups
+
+    @property
+    def num_groups(self):
+        return sum(self.groups_per_scale)
+
+    @property
+    def downsampling(self):
+        """Total spatial reduction from the image to the coarsest latent scale."""
+        return 2 ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
+
+    @property
+    def num_dims(self):
+        """Dimensions the likelihood is taken over (bits/dim divides by this)."""
+        side = self.image_size - 2 * self.likelihood_crop
+        return self.image_channels * side * side
+
+    def replace(self, **changes):
+        """A copy with some fields changed, validated again."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; see nvae_core.NVAEConfig for the fields")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values):
+        return cls().replace(**values)
+
+
+def _require(ok, field, value, allowed):
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is not allowed: expected {allowed}")
+
+
+def _one_of(cfg, field, choices):
+    value = getattr(cfg, field)
+    _require(value in choices, field, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def validate(cfg):
+    """Raise ConfigError naming the field, its bad value and what is allowed."""
+    for field, choices in [("encoder_cell", CELLS), ("decoder_cell", CELLS),
+                           ("normalization", NORMALIZATIONS), ("activation", ACTIVATIONS),
+                           ("likelihood", LIKELIHOODS), ("precision", PRECISIONS),
+                           ("dataset", tuple(DATASET_SHAPES))]:
+        _one_of(cfg, field, choices)
+    for field in ("image_channels", "image_size", "num_x_bits", "num_mixtures", "num_channels_enc",
+                  "num_channels_dec", "num_preprocess_blocks", "num_preprocess_cells",
+                  "num_postprocess_blocks", "num_postprocess_cells", "num_latent_scales",
+                  "num_groups_per_scale", "min_groups_per_scale", "num_latent_per_group",
+                  "num_cell_per_cond_enc", "num_cell_per_cond_dec", "epochs", "batch_size"):
+        value = getattr(cfg, field)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 field, value, "a positive integer")
+    for field in ("num_flows", "likelihood_crop", "seed"):
+        value = getattr(cfg, field)
+        _require(isinstance(value, int) and value >= 0, field, value, "an integer >= 0")
+    for field in ("sr_lambda", "sr_lambda_init", "weight_decay", "warmup_epochs"):
+        value = getattr(cfg, field)
+        _require(math.isfinite(value) and value >= 0, field, value, "a finite number >= 0")
+    for field in ("learning_rate", "adamax_eps"):
+        value = getattr(cfg, field)
+        _require(math.isfinite(value) and value > 0, field, value, "a finite number > 0")
+    _require(0 <= cfg.learning_rate_min <= cfg.learning_rate, "learning_rate_min", cfg.learning_rate_min,
+             f"a number in [0, learning_rate={cfg.learning_rate}]")
+    _require(0 < cfg.kl_anneal_portion <= 1, "kl_anneal_portion", cfg.kl_anneal_portion, "a number in (0, 1]")
+    _require(0 < cfg.kl_min_coeff <= 1, "kl_min_coeff", cfg.kl_min_coeff, "a number in (0, 1]")
+    _require(cfg.num_x_bits <= 8, "num_x_bits", cfg.num_x_bits, "an integer in 1..8")
+    _require(cfg.num_postprocess_blocks == cfg.num_preprocess_blocks, "num_postprocess_blocks",
+             cfg.num_postprocess_blocks,
+             f"the same as num_preprocess_blocks={cfg.num_preprocess_blocks} (each upsamples what one downsampled)")
+    _require(cfg.image_size % cfg.downsampling == 0, "image_size", cfg.image_size,
+             f"a multiple of {cfg.downsampling} = 2**(num_preprocess_blocks + num_latent_scales - 1)")
+    _require(2 * cfg.likelihood_crop < cfg.image_size, "likelihood_crop", cfg.likelihood_crop,
+             f"less than half of image_size={cfg.image_size}")
+    if cfg.likelihood == "bernoulli":
+        _require(cfg.num_x_bits == 1, "num_x_bits", cfg.num_x_bits,
+                 "1 with likelihood='bernoulli' (binarized data); use likelihood='logistic_mixture' for 2..8 bits")
+    else:
+        _require(cfg.num_x_bits >= 2, "num_x_bits", cfg.num_x_bits,
+                 "2..8 with likelihood='logistic_mixture'; use likelihood='bernoulli' for binarized data")
+    shape = DATASET_SHAPES[cfg.dataset]
+    if shape is not None:
+        channels, size, bits = shape
+        _require(cfg.image_channels == channels, "image_channels", cfg.image_channels,
+                 f"{channels} for dataset {cfg.dataset!r}")
+        _require(cfg.image_size == size, "image_size", cfg.image_size, f"{size} for dataset {cfg.dataset!r}")
+        if bits == 1:
+            _require(cfg.likelihood == "bernoulli", "likelihood", cfg.likelihood,
+                     f"'bernoulli' for the binarized dataset {cfg.dataset!r}")

@@ -1,0 +1,107 @@
+"""Test-time measures: importance-weighted NLL, active latent units, and prior samples."""
+import contextlib
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+
+from .objective import bits_per_dim
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def importance_weighted_nll(model, x, num_samples, max_batch=256):
+    """-log p(x) in nats per example, from num_samples importance samples of the posterior:
+    -(logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K).
+
+    Samples are drawn in chunks of at most max_batch images, so K = 1000 fits in memory.
+    """
+    batch = x.shape[0]
+    per_chunk = max(1, max_batch // batch)
+    total, done = None, 0
+    with eval_mode(model):
+        while done < num_samples:
+            k = min(per_chunk, num_samples - done)
+            result = model(x.repeat(k, 1, 1, 1))
+            log_w = (-result.recon_nll - result.log_q + result.log_p).view(k, batch)
+            chunk = torch.logsumexp(log_w.double(), dim=0)
+            total = chunk if total is None else torch.logaddexp(total, chunk)
+            done += k
+    return -(total - math.log(num_samples)).float()
+
+
+def test_bits_per_dim(model, batches, num_samples, max_batch=256):
+    """Mean importance-weighted NLL over batches of x, in bits/dim and in nats."""
+    nats, count = 0.0, 0
+    for x in batches:
+        nll = importance_weighted_nll(model, x, num_samples, max_batch)
+        nats += nll.sum().item()
+        count += nll.numel()
+    mean = nats / count
+    return {"bpd": bits_per_dim(mean, model.cfg.num_dims), "nats": mean}
+
+
+@torch.no_grad()
+def active_units(model, batches, threshold=0.01):
+    """Per group, the number of latent units whose posterior mean has variance > threshold over x
+    (Burda et al.); the means are those of q(z_l | x, z_<l) along one posterior sample."""
+    total = total_sq = None
+    count = 0
+    with eval_mode(model):
+        for x in batches:
+            means = [m.double().flatten(1) for m in model(x).posterior_means]
+            sums = [m.sum(0) for m in means]
+            sq = [(m * m).sum(0) for m in means]
+            total = sums if total is None else [a + b for a, b in zip(total, sums)]
+            total_sq = sq if total_sq is None else [a + b for a, b in zip(total_sq, sq)]
+            count += x.shape[0]
+    return [int(((s2 / count - (s / count) ** 2) > threshold).sum()) for s, s2 in zip(total, total_sq)]
+
+
+def _batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def sample_images(model, n, temperature=1.0, readjust_batches=0, readjust_batch_size=None):
+    """n prior samples at a temperature. With readjust_batches > 0, BN statistics are first
+    re-estimated (cumulative average over that many sample batches); the model's own statistics
+    are restored afterwards, and statistics that come out non-finite are never used."""
+    bns, was_training = _batchnorms(model), model.training
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+             for m in bns]
+    try:
+        if readjust_batches > 0 and bns:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average
+            model.train()
+            for _ in range(readjust_batches):
+                model.sample(readjust_batch_size or n, temperature)
+            if not all(torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()
+                       for m in bns):
+                warnings.warn("BN readjustment gave non-finite statistics; sampling with the trained ones")
+                _restore(bns, saved)
+        model.eval()
+        return model.sample(n, temperature)
+    finally:
+        _restore(bns, saved)
+        model.train(was_training)
+
+
+def _restore(bns, saved):
+    for m, (mean, var, tracked, momentum) in zip(bns, saved):
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(tracked)
+        m.momentum = momentum

@@ -1,0 +1,1 @@
+"""Ray Train / Ray Tune / MLflow layer over nvae_core."""

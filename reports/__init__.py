@@ -1,0 +1,1 @@
+"""Tables and plots of NVAE ablation studies, read from MLflow."""
