@@ -6,20 +6,20 @@ initialized from the first batch.
 """
 import torch.nn as nn
 
-from .layers import Conv2d, FactorizedReduce, SqueezeExcite, Upsample, UpsampleSkip, activation, norm
+from .layers import BatchNormAct, Conv2d, FactorizedReduce, NormActConv, SqueezeExcite, Upsample, UpsampleSkip, \
+    activation, norm
 
 
 def regular_branch(c_in, c_out, stride, cfg, expansion):
     """Encoder cell (paper Fig. 3b): BN-act-conv3x3-BN-act-conv3x3."""
     del expansion
-    wn = cfg.normalization == "weight_norm"
-    layers = [norm(c_in, cfg.normalization), activation(cfg.activation)]
     if stride == -1:
-        layers.append(Upsample())
-    layers += [Conv2d(c_in, c_out, 3, stride=max(stride, 1), padding=1, data_init=wn),
-               norm(c_out, cfg.normalization), activation(cfg.activation),
-               Conv2d(c_out, c_out, 3, padding=1, data_init=wn)]
-    return layers
+        first = [BatchNormAct(c_in, cfg.activation) if cfg.normalization == "batch_norm"
+                 else activation(cfg.activation), Upsample(),
+                 Conv2d(c_in, c_out, 3, padding=1, data_init=cfg.normalization == "weight_norm")]
+    else:
+        first = [NormActConv(c_in, c_out, 3, cfg, stride=stride)]
+    return first + [NormActConv(c_out, c_out, 3, cfg)]
 
 
 def separable_branch(c_in, c_out, stride, cfg, expansion):
@@ -29,11 +29,8 @@ def separable_branch(c_in, c_out, stride, cfg, expansion):
     layers = [Upsample()] if stride == -1 else []
     layers += [norm(c_in, cfg.normalization),
                Conv2d(c_in, hidden, 1, bias=wn, data_init=wn),
-               norm(hidden, cfg.normalization), activation(cfg.activation),
-               Conv2d(hidden, hidden, 5, stride=max(stride, 1), padding=2, groups=hidden, bias=wn,
-                      data_init=wn),
-               norm(hidden, cfg.normalization), activation(cfg.activation),
-               Conv2d(hidden, c_out, 1, bias=wn, data_init=wn),
+               NormActConv(hidden, hidden, 5, cfg, stride=max(stride, 1), groups=hidden, bias=wn),
+               NormActConv(hidden, c_out, 1, cfg, bias=wn),
                norm(c_out, cfg.normalization)]
     return layers
 

@@ -7,9 +7,8 @@ order (flips pixels and channels) so a pair of cells sees dependencies both ways
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .layers import Conv2d
+from .layers import Conv2d, elu
 
 
 def autoregressive_mask(c_out, c_in, kernel_size, deg_out, deg_in, strict):
@@ -66,8 +65,8 @@ class IAFCell(nn.Module):
         """Returns the new z and the log-determinant per dimension (same shape as z)."""
         if self.mirror:
             z, context = torch.flip(z, dims=(1, 2, 3)), torch.flip(context, dims=(2, 3))
-        h = F.elu(self.conv_in(z) + self.context(context))
-        h = F.elu(self.depthwise(h))
+        h = elu(self.conv_in(z) + self.context(context))
+        h = elu(self.depthwise(h))
         shift, raw_scale = self.conv_out(h).float().chunk(2, dim=1)
         log_scale = 3.0 * torch.tanh(raw_scale / 3.0)
         z = z * torch.exp(log_scale) + shift

@@ -8,7 +8,7 @@ from .cells import Cell
 from .distributions import Normal, crop, likelihood, num_likelihood_params, reconstruction_nll, split_params, \
     standard_normal_like
 from .flows import Flow
-from .layers import Conv2d
+from .layers import ELU, Conv2d
 
 
 @dataclass
@@ -39,9 +39,9 @@ class LatentGroup(nn.Module):
         self.cells = nn.Sequential(*[Cell(cfg.decoder_cell, c_dec, c_dec, 1, cfg)
                                      for _ in range(0 if first else cfg.num_cell_per_cond_dec)])
         if first:  # prior N(0, I); posterior from the top encoder features alone
-            self.encoder_head = nn.Sequential(nn.ELU(), Conv2d(c_enc, c_enc, 1), nn.ELU())
+            self.encoder_head = nn.Sequential(ELU(), Conv2d(c_enc, c_enc, 1), ELU())
         else:
-            self.prior_head = nn.Sequential(nn.ELU(), Conv2d(c_dec, 2 * latent, 1))
+            self.prior_head = nn.Sequential(ELU(), Conv2d(c_dec, 2 * latent, 1))
             self.decoder_to_encoder = Conv2d(c_dec, c_enc, 1)
         self.posterior_head = Conv2d(c_enc, 2 * latent, 3, padding=1)
         self.flows = nn.ModuleList(Flow(latent, c_enc) for _ in range(cfg.num_flows))
@@ -128,7 +128,7 @@ class NVAE(nn.Module):
             mult //= 2
             post += [Cell(dec, cd * mult, cd * mult, 1, cfg, 3) for _ in range(cfg.num_postprocess_cells - 1)]
         self.postprocess = nn.Sequential(*post)
-        self.output_head = nn.Sequential(nn.ELU(), Conv2d(cd, num_likelihood_params(cfg), 3, padding=1))
+        self.output_head = nn.Sequential(ELU(), Conv2d(cd, num_likelihood_params(cfg), 3, padding=1))
 
     def encode(self, x):
         """Bottom-up features saved for each group, encoder order (finest scale first)."""
