@@ -6,33 +6,25 @@ initialized from the first batch.
 """
 import torch.nn as nn
 
-from .layers import BatchNormAct, Conv2d, FactorizedReduce, NormActConv, SqueezeExcite, Upsample, UpsampleSkip, \
-    activation, norm
+from .layers import FactorizedReduce, NormActConv, SqueezeExcite, UpsampleSkip, norm
 
 
 def regular_branch(c_in, c_out, stride, cfg, expansion):
     """Encoder cell (paper Fig. 3b): BN-act-conv3x3-BN-act-conv3x3."""
     del expansion
-    if stride == -1:
-        first = [BatchNormAct(c_in, cfg.activation) if cfg.normalization == "batch_norm"
-                 else activation(cfg.activation), Upsample(),
-                 Conv2d(c_in, c_out, 3, padding=1, data_init=cfg.normalization == "weight_norm")]
-    else:
-        first = [NormActConv(c_in, c_out, 3, cfg, stride=stride)]
-    return first + [NormActConv(c_out, c_out, 3, cfg)]
+    return [NormActConv(c_in, c_out, 3, cfg, stride=max(stride, 1), upsample=stride == -1),
+            NormActConv(c_out, c_out, 3, cfg)]
 
 
 def separable_branch(c_in, c_out, stride, cfg, expansion):
     """Generative cell (paper Fig. 3a): BN-conv1x1(expand)-BN-act-dwconv5x5-BN-act-conv1x1-BN."""
     wn = cfg.normalization == "weight_norm"
     hidden = c_in * expansion
-    layers = [Upsample()] if stride == -1 else []
-    layers += [norm(c_in, cfg.normalization),
-               Conv2d(c_in, hidden, 1, bias=wn, data_init=wn),
-               NormActConv(hidden, hidden, 5, cfg, stride=max(stride, 1), groups=hidden, bias=wn),
-               NormActConv(hidden, c_out, 1, cfg, bias=wn),
-               norm(c_out, cfg.normalization)]
-    return layers
+    return [NormActConv(c_in, hidden, 1, cfg, bias=wn, activate=False),
+            NormActConv(hidden, hidden, 5, cfg, stride=max(stride, 1), groups=hidden, bias=wn,
+                        upsample=stride == -1),
+            NormActConv(hidden, c_out, 1, cfg, bias=wn),
+            norm(c_out, cfg.normalization)]
 
 
 CELL_BRANCHES = {"regular": regular_branch, "separable": separable_branch}

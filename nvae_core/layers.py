@@ -92,88 +92,103 @@ def activation(name):
     return ELU() if name == "elu" else nn.SiLU()
 
 
+def _activate(name, y):
+    return F.silu(y) if name == "swish" else elu(y) if name == "elu" else y
+
+
 def _activation_backward(name, grad, y):
     """d act(y) / dy * grad, from the activation's input y."""
     if name == "swish":
         return torch.ops.aten.silu_backward(grad, y)
-    return grad * torch.exp(y.clamp(max=0.0))
+    if name == "elu":
+        return grad * torch.exp(y.clamp(max=0.0))
+    return grad
 
 
-class BatchNormAct(nn.BatchNorm2d):
-    """Batch norm (the paper's momentum and eps) followed by an activation."""
+def upsample2(x):
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
-    def __init__(self, channels, act):
-        super().__init__(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
-        self.act = act
 
-    def update_factor(self):
-        """Count a training batch; the running-average factor to use for it."""
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative average (BN re-estimation before sampling)
-            return 1.0 / float(self.num_batches_tracked)
-        return self.momentum
-
-    def forward(self, x):
-        factor = self.update_factor() if self.training else 0.0
-        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
-                         factor, self.eps)
-        return ACTIVATIONS[self.act](y)
+def upsample2_backward(grad):
+    """The adjoint of nearest x2 upsampling: the sum over each 2x2 block."""
+    return F.avg_pool2d(grad, 2) * 4.0
 
 
 class _NormActConvFn(torch.autograd.Function):
-    """conv(act(batch_norm(x))) in training mode, saving only x and the batch statistics.
+    """conv(up?(act(batch_norm(x)))) in training mode, saving only x and the batch statistics.
 
     The normalized and activated tensors, the largest saved activations of the cells, are
     recomputed in backward (two elementwise passes) instead of being held in memory.
     """
 
     @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, factor, eps, act,
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, factor, eps, act, upsample,
                 weight, bias, stride, padding, groups):
         y, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True,
                                                   factor, eps)
-        a = F.silu(y, inplace=True) if act == "swish" else elu(y)
-        out = F.conv2d(a, weight, bias, stride, padding, 1, groups)
+        a = F.silu(y, inplace=True) if act == "swish" else _activate(act, y)
+        out = F.conv2d(upsample2(a) if upsample else a, weight, bias, stride, padding, 1, groups)
         ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
-        ctx.settings = (eps, act, stride, padding, groups, bias is not None, out.dtype)
+        ctx.settings = (eps, act, upsample, stride, padding, groups, bias is not None, out.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, bn_weight, bn_bias, mean, invstd, weight = ctx.saved_tensors
-        eps, act, stride, padding, groups, has_bias, dtype = ctx.settings
+        eps, act, upsample, stride, padding, groups, has_bias, dtype = ctx.settings
         scale = invstd * bn_weight
         y = torch.addcmul((bn_bias - mean * scale).view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)).to(x.dtype)
-        a = (F.silu(y) if act == "swish" else elu(y)).to(dtype)
+        a = _activate(act, y).to(dtype)
         grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad.to(dtype), a, weight.to(dtype), [weight.shape[0]] if has_bias else None, stride, padding,
-            [1, 1], False, [0, 0], groups, [True, True, has_bias])
+            grad.to(dtype), upsample2(a) if upsample else a, weight.to(dtype),
+            [weight.shape[0]] if has_bias else None, stride, padding, [1, 1], False, [0, 0], groups,
+            [True, True, has_bias])
         del a
+        if upsample:
+            grad_a = upsample2_backward(grad_a)
         grad_y = _activation_backward(act, grad_a.to(x.dtype), y)
         grad_x, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
             grad_y, x, bn_weight, None, None, mean, invstd, True, eps, [True, True, True])
         grad_w = grad_w.to(weight.dtype)
         grad_b = grad_b.to(weight.dtype) if has_bias else None
-        return grad_x, grad_bn_w, grad_bn_b, None, None, None, None, None, grad_w, grad_b, None, None, None
+        return grad_x, grad_bn_w, grad_bn_b, None, None, None, None, None, None, grad_w, grad_b, None, None, None
 
 
 class NormActConv(nn.Module):
-    """BN-act-conv (act-conv in weight-norm cells), the unit the cells are made of."""
+    """BN -> activation -> (nearest x2 upsampling) -> conv: the unit the cells are made of.
 
-    def __init__(self, c_in, c_out, kernel_size, cfg, stride=1, groups=1, bias=True):
+    Without batch norm (weight-norm cells) it is act -> conv. Upsampling comes after the
+    elementwise BN and activation, which commute with it, so those run at the low resolution;
+    only BN's running-variance update sees the smaller count (Bessel factor n/(n-1)).
+    """
+
+    def __init__(self, c_in, c_out, kernel_size, cfg, stride=1, groups=1, bias=True, activate=True,
+                 upsample=False):
         super().__init__()
         wn = cfg.normalization == "weight_norm"
-        self.norm_act = BatchNormAct(c_in, cfg.activation) if not wn else activation(cfg.activation)
+        self.act = cfg.activation if activate else "none"
+        self.upsample = upsample
+        self.bn = None if wn else nn.BatchNorm2d(c_in, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.conv = Conv2d(c_in, c_out, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias,
                            data_init=wn)
 
     def forward(self, x):
-        bn, conv = self.norm_act, self.conv
-        if isinstance(bn, BatchNormAct) and bn.training and torch.is_grad_enabled():
+        bn, conv = self.bn, self.conv
+        if bn is not None and bn.training and torch.is_grad_enabled():
             return _NormActConvFn.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                        bn.update_factor(), bn.eps, bn.act, conv.normalized_weight(),
-                                        conv.bias, conv.stride, conv.padding, conv.groups)
-        return conv(bn(x))
+                                        _momentum_factor(bn), bn.eps, self.act, self.upsample,
+                                        conv.normalized_weight(), conv.bias, conv.stride, conv.padding,
+                                        conv.groups)
+        a = _activate(self.act, x if bn is None else bn(x))
+        return conv(upsample2(a) if self.upsample else a)
+
+
+def _momentum_factor(bn):
+    """Count a training batch of bn; the running-average factor to use for it."""
+    bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:  # cumulative average (BN re-estimation before sampling)
+        return 1.0 / float(bn.num_batches_tracked)
+    return bn.momentum
 
 
 def norm(channels, normalization):
@@ -214,16 +229,12 @@ class FactorizedReduce(nn.Module):
 
 
 class UpsampleSkip(nn.Module):
-    """Upsampling skip: nearest x2 then a 1x1 conv to the new channel count."""
+    """Upsampling skip: nearest x2 and a 1x1 conv to the new channel count (they commute, so the
+    conv runs first, at the low resolution)."""
 
     def __init__(self, c_in, c_out):
         super().__init__()
         self.conv = Conv2d(c_in, c_out, 1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class Upsample(nn.Module):
-    def forward(self, x):
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return upsample2(self.conv(x))
