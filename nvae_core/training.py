@@ -42,8 +42,14 @@ def autocast(precision, device):
 
 
 def unwrap(model):
-    """The NVAE inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The NVAE inside DistributedDataParallel and torch.compile wrappers (or the model itself)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 class TrainStep:

@@ -61,7 +61,6 @@ def measure(config, device, precision, compiled, batch, warmup, steps, threads):
     runner = torch.compile(model) if compiled else model
     x = fake_batch(cfg, cfg.batch_size, device)
     step = TrainStep(runner, steps_per_epoch=1000, device=device)
-    step.core, step.spectral.warm = model, step.spectral.warm  # loss terms read the plain model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     train_s = _median_seconds(lambda: step(x), warmup, steps, device)
