@@ -129,6 +129,8 @@ class NVAE(nn.Module):
             post += [Cell(dec, cd * mult, cd * mult, 1, cfg, 3) for _ in range(cfg.num_postprocess_cells - 1)]
         self.postprocess = nn.Sequential(*post)
         self.output_head = nn.Sequential(ELU(), Conv2d(cd, num_likelihood_params(cfg), 3, padding=1))
+        if cfg.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def encode(self, x):
         """Bottom-up features saved for each group, encoder order (finest scale first)."""

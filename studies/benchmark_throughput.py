@@ -56,8 +56,6 @@ def measure(config, device, precision, compiled, batch, warmup, steps, threads):
     torch.manual_seed(0)
     cfg = preset(config, precision=precision, **({"batch_size": batch} if batch else {}))
     model = NVAE(cfg).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if compiled else model
     x = fake_batch(cfg, cfg.batch_size, device)
     step = TrainStep(runner, steps_per_epoch=1000, device=device)
