@@ -127,6 +127,14 @@ class NVAEConfig:
         return cls().replace(**values)
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _require(ok, field, value, allowed):
     if not ok:
         raise ConfigError(f"{field}={value!r} is not allowed: expected {allowed}")
@@ -150,21 +158,24 @@ def validate(cfg):
                   "num_groups_per_scale", "min_groups_per_scale", "num_latent_per_group",
                   "num_cell_per_cond_enc", "num_cell_per_cond_dec", "epochs", "batch_size"):
         value = getattr(cfg, field)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 field, value, "a positive integer")
+        _require(_is_int(value) and value > 0, field, value, "a positive integer")
     for field in ("num_flows", "likelihood_crop", "seed"):
         value = getattr(cfg, field)
-        _require(isinstance(value, int) and value >= 0, field, value, "an integer >= 0")
-    for field in ("sr_lambda", "sr_lambda_init", "weight_decay", "warmup_epochs"):
+        _require(_is_int(value) and value >= 0, field, value, "an integer >= 0")
+    for field in ("sr_lambda", "sr_lambda_init", "weight_decay", "warmup_epochs", "learning_rate_min"):
         value = getattr(cfg, field)
-        _require(math.isfinite(value) and value >= 0, field, value, "a finite number >= 0")
+        _require(_is_number(value) and value >= 0, field, value, "a finite number >= 0")
     for field in ("learning_rate", "adamax_eps"):
         value = getattr(cfg, field)
-        _require(math.isfinite(value) and value > 0, field, value, "a finite number > 0")
-    _require(0 <= cfg.learning_rate_min <= cfg.learning_rate, "learning_rate_min", cfg.learning_rate_min,
+        _require(_is_number(value) and value > 0, field, value, "a finite number > 0")
+    for field in ("ada_groups", "use_se", "residual_normal", "kl_balance", "channels_last"):
+        value = getattr(cfg, field)
+        _require(isinstance(value, bool), field, value, "True or False")
+    _require(cfg.learning_rate_min <= cfg.learning_rate, "learning_rate_min", cfg.learning_rate_min,
              f"a number in [0, learning_rate={cfg.learning_rate}]")
-    _require(0 < cfg.kl_anneal_portion <= 1, "kl_anneal_portion", cfg.kl_anneal_portion, "a number in (0, 1]")
-    _require(0 < cfg.kl_min_coeff <= 1, "kl_min_coeff", cfg.kl_min_coeff, "a number in (0, 1]")
+    for field in ("kl_anneal_portion", "kl_min_coeff"):
+        value = getattr(cfg, field)
+        _require(_is_number(value) and 0 < value <= 1, field, value, "a number in (0, 1]")
     _require(cfg.num_x_bits <= 8, "num_x_bits", cfg.num_x_bits, "an integer in 1..8")
     _require(cfg.num_postprocess_blocks == cfg.num_preprocess_blocks, "num_postprocess_blocks",
              cfg.num_postprocess_blocks,
