@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 LOG_2PI = math.log(2 * math.pi)
+# Noise is drawn in the standard layout so a seed gives the same z with or without channels_last.
+DENSE = torch.contiguous_format
 
 
 def soft_clamp5(x):
@@ -23,7 +25,7 @@ class Normal:
         self.sigma = torch.exp(soft_clamp5(log_sigma.float())) + 1e-2
 
     def sample(self, temperature=1.0):
-        return self.mu + temperature * self.sigma * torch.randn_like(self.mu)
+        return self.mu + temperature * self.sigma * torch.randn_like(self.mu, memory_format=DENSE)
 
     def log_prob(self, z):
         normalized = (z - self.mu) / self.sigma
@@ -130,11 +132,12 @@ class LogisticMixture:
 
     def sample(self):
         """A sample in [0, 1] on the data grid."""
-        gumbel = -torch.log(-torch.log(torch.rand_like(self.logit_probs).clamp(1e-5, 1.0 - 1e-5)))
+        u = torch.rand_like(self.logit_probs, memory_format=DENSE).clamp(1e-5, 1.0 - 1e-5)
+        gumbel = -torch.log(-torch.log(u))
         one_hot = F.one_hot((self.logit_probs + gumbel).argmax(dim=1), self.logit_probs.shape[1])
         one_hot = one_hot.permute(0, 3, 1, 2).float()  # B M H W
         mu, log_s = self._pick(self.means, one_hot), self._pick(self.log_scales, one_hot)
-        u = torch.rand_like(mu).clamp(1e-5, 1.0 - 1e-5)
+        u = torch.rand_like(mu, memory_format=DENSE).clamp(1e-5, 1.0 - 1e-5)
         noise = torch.exp(log_s) * (torch.log(u) - torch.log1p(-u))
         return self._decode(mu, noise, one_hot)
 

@@ -143,10 +143,11 @@ class _NormActConvFn(torch.autograd.Function):
             grad.to(dtype), upsample2(a) if upsample else a, weight.to(dtype),
             [weight.shape[0]] if has_bias else None, stride, padding, [1, 1], False, [0, 0], groups,
             [True, True, has_bias])
-        del a
+        del a, grad  # free what is dead as soon as it is: this is the peak of the backward pass
         if upsample:
             grad_a = upsample2_backward(grad_a)
         grad_y = _activation_backward(act, grad_a.to(x.dtype), y)
+        del grad_a, y
         grad_x, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
             grad_y, x, bn_weight, None, None, mean, invstd, True, eps, [True, True, True])
         grad_w = grad_w.to(weight.dtype)

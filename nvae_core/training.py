@@ -8,12 +8,12 @@ import torch.nn as nn
 from .config import ConfigError
 from .layers import request_data_init
 from .objective import nvae_loss
+from .optim import Adamax
 from .regularization import SpectralRegularizer
 
 
 def make_optimizer(model, cfg):
-    return torch.optim.Adamax(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                              eps=cfg.adamax_eps)
+    return Adamax(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adamax_eps)
 
 
 def learning_rate(step, steps_per_epoch, cfg):
