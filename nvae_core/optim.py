@@ -14,7 +14,10 @@ class Adamax:
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         self.param_groups = [{"params": list(params), "lr": lr, "betas": betas, "eps": eps,
                               "weight_decay": weight_decay}]
+        # State made now, not at the first step, so it sits below the activations in the heap.
         self.state = {}
+        for p in self.param_groups[0]["params"]:
+            self._state(p)
 
     def zero_grad(self, set_to_none=True):
         for group in self.param_groups:

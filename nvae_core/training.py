@@ -23,7 +23,8 @@ def learning_rate(step, steps_per_epoch, cfg):
         return cfg.learning_rate * (step + 1) / warmup
     total = cfg.epochs * steps_per_epoch
     progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
-    return cfg.learning_rate_min + 0.5 * (cfg.learning_rate - cfg.learning_rate_min) * (1 + math.cos(math.pi * progress))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.learning_rate_min + (cfg.learning_rate - cfg.learning_rate_min) * cosine
 
 
 def check_precision(precision, device):
@@ -92,7 +93,7 @@ class TrainStep:
         with autocast(self.cfg.precision, self.device):
             result = self.model(x)
         loss, stats = nvae_loss(result, self.core, self.step, self.total_steps, self.spectral)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)  # stable gradient buffers: less heap fragmentation
         self.scaler.scale(loss).backward()
         if measure_grad_norm:
             self.scaler.unscale_(self.optimizer)
