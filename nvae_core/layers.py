@@ -85,9 +85,6 @@ class ELU(nn.Module):
         return elu(x)
 
 
-ACTIVATIONS = {"elu": elu, "swish": F.silu}
-
-
 def activation(name):
     return ELU() if name == "elu" else nn.SiLU()
 
@@ -143,7 +140,7 @@ class _NormActConvFn(torch.autograd.Function):
             grad.to(dtype), upsample2(a) if upsample else a, weight.to(dtype),
             [weight.shape[0]] if has_bias else None, stride, padding, [1, 1], False, [0, 0], groups,
             [True, True, has_bias])
-        del a, grad  # free what is dead as soon as it is: this is the peak of the backward pass
+        del a  # drop dead temporaries early: the peak memory of the backward pass is here
         if upsample:
             grad_a = upsample2_backward(grad_a)
         grad_y = _activation_backward(act, grad_a.to(x.dtype), y)
