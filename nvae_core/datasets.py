@@ -1,15 +1,118 @@
-"""Datasets as float tensors N x C x H x W in [0, 1], and dynamic binarization.
+"""Datasets whose items are float32 tensors C x H x W in [0, 1] (no labels), and their preprocessing.
 
-`digits` is scikit-learn's bundled 8x8 handwritten digits (1797 images, intensities 0..16): it needs
-no download, so tests and smoke runs train on real images offline (config dataset="digits").
+`load_dataset(name, split, ...)` opens every set of config.DATASET_SHAPES. Two need no files at all,
+so tests and smoke runs train on real images offline: "digits" (scikit-learn's bundled 8x8
+handwritten digits) and "photo-patches" (32x32 tiles of scikit-learn's two bundled photographs).
+"mnist", "cifar10" and "celeba64" read torchvision's on-disk layouts under data_dir (downloaded on
+request), "image-folder" reads any folder of images. When files are missing, one
+DatasetNotFoundError says where they were looked for and the ways out.
 """
 import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+from torchvision.datasets import CIFAR10, MNIST, CelebA
+
+from .config import DATASET_SHAPES
 
 SPLITS = ("train", "test")
 DIGITS_LEVELS = 16  # load_digits intensities are integers 0..16
+OFFLINE = ("digits", "photo-patches")  # bundled with scikit-learn: no data_dir, no download
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MNIST_PAD = 2  # 28x28 -> 32x32; the likelihood is taken on the 28x28 crop (config.likelihood_crop)
+PATCH = 32  # photo-patches tile side
+PATCH_TEST_FRACTION = 0.2
+FOLDER_TEST_FRACTION = 0.1  # image-folder split when data_dir has no train/ and test/ subfolders
+CELEBA_CROP = 148  # the usual CelebA-64 preprocessing: centre crop 148 x 148, then resize to 64
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Shape of one dataset's images; size None means any (set by image_size)."""
+
+    channels: int
+    size: int | None
+    binarized: bool  # 1-bit data: the model binarizes the intensities dynamically
+    offline: bool  # bundled with scikit-learn: needs no files and no download
+
+
+def _dataset_info(name):
+    shape = DATASET_SHAPES[name]
+    if shape is None:  # image-folder: any folder of images, read as RGB
+        return DatasetInfo(channels=3, size=None, binarized=False, offline=False)
+    channels, size, bits = shape
+    return DatasetInfo(channels=channels, size=size, binarized=bits == 1, offline=name in OFFLINE)
+
+
+DATASETS = {name: _dataset_info(name) for name in DATASET_SHAPES}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not on disk and could not be downloaded; the message says what to do."""
+
+
+# --- in-memory and file-backed datasets ---------------------------------------------------------
+
+class TensorImages(Dataset):
+    """Images held in memory as one N x C x H x W tensor: uint8 (read as value / 255) or float in [0, 1]."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def __getitem__(self, index):
+        x = self.images[index]
+        return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
+class ImageFiles(Dataset):
+    """Image files read as RGB, resized (shorter side) to `size` and centre-cropped to size x size."""
+
+    def __init__(self, paths, size):
+        self.paths = list(paths)
+        self.transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert("RGB"))
+
+
+class ImagesOnly(Dataset):
+    """The images of a dataset of (image, target) pairs."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index][0]
+
+
+# --- the bundled sets ---------------------------------------------------------------------------
+
+def _check_split(split):
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(repr(s) for s in SPLITS)}")
+
+
+def _seeded_split(n, n_test, split, seed):
+    """Sorted indices of `split` after a permutation of range(n) drawn from `seed`: the first n_test are test."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[:n_test] if split == "test" else order[n_test:])
 
 
 @functools.lru_cache(maxsize=1)
@@ -20,11 +123,6 @@ def _digits_array():
     images = load_digits().data.astype(np.float32) / DIGITS_LEVELS
     images.flags.writeable = False
     return images
-
-
-def _check_split(split):
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(repr(s) for s in SPLITS)}")
 
 
 def digits(split, seed=0, test_fraction=0.2):
@@ -39,12 +137,197 @@ def digits(split, seed=0, test_fraction=0.2):
         raise ValueError(f"test_fraction={test_fraction!r} is not allowed: expected a number in (0, 1)")
     images = _digits_array()
     n = images.shape[0]
-    n_test = int(round(test_fraction * n))
-    order = np.random.default_rng(seed).permutation(n)
-    index = order[:n_test] if split == "test" else order[n_test:]
-    return torch.from_numpy(images[np.sort(index)]).reshape(-1, 1, 8, 8)  # fancy indexing copies
+    index = _seeded_split(n, int(round(test_fraction * n)), split, seed)
+    return torch.from_numpy(images[index]).reshape(-1, 1, 8, 8)  # fancy indexing copies
+
+
+@functools.lru_cache(maxsize=1)
+def _photo_tiles():
+    """Every non-overlapping 32x32 tile of scikit-learn's two sample photos: read-only uint8 N x 3 x 32 x 32."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()
+    tiles = []
+    for _, photo in sorted(zip(map(os.path.basename, photos.filenames), photos.images), key=lambda p: p[0]):
+        rows, cols = photo.shape[0] // PATCH, photo.shape[1] // PATCH
+        grid = photo[:rows * PATCH, :cols * PATCH].reshape(rows, PATCH, cols, PATCH, 3)
+        tiles.append(grid.transpose(0, 2, 4, 1, 3).reshape(-1, 3, PATCH, PATCH))
+    tiles = np.ascontiguousarray(np.concatenate(tiles))
+    tiles.flags.writeable = False
+    return tiles
+
+
+def photo_patches(split, seed=0):
+    """32x32 RGB tiles of china.jpg and flower.jpg as a float tensor N x 3 x 32 x 32, a seeded 80/20 split.
+
+    Tiles do not overlap, so no pixel is in both splits; 2 photos x 13 x 20 tiles = 520 in all.
+    """
+    _check_split(split)
+    tiles = _photo_tiles()
+    n = tiles.shape[0]
+    index = _seeded_split(n, int(round(PATCH_TEST_FRACTION * n)), split, seed)
+    return torch.from_numpy(tiles[index]).float().div_(255)
 
 
 def dynamic_binarize(x, generator=None):
     """A fresh binary sample of x in [0, 1]: each pixel is 1 with probability its intensity."""
     return torch.bernoulli(x, generator=generator)
+
+
+def quantize(x, num_bits):
+    """8-bit intensities in [0, 1] on 2**num_bits levels: floor(255 x / 2**(8 - bits)) / (2**bits - 1)."""
+    if not (isinstance(num_bits, int) and 1 <= num_bits <= 8):
+        raise ValueError(f"num_bits={num_bits!r} is not allowed: expected an integer in 1..8")
+    if num_bits == 8:
+        return x
+    bins = torch.div(torch.round(x * 255), 2 ** (8 - num_bits), rounding_mode="floor")
+    return bins / (2 ** num_bits - 1)
+
+
+# --- the downloadable sets ----------------------------------------------------------------------
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+_CELEBA_LISTS = ("list_eval_partition.txt", "identity_CelebA.txt", "list_attr_celeba.txt",
+                 "list_bbox_celeba.txt", "list_landmarks_align_celeba.txt")
+# name: (folder under data_dir, entries that must exist there, the layout in words)
+_ON_DISK = {
+    "mnist": ("MNIST/raw", _MNIST_FILES,
+              "MNIST/raw/ with the four uncompressed IDX files " + ", ".join(_MNIST_FILES)),
+    "cifar10": ("cifar-10-batches-py", _CIFAR_FILES,
+                "cifar-10-batches-py/ with data_batch_1 .. data_batch_5, test_batch and batches.meta, as "
+                "extracted from cifar-10-python.tar.gz"),
+    "celeba64": ("celeba", ("img_align_celeba",) + _CELEBA_LISTS,
+                 "celeba/ with img_align_celeba/ (the aligned jpgs) and " + ", ".join(_CELEBA_LISTS)),
+}
+_WAYS_OUT = "or use an offline set that needs no files: --dataset digits or --dataset photo-patches"
+
+
+def _missing(name, root):
+    folder, entries, _ = _ON_DISK[name]
+    return [entry for entry in entries if not (Path(root) / folder / entry).exists()]
+
+
+def _not_found(name, path, reason, layout):
+    error = DatasetNotFoundError(f"dataset {name!r} not found: looked in {path} ({reason}). Either point "
+                                 f"--data-dir at a copy of it (a folder with {layout}), {_WAYS_OUT}.")
+    error.dataset, error.path = name, str(path)
+    return error
+
+
+def _brief(error):
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:240] + '...' if len(text) > 240 else text}"
+
+
+def _open_on_disk(name, root, download, build):
+    """build(download) once name's files are on disk under root, downloading them first if asked."""
+    folder, _, layout = _ON_DISK[name]
+    path = Path(root) / folder
+    missing = _missing(name, root)
+    if not missing:
+        return build(False)
+    if not download:
+        raise _not_found(name, path, f"missing {', '.join(missing)}; download=False", layout)
+    try:
+        return build(True)
+    except Exception as error:  # no network, gdown missing, a bad mirror...: all end the same way
+        missing = _missing(name, root)
+        if not missing:
+            raise  # the files are there: a real problem with them, not a missing dataset
+        raise _not_found(name, path, f"missing {', '.join(missing)}; the download failed: {_brief(error)}",
+                         layout) from error
+
+
+# torchvision checks the md5 of every extracted file, so a copy whose files were re-written (tests
+# write tiny ones) counts as absent and would be downloaded again. Here the files only have to
+# exist; a download is still verified, by the md5 of the archive (CIFAR-10) or of each file (CelebA).
+class _CIFAR10Files(CIFAR10):
+    train_list = [[filename, None] for filename, _ in CIFAR10.train_list]
+    test_list = [[filename, None] for filename, _ in CIFAR10.test_list]
+    meta = {**CIFAR10.meta, "md5": None}
+
+
+class _CelebAFiles(CelebA):
+    def _check_integrity(self):
+        return not _missing("celeba64", self.root)
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def _mnist(split, root, download):
+    mnist = _open_on_disk("mnist", root, download, lambda dl: MNIST(root, train=split == "train", download=dl))
+    return TensorImages(F.pad(mnist.data.unsqueeze(1), (MNIST_PAD,) * 4))  # uint8, zero padding
+
+
+def _cifar10(split, root, download):
+    cifar = _open_on_disk("cifar10", root, download,
+                          lambda dl: _CIFAR10Files(root, train=split == "train", download=dl))
+    return TensorImages(torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous())  # N x H x W x C -> NCHW
+
+
+def _celeba64(split, root, download):
+    size = DATASETS["celeba64"].size
+    transform = T.Compose([T.Lambda(_to_rgb), T.CenterCrop(CELEBA_CROP), T.Resize(size), T.ToTensor()])
+    # target_type=[]: no labels are returned, but torchvision reads all five list files regardless.
+    celeba = _open_on_disk("celeba64", root, download,
+                           lambda dl: _CelebAFiles(root, split=split, target_type=[], transform=transform,
+                                                   download=dl))
+    return ImagesOnly(celeba)
+
+
+def _image_paths(folder):
+    """Image files under folder, at any depth (hidden ones left out), sorted."""
+    return sorted(path for path in Path(folder).rglob("*")
+                  if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+                  and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
+def _image_folder(split, root, seed, image_size):
+    """Images under root/train and root/test when both exist, else a seeded 90/10 split of all of them."""
+    layout = ("images, flat or in class subfolders, split 90/10 under the seed; or with train/ and test/ "
+              "subfolders of them, used as the splits")
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        paths = _image_paths(root / split)
+        if not paths:
+            raise _not_found("image-folder", root / split, f"no {', '.join(IMAGE_EXTENSIONS)} files", layout)
+        return ImageFiles(paths, image_size)
+    paths = _image_paths(root) if root.is_dir() else []
+    if len(paths) < 2:
+        reason = f"{len(paths)} image file(s), at least 2 needed" if root.is_dir() else "no such folder"
+        raise _not_found("image-folder", root, reason, layout)
+    index = _seeded_split(len(paths), max(1, int(round(FOLDER_TEST_FRACTION * len(paths)))), split, seed)
+    return ImageFiles([paths[i] for i in index], image_size)
+
+
+def load_dataset(name, split, data_dir="data", download=False, seed=0, image_size=None):
+    """Dataset `name` ("train" or "test" split) whose items are float32 tensors C x H x W in [0, 1].
+
+    Binarized sets (mnist, digits) hold intensities: the model binarizes them dynamically. seed fixes
+    the split of the sets split here (digits, photo-patches, a flat image-folder). image_size is
+    required for image-folder and must match the fixed size of any other set.
+    """
+    _check_split(split)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(map(repr, DATASETS))}")
+    size = DATASETS[name].size
+    if name == "image-folder":
+        if not (isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0):
+            raise ValueError(f"image_size={image_size!r}: dataset 'image-folder' needs image_size, a positive "
+                             "integer (images are resized and centre-cropped to image_size x image_size)")
+    elif image_size is not None and image_size != size:
+        raise ValueError(f"image_size={image_size!r} is not allowed for dataset {name!r}: its images are "
+                         f"{size} x {size}")
+    root = os.path.expanduser(os.fspath(data_dir))
+    if name == "digits":
+        return TensorImages(digits(split, seed))
+    if name == "photo-patches":
+        return TensorImages(photo_patches(split, seed))
+    if name == "image-folder":
+        return _image_folder(split, os.path.abspath(root), seed, image_size)
+    open_set = {"mnist": _mnist, "cifar10": _cifar10, "celeba64": _celeba64}[name]
+    return open_set(split, os.path.abspath(root), download)

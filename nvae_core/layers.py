@@ -1,5 +1,6 @@
 """Building blocks: the weight-normalized convolution, norm/activation factories, SE and skips."""
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -111,6 +112,60 @@ def upsample2_backward(grad):
     return F.avg_pool2d(grad, 2) * 4.0
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; its adjoint is again the sum over ranks of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """Batch norm with the paper's momentum and eps. With `synchronized` set (the platform does it
+    under data parallelism) training statistics are taken over all ranks, on any device: the sums
+    go through a differentiable all-reduce, so gradients are those of one big batch."""
+
+    def __init__(self, channels):
+        super().__init__(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.synchronized = False
+
+    def syncs(self):
+        return self.synchronized and self.training and dist.is_initialized() and dist.get_world_size() > 1
+
+    def forward(self, x):
+        if not self.syncs():
+            return super().forward(x)
+        factor = _momentum_factor(self)
+        c = x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), xf.new_full((1,), x.numel() / c)])
+        total = _AllReduceSum.apply(local)
+        n = total[-1]
+        mean = total[:c] / n
+        var = (total[c:2 * c] / n - mean * mean).clamp_min(0.0)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), factor)
+            self.running_var.lerp_(var.detach() * n / (n - 1), factor)
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        return (x * scale.view(1, -1, 1, 1) + (self.bias - mean * scale).view(1, -1, 1, 1)).to(x.dtype)
+
+
+def synchronize_batchnorm(model):
+    """Make every batch norm of the model take its statistics over all ranks."""
+    for m in model.modules():
+        if isinstance(m, BatchNorm2d):
+            m.synchronized = True
+    return model
+
+
 class _NormActConvFn(torch.autograd.Function):
     """conv(up?(act(batch_norm(x)))) in training mode, saving only x and the batch statistics.
 
@@ -166,13 +221,13 @@ class NormActConv(nn.Module):
         wn = cfg.normalization == "weight_norm"
         self.act = cfg.activation if activate else "none"
         self.upsample = upsample
-        self.bn = None if wn else nn.BatchNorm2d(c_in, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.bn = None if wn else BatchNorm2d(c_in)
         self.conv = Conv2d(c_in, c_out, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias,
                            data_init=wn)
 
     def forward(self, x):
         bn, conv = self.bn, self.conv
-        if bn is not None and bn.training and torch.is_grad_enabled():
+        if bn is not None and bn.training and torch.is_grad_enabled() and not bn.syncs():
             return _NormActConvFn.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                         _momentum_factor(bn), bn.eps, self.act, self.upsample,
                                         conv.normalized_weight(), conv.bias, conv.stride, conv.padding,
@@ -191,9 +246,7 @@ def _momentum_factor(bn):
 
 def norm(channels, normalization):
     """Batch norm with the paper's momentum (PyTorch convention), or nothing for weight-norm cells."""
-    if normalization == "batch_norm":
-        return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
-    return nn.Identity()
+    return BatchNorm2d(channels) if normalization == "batch_norm" else nn.Identity()
 
 
 class SqueezeExcite(nn.Module):

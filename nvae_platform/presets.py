@@ -1,0 +1,63 @@
+"""Scales of a run: smoke (offline, minutes on a CPU), small (one GPU), paper (the paper's model).
+
+A scale picks the model size and run options for a dataset; a study or the train command then
+overrides the fields it varies.
+"""
+from nvae_core import NVAEConfig, preset
+from nvae_core.config import ConfigError
+
+from .training_run import RunOptions
+
+SCALES = ("smoke", "small", "paper")
+
+# The data fields each dataset fixes (channels, size, bits, likelihood, crop).
+DATA_FIELDS = {
+    "mnist": dict(image_channels=1, image_size=32, num_x_bits=1, likelihood="bernoulli", likelihood_crop=2),
+    "digits": dict(image_channels=1, image_size=8, num_x_bits=1, likelihood="bernoulli", likelihood_crop=0),
+    "cifar10": dict(image_channels=3, image_size=32, num_x_bits=8, likelihood="logistic_mixture", likelihood_crop=0),
+    "photo-patches": dict(image_channels=3, image_size=32, num_x_bits=8, likelihood="logistic_mixture",
+                          likelihood_crop=0),
+    "celeba64": dict(image_channels=3, image_size=64, num_x_bits=8, likelihood="logistic_mixture", likelihood_crop=0),
+    "image-folder": dict(image_channels=3, image_size=32, num_x_bits=8, likelihood="logistic_mixture",
+                         likelihood_crop=0),
+}
+
+SMOKE_MODEL = dict(num_channels_enc=16, num_channels_dec=16, num_latent_scales=1, num_groups_per_scale=4,
+                   num_latent_per_group=8, num_cell_per_cond_enc=1, num_cell_per_cond_dec=1,
+                   num_preprocess_blocks=1, num_preprocess_cells=1, num_postprocess_blocks=1,
+                   num_postprocess_cells=1, num_mixtures=3, num_flows=0, epochs=3, batch_size=32,
+                   warmup_epochs=0.5)
+PAPER_PRESET = {"mnist": "mnist", "cifar10": "cifar10", "celeba64": "celeba64"}
+SMALL_EPOCHS = {"mnist": 40, "cifar10": 30, "celeba64": 15}
+PAPER_WORKERS = {"mnist": 2, "cifar10": 8, "celeba64": 8}
+
+
+def run_config(dataset, scale, **overrides):
+    """The NVAEConfig of a dataset at a scale, with overrides (validated)."""
+    if scale not in SCALES:
+        raise ConfigError(f"unknown preset {scale!r}: expected one of {', '.join(SCALES)}")
+    if dataset not in DATA_FIELDS:
+        raise ConfigError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATA_FIELDS)}")
+    data = dict(DATA_FIELDS[dataset], dataset=dataset)
+    if scale == "smoke":
+        return NVAEConfig().replace(**{**SMOKE_MODEL, **data, **overrides})
+    if dataset not in PAPER_PRESET:
+        raise ConfigError(f"preset {scale!r} is defined for {', '.join(PAPER_PRESET)}; "
+                          f"use --preset smoke with {dataset!r}")
+    if scale == "small":
+        name = "cifar10-ablation" if dataset == "cifar10" else PAPER_PRESET[dataset]
+        return preset(name, **{"epochs": SMALL_EPOCHS[dataset], **overrides})
+    return preset(PAPER_PRESET[dataset], **overrides)
+
+
+def run_options(dataset, scale, **overrides):
+    """RunOptions for a scale: CPU workers and a quick evaluation for smoke, GPUs beyond."""
+    if scale == "smoke":
+        base = dict(workers=1, iw_samples=10, max_test_images=256, eval_batch_size=64, sample_count=8)
+    elif scale == "small":
+        base = dict(workers=1, gpus_per_worker=1.0, cpus_per_worker=4.0, iw_samples=100, loader_workers=2,
+                    bn_readjust_batches=20)
+    else:
+        base = dict(workers=PAPER_WORKERS.get(dataset, 8), gpus_per_worker=1.0, cpus_per_worker=4.0,
+                    iw_samples=1000, iw_max_batch=1024, loader_workers=2, bn_readjust_batches=500)
+    return RunOptions(**{**base, **overrides})

@@ -1,0 +1,110 @@
+"""One NVAE configuration trained by Ray Train's TorchTrainer on N workers, with recovery."""
+import os
+from dataclasses import asdict, dataclass, field
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from nvae_core import NVAEConfig
+from nvae_core.training import check_precision
+
+from .worker_loop import CHECKPOINT_FILE, SAMPLES_FILE, train_loop_per_worker
+
+
+@dataclass
+class RunOptions:
+    """How a configuration is run (resources, storage, evaluation); not part of the model."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int = 1
+    data_dir: str = "data"
+    download: bool = False
+    storage_path: str = "runs"
+    name: str = "nvae"
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    checkpoints_to_keep: int = 0  # 0 keeps every epoch's checkpoint
+    iw_samples: int = 100  # K of the importance-weighted test NLL (1000 in the paper)
+    iw_max_batch: int = 256
+    eval_batch_size: int = 64
+    max_test_images: int = 0  # 0 = the whole test split
+    sample_count: int = 8
+    sample_temperatures: tuple = (1.0, 0.8, 0.6)
+    bn_readjust_batches: int = 0
+    loader_workers: int = 0
+    # Fault injection, for tests of the recovery paths (-1 = off).
+    debug_nan_at_step: int = -1  # the loss becomes NaN at this step
+    debug_kill_at_step: int = -1  # the last rank SIGKILLs itself at this step (first attempt only)
+    debug_crash_after_epoch: int = -1  # the workers raise after this epoch's checkpoint (first attempt only)
+
+    def validate(self, cfg):
+        """Raise ValueError naming the bad option, before anything starts."""
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} is not allowed: expected an integer >= 1")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ValueError("gpus_per_worker must be >= 0 and cpus_per_worker > 0")
+        if self.iw_samples < 1:
+            raise ValueError(f"iw_samples={self.iw_samples} is not allowed: expected an integer >= 1")
+        check_precision(cfg.precision, "cuda" if self.gpus_per_worker > 0 else "cpu")
+
+
+@dataclass
+class RunResult:
+    status: str  # "finished", "diverged at step S", or "failed: <error>"
+    metrics: dict  # the last report (final evaluation when finished)
+    history: list = field(default_factory=list)  # one metrics dict per completed epoch, in order
+    checkpoint_path: str = ""
+    samples_path: str = ""
+
+
+def make_trainer(cfg, options):
+    """The TorchTrainer for cfg under options (not started)."""
+    options.validate(cfg)
+    use_gpu = options.gpus_per_worker > 0
+    resources = {"CPU": options.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = options.gpus_per_worker
+    opts = asdict(options)
+    opts["sample_temperatures"] = list(options.sample_temperatures)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"nvae": cfg.to_dict(), "options": opts},
+        scaling_config=ray.train.ScalingConfig(num_workers=options.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=options.name, storage_path=os.path.abspath(options.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=options.checkpoints_to_keep or None)))
+
+
+def summarize(result):
+    """RunResult from a Ray Train Result: the status, the last metrics and the epoch history."""
+    history = sorted((m for _, m in (result.best_checkpoints or [])), key=lambda m: m["epoch"])
+    metrics = dict(result.metrics or {})
+    outcome = getattr(result, "return_value", None) or {}  # rank 0's return: how the loop ended
+    if str(outcome.get("status", "")).startswith("diverged"):
+        metrics.update(outcome)  # the divergence report carries no checkpoint, so Ray keeps no metrics of it
+    status = metrics.get("status", "failed")
+    if result.error is not None:
+        status = f"failed: {type(result.error).__name__}: {result.error}"
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
+    samples = os.path.join(checkpoint, SAMPLES_FILE) if checkpoint else ""
+    return RunResult(status=status, metrics=metrics, history=history, checkpoint_path=checkpoint,
+                     samples_path=samples if samples and os.path.exists(samples) else "")
+
+
+def run_training(cfg: NVAEConfig, options: RunOptions) -> RunResult:
+    """Train cfg on a Ray cluster (a local one is started if none is running) and summarize."""
+    trainer = make_trainer(cfg, options)
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        return RunResult(status=f"failed: {error}", metrics={})
+    return summarize(result)
+
+
+__all__ = ["RunOptions", "RunResult", "make_trainer", "run_training", "summarize", "CHECKPOINT_FILE"]

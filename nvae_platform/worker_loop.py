@@ -1,0 +1,245 @@
+"""The training loop each Ray Train worker runs: one NVAE configuration, data-parallel.
+
+Per epoch every worker reports the same metrics (Ray keeps rank 0's) and rank 0 writes a checkpoint
+(model, optimizer, scaler, step, epoch, every rank's RNG state). A restarted worker group resumes
+from the latest checkpoint. A non-finite loss on any rank stops all ranks within the step with the
+status "diverged at step S"; the last good checkpoint stays.
+"""
+import math
+import os
+import resource
+import signal
+import tempfile
+import time
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from nvae_core import NVAE, NVAEConfig, TrainStep, active_units, autocast, bits_per_dim, sample_images
+from nvae_core.datasets import dynamic_binarize, load_dataset, quantize
+from nvae_core.evaluation import importance_weighted_nll
+from nvae_core.layers import synchronize_batchnorm
+
+CHECKPOINT_FILE = "state.pt"
+SAMPLES_FILE = "samples.png"
+
+
+def _world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _all_reduce(values, op=dist.ReduceOp.SUM):
+    """Sum (or max) a list of floats over ranks."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def _replica_spread(model):
+    """Largest difference across ranks of per-tensor fingerprints (sum, sum of squares) of the
+    parameters and of the BN running statistics: both 0.0 when the replicas are in sync."""
+    def fingerprint(tensors):
+        return torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors]).flatten()
+
+    params = fingerprint([p.detach().cpu() for p in model.parameters()])
+    stats = fingerprint([b.detach().cpu() for n, b in model.named_buffers() if "running_" in n] or [torch.zeros(1)])
+    both = torch.cat([params, stats])
+    high, low = both.clone(), both.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    spread = high - low
+    return spread[: params.numel()].max().item(), spread[params.numel():].max().item()
+
+
+def _peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+class Batches:
+    """Turns a loader of intensities into model inputs: dynamic binarization (a fresh sample
+    from its own seeded generator) for 1-bit data, quantization to num_x_bits otherwise."""
+
+    def __init__(self, cfg, device, seed):
+        self.cfg, self.device = cfg, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, x):
+        x = dynamic_binarize(x, self.generator) if self.cfg.num_x_bits == 1 else quantize(x, self.cfg.num_x_bits)
+        return x.to(self.device, non_blocking=True)
+
+
+def _evaluate_nelbo(model, loader, cfg, device, seed):
+    """Single-sample test NELBO in bits/dim, summed over this rank's shard then over ranks."""
+    prepare = Batches(cfg, device, seed)
+    total = count = 0.0
+    model.eval()
+    with torch.no_grad(), autocast(cfg.precision, device):
+        for x in loader:
+            nelbo = model(prepare(x)).nelbo
+            total, count = total + nelbo.sum().item(), count + nelbo.numel()
+    model.train()
+    total, count = _all_reduce([total, count])
+    return bits_per_dim(total / max(count, 1), cfg.num_dims)
+
+
+def _final_evaluation(model, loader, cfg, device, options, seed):
+    """Importance-weighted test bits/dim (sharded over ranks), active units, and samples on rank 0."""
+    prepare = Batches(cfg, device, seed)
+    total = count = 0.0
+    model.eval()
+    with autocast(cfg.precision, device):
+        for x in loader:
+            nll = importance_weighted_nll(model, prepare(x), options["iw_samples"], options["iw_max_batch"])
+            total, count = total + nll.sum().item(), count + nll.numel()
+        total, count = _all_reduce([total, count])
+        nats = total / max(count, 1)
+        units = active_units(model, (prepare(x) for x in loader))
+    model.train()
+    return {"test_bpd": bits_per_dim(nats, cfg.num_dims), "test_nats": nats,
+            "active_units": sum(units), **{f"active_units_group_{i}": u for i, u in enumerate(units)}}
+
+
+def _save_samples(model, cfg, path, options):
+    import torchvision.utils
+
+    rows = [sample_images(model, options["sample_count"], t, options["bn_readjust_batches"])
+            for t in options["sample_temperatures"]]
+    torchvision.utils.save_image(torch.cat(rows).float().cpu(), path, nrow=options["sample_count"])
+
+
+def _checkpoint_state(model, step, epoch):
+    rank, world = _world()
+    rng = [None] * world
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if world > 1:
+        dist.all_gather_object(rng, state)
+    else:
+        rng = [state]
+    return {"model": model.state_dict(), "train_step": step.state_dict(), "epoch": epoch, "rng": rng}
+
+
+def _restore(model, step, checkpoint):
+    with checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    step.load_state_dict(state["train_step"])
+    rank, world = _world()
+    if len(state["rng"]) == world:
+        torch.set_rng_state(state["rng"][rank]["cpu"])
+        if state["rng"][rank]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"][rank]["cuda"])
+    return state["epoch"] + 1
+
+
+def _report(metrics, checkpoint_state=None, files=()):
+    """ray.train.report from every rank; rank 0 attaches the checkpoint folder."""
+    rank, _ = _world()
+    if checkpoint_state is None or rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(checkpoint_state, os.path.join(folder, CHECKPOINT_FILE))
+        for make in files:
+            make(folder)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def train_loop_per_worker(config):
+    """Ray Train entry point. config: {"nvae": NVAEConfig dict, "options": run options dict}."""
+    cfg = NVAEConfig.from_dict(config["nvae"])
+    options = config["options"]
+    rank, world = _world()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(options["threads_per_worker"])
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+
+    common = dict(data_dir=options["data_dir"], download=options["download"], seed=cfg.seed,
+                  image_size=cfg.image_size)
+    train_set = load_dataset(cfg.dataset, "train", **common)
+    test_set = load_dataset(cfg.dataset, "test", **common)
+    if options["max_test_images"]:
+        test_set = Subset(test_set, range(min(len(test_set), options["max_test_images"])))
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=options["loader_workers"], pin_memory=device.type == "cuda")
+    test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world)),
+                             batch_size=options["eval_batch_size"], num_workers=options["loader_workers"])
+    if len(loader) == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} x {world} workers is more than the "
+                         f"{len(train_set)} training images of {cfg.dataset}; lower the batch size")
+
+    model = NVAE(cfg).to(device)
+    step = TrainStep(model, steps_per_epoch=len(loader), device=device)
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        start_epoch = _restore(model, step, checkpoint)
+    elif step.needs_data_init:  # every rank inits from its own batch; DDP then broadcasts rank 0's
+        sampler.set_epoch(0)
+        step.data_init(Batches(cfg, device, cfg.seed)(next(iter(loader))))
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            synchronize_batchnorm(model), device_ids=[device.index] if device.type == "cuda" else None)
+        step.model = model
+    core = step.core
+    resumed = start_epoch > 0
+
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        prepare = Batches(cfg, device, seed=cfg.seed * 100003 + epoch * 1009 + rank)
+        sums = {"loss": 0.0, "nelbo": 0.0, "recon": 0.0, "kl": 0.0, "grad_norm": 0.0}
+        kl_groups = torch.zeros(cfg.num_groups, dtype=torch.float64)
+        steps, start = 0, time.perf_counter()
+        for x in loader:
+            stats = step(prepare(x), measure_grad_norm=True)
+            if options["debug_nan_at_step"] == step.step:
+                stats["loss"] = stats["loss"] * float("nan")
+            if options["debug_kill_at_step"] == step.step and rank == world - 1 and not resumed:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection: this worker dies mid-epoch
+            loss = stats["loss"].item()
+            if _all_reduce([0.0 if math.isfinite(loss) else 1.0], op=dist.ReduceOp.MAX)[0] > 0:
+                status = f"diverged at step {step.step}"
+                if rank == 0:
+                    print(f"[nvae] {status} (epoch {epoch}); last good checkpoint kept", flush=True)
+                outcome = {"epoch": epoch, "step": step.step, "status": status, "diverged": 1.0}
+                _report(outcome)
+                return outcome
+            for key in sums:
+                sums[key] += float(stats[key])
+            kl_groups += stats["kl_per_group"].double().cpu()
+            steps += 1
+        seconds = time.perf_counter() - start
+        means = [v / steps for v in sums.values()]
+        reduced = _all_reduce(means + [steps * cfg.batch_size / seconds])
+        metrics = {f"train_{k}": v / world for k, v in zip(sums, reduced)}
+        metrics["train_bpd"] = bits_per_dim(metrics["train_nelbo"], cfg.num_dims)
+        metrics.update({f"train_kl_group_{i}": v / steps for i, v in enumerate(kl_groups.tolist())})
+        metrics.update(epoch=epoch, step=step.step, lr=stats["lr"], kl_coeff=stats["kl_coeff"],
+                       images_per_s=reduced[-1], epoch_seconds=seconds, status="running", diverged=0.0,
+                       peak_memory_gb=_peak_memory_gb(device),
+                       val_bpd=_evaluate_nelbo(model, test_loader, cfg, device, seed=cfg.seed + 7))
+        metrics["replica_param_spread"], metrics["replica_bn_spread"] = _replica_spread(core)
+        last = epoch == cfg.epochs - 1
+        files = []
+        if last:
+            metrics.update(_final_evaluation(core, test_loader, cfg, device, options, seed=cfg.seed + 7))
+            metrics["status"] = "finished"
+            if rank == 0:
+                files.append(lambda folder: _save_samples(core, cfg, os.path.join(folder, SAMPLES_FILE), options))
+        if rank == 0:
+            shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in ("train_bpd", "val_bpd", "images_per_s")
+                              if k in metrics)
+            tail = f"  test_bpd {metrics['test_bpd']:.4f}" if last else ""
+            print(f"[nvae] epoch {epoch + 1}/{cfg.epochs}  {shown}{tail}", flush=True)
+        _report(metrics, _checkpoint_state(core, step, epoch), files)
+        if options["debug_crash_after_epoch"] == epoch and not resumed:
+            raise RuntimeError(f"fault injection: crash after epoch {epoch}")
+    return {"status": "finished", "epoch": cfg.epochs - 1, "step": step.step}

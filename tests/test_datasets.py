@@ -1,0 +1,361 @@
+"""nvae_core.datasets.load_dataset on real on-disk formats written tiny into tmp_path, and quantize."""
+import pickle
+import struct
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.celeba
+from PIL import Image
+
+from nvae_core.config import DATASET_SHAPES
+from nvae_core.datasets import DATASETS, DatasetNotFoundError, load_dataset, quantize
+
+DOWNLOADABLE = ("mnist", "cifar10", "celeba64")
+CELEBA_LISTS = ("list_eval_partition.txt", "identity_CelebA.txt", "list_attr_celeba.txt",
+                "list_bbox_celeba.txt", "list_landmarks_align_celeba.txt")
+
+
+# --- writers of the real formats ----------------------------------------------------------------
+
+def _mnist_images(n, offset):
+    """n 28x28 uint8 images, image i holding value offset + i at (i, 2 * i) and 255 at (27, 27)."""
+    images = np.zeros((n, 28, 28), np.uint8)
+    for i in range(n):
+        images[i, i, 2 * i] = offset + i
+        images[i, 27, 27] = 255
+    return images
+
+
+def write_mnist(root, n_train=3, n_test=2):
+    """The four uncompressed big-endian IDX files under root/MNIST/raw."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n, offset in (("train", n_train, 10), ("t10k", n_test, 100)):
+        images = _mnist_images(n, offset)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        labels = np.arange(n, dtype=np.uint8) % 10
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+def write_cifar10(root, per_batch=2):
+    """cifar-10-batches-py as torchvision reads it: pickled dicts with str keys (the py2 originals load so)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for b, name in enumerate(names):
+        data = np.zeros((per_batch, 3072), np.uint8)
+        data[:, 0] = b  # batch id in pixel (0, 0, 0)
+        if name == "test_batch":
+            data[1, 2 * 1024 + 5 * 32 + 7] = 200  # channel 2, row 5, column 7 of test image 1
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": [0] * per_batch}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+
+
+CELEBA_PARTITION = {"000001.jpg": 0, "000002.jpg": 0, "000003.jpg": 0, "000004.jpg": 1,
+                    "000005.jpg": 2, "000006.jpg": 2}
+CELEBA_COLORS = {"000001.jpg": (200, 30, 30), "000002.jpg": (30, 200, 30), "000003.jpg": (120, 120, 120),
+                 "000004.jpg": (90, 90, 90), "000005.jpg": (220, 220, 40), "000006.jpg": (40, 220, 220)}
+
+
+def write_celeba(root):
+    """celeba/img_align_celeba/*.jpg (178 x 218, a solid colour in a black 15/35-pixel frame; greys saved as L)
+    and the five list files torchvision reads."""
+    folder = root / "celeba"
+    (folder / "img_align_celeba").mkdir(parents=True)
+    for name, color in CELEBA_COLORS.items():
+        image = np.zeros((218, 178, 3), np.uint8)
+        image[35:-35, 15:-15] = color  # exactly the central 148 x 148 square
+        image = Image.fromarray(image)
+        image = image.convert("L") if len(set(color)) == 1 else image
+        image.save(folder / "img_align_celeba" / name, quality=100)
+    names = sorted(CELEBA_PARTITION)
+    rows = lambda values: "".join(f"{n} {' '.join(map(str, v))}\n" for n, v in zip(names, values))  # noqa: E731
+    (folder / "list_eval_partition.txt").write_text(rows([[CELEBA_PARTITION[n]] for n in names]))
+    (folder / "identity_CelebA.txt").write_text(rows([[i + 1] for i in range(len(names))]))
+    (folder / "list_attr_celeba.txt").write_text(
+        f"{len(names)}\nSmiling Young\n" + rows([[1, -1]] * len(names)))
+    (folder / "list_bbox_celeba.txt").write_text(
+        f"{len(names)}\nimage_id x_1 y_1 width height\n" + rows([[1, 2, 3, 4]] * len(names)))
+    (folder / "list_landmarks_align_celeba.txt").write_text(
+        f"{len(names)}\nlefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y "
+        "rightmouth_x rightmouth_y\n" + rows([list(range(10))] * len(names)))
+
+
+def write_png(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8), mode).save(path)
+
+
+def _all(dataset):
+    return torch.stack([dataset[i] for i in range(len(dataset))])
+
+
+# --- MNIST --------------------------------------------------------------------------------------
+
+def test_mnist_reads_idx_files_pads_to_32_and_keeps_intensities(tmp_path):
+    """IDX images come back as 1 x 32 x 32 intensities / 255 with a 2-pixel zero border, per split."""
+    write_mnist(tmp_path)
+    train, test = load_dataset("mnist", "train", tmp_path), load_dataset("mnist", "test", tmp_path)
+    assert (len(train), len(test)) == (3, 2)
+    for dataset, offset in ((train, 10), (test, 100)):
+        x = _all(dataset)
+        assert x.shape[1:] == (1, 32, 32) and x.dtype == torch.float32
+        assert 0.0 <= x.min() and x.max() == 1.0
+        expected = torch.zeros(len(dataset), 1, 32, 32)
+        for i in range(len(dataset)):
+            expected[i, 0, 2 + i, 2 + 2 * i] = (offset + i) / 255
+            expected[i, 0, 29, 29] = 1.0
+        torch.testing.assert_close(x, expected, rtol=0, atol=1e-7)
+
+
+def test_mnist_gz_files_alone_are_not_enough(tmp_path):
+    """torchvision reads only the uncompressed IDX files: .gz copies alone are a missing dataset."""
+    write_mnist(tmp_path)
+    for path in (tmp_path / "MNIST" / "raw").iterdir():
+        path.rename(path.with_name(path.name + ".gz"))
+    with pytest.raises(DatasetNotFoundError, match="uncompressed"):
+        load_dataset("mnist", "train", tmp_path)
+
+
+# --- CIFAR-10 -----------------------------------------------------------------------------------
+
+def test_cifar10_reads_python_batches_channel_major(tmp_path):
+    """Train joins data_batch_1..5, test is test_batch, and a pixel lands at its (c, h, w) / 255."""
+    write_cifar10(tmp_path)
+    train, test = load_dataset("cifar10", "train", tmp_path), load_dataset("cifar10", "test", tmp_path)
+    assert (len(train), len(test)) == (10, 2)
+    x = _all(test)
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+    expected = torch.zeros(2, 3, 32, 32)
+    expected[:, 0, 0, 0] = 5 / 255
+    expected[1, 2, 5, 7] = 200 / 255
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-7)
+    assert _all(train)[:, 0, 0, 0].mul(255).round().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+# --- CelebA -------------------------------------------------------------------------------------
+
+def test_celeba64_centre_crops_148_resizes_to_64_and_splits(tmp_path):
+    """Each split holds its partition's jpgs as 3 x 64 x 64 RGB: the 148 centre crop, without the frame."""
+    write_celeba(tmp_path)
+    for split, names in (("train", ["000001.jpg", "000002.jpg", "000003.jpg"]),
+                         ("test", ["000005.jpg", "000006.jpg"])):
+        x = _all(load_dataset("celeba64", split, tmp_path))
+        assert x.shape == (len(names), 3, 64, 64) and x.dtype == torch.float32
+        assert 0.0 <= x.min() and x.max() <= 1.0
+        for image, name in zip(x, names):
+            color = torch.tensor(CELEBA_COLORS[name]).view(3, 1, 1) / 255
+            assert (image[:, 2:-2, 2:-2] - color).abs().max() < 0.03  # solid colour, no black frame
+            assert (image.mean(dim=(1, 2), keepdim=True) - color).abs().max() < 0.03
+
+
+# --- image-folder -------------------------------------------------------------------------------
+
+def test_image_folder_flat_is_split_90_10_under_the_seed(tmp_path):
+    """A flat folder of 20 images splits 18/2, disjoint and covering, fixed by the seed."""
+    for i in range(20):
+        write_png(tmp_path / f"img{i:02d}.png", np.full((6, 6, 3), 10 * i))
+
+    def ids(split, seed):
+        return sorted(round(float(x[0, 0, 0]) * 255 / 10) for x in load_dataset(
+            "image-folder", split, tmp_path, seed=seed, image_size=4))
+
+    train, test = ids("train", 0), ids("test", 0)
+    assert (len(train), len(test)) == (18, 2)
+    assert sorted(train + test) == list(range(20))
+    assert ids("test", 0) == test
+    assert any(ids("test", seed) != test for seed in (1, 2, 3))
+
+
+def test_image_folder_uses_train_and_test_subfolders_at_any_depth(tmp_path):
+    """With train/ and test/ present each split reads its own folder, class subfolders included."""
+    write_png(tmp_path / "train" / "cats" / "a.png", np.full((4, 4, 3), 10))
+    write_png(tmp_path / "train" / "dogs" / "b.jpg", np.full((4, 4, 3), 20))
+    write_png(tmp_path / "train" / "c.png", np.full((4, 4, 3), 30))
+    write_png(tmp_path / "test" / "d.png", np.full((4, 4, 3), 40))
+    (tmp_path / "train" / "notes.txt").write_text("not an image")
+    train = load_dataset("image-folder", "train", tmp_path, image_size=4)
+    test = load_dataset("image-folder", "test", tmp_path, image_size=4)
+    assert (len(train), len(test)) == (3, 1)
+    assert sorted(round(float(x.mean()) * 255) for x in train) == [10, 20, 30]
+    assert round(float(test[0].mean()) * 255) == 40
+
+
+def test_image_folder_resizes_the_shorter_side_then_centre_crops(tmp_path):
+    """An 80 x 20 horizontal ramp becomes 10 x 10: halved (slope doubles), then its middle cut out."""
+    ramp = np.zeros((20, 80, 3), np.uint8)
+    ramp[:, :, 0] = 3 * np.arange(80)
+    write_png(tmp_path / "ramp.png", ramp)
+    write_png(tmp_path / "other.png", np.zeros((20, 80, 3)))
+    images = [load_dataset("image-folder", split, tmp_path, image_size=10) for split in ("train", "test")]
+    x = next(image for dataset in images for image in dataset if image.max() > 0)
+    assert x.shape == (3, 10, 10)
+    expected = 3 * (2 * torch.arange(10) + 30.5) / 255  # resized column j + 15 <- source column 2j + 30.5
+    torch.testing.assert_close(x[0], expected.expand(10, 10), rtol=0, atol=1.5 / 255)
+    assert x[1:].abs().max() == 0
+
+
+def test_image_folder_converts_grayscale_to_rgb(tmp_path):
+    """A grayscale (L) image comes back with three equal channels holding its values."""
+    write_png(tmp_path / "train" / "gray.png", np.full((8, 8), 77), mode="L")
+    write_png(tmp_path / "test" / "rgb.png", np.full((8, 8, 3), 5))
+    x = load_dataset("image-folder", "train", tmp_path, image_size=8)[0]
+    assert x.shape == (3, 8, 8)
+    torch.testing.assert_close(x, torch.full((3, 8, 8), 77 / 255), rtol=0, atol=1e-7)
+
+
+def test_image_folder_needs_image_size(tmp_path):
+    """image-folder without image_size is a ValueError naming image_size."""
+    write_png(tmp_path / "a.png", np.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match="image_size"):
+        load_dataset("image-folder", "train", tmp_path)
+
+
+def test_image_folder_missing_or_empty_is_dataset_not_found(tmp_path):
+    """A missing or image-less folder raises DatasetNotFoundError naming the path and the offline sets."""
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "nowhere", tmp_path / "empty"):
+        with pytest.raises(DatasetNotFoundError) as info:
+            load_dataset("image-folder", "train", folder, image_size=8)
+        message = str(info.value)
+        assert "'image-folder'" in message and str(folder) in message
+        assert "--data-dir" in message and "--dataset digits" in message and "--dataset photo-patches" in message
+
+
+# --- photo-patches and digits -------------------------------------------------------------------
+
+def test_photo_patches_shapes_split_and_disjoint_tiles():
+    """520 tiles of 3 x 32 x 32 split 416/104, no tile in both splits, all tiles distinct."""
+    train, test = _all(load_dataset("photo-patches", "train")), _all(load_dataset("photo-patches", "test"))
+    assert train.shape == (416, 3, 32, 32) and test.shape == (104, 3, 32, 32)
+    assert train.dtype == torch.float32 and 0.0 <= train.min() and train.max() <= 1.0
+    assert torch.equal(train * 255, torch.round(train * 255))
+    keys = lambda x: {row.tobytes() for row in x.mul(255).round().to(torch.uint8).flatten(1).numpy()}  # noqa: E731
+    train_keys, test_keys = keys(train), keys(test)
+    assert len(train_keys) == 416 and len(test_keys) == 104 and not train_keys & test_keys
+
+
+def test_photo_patches_split_is_fixed_by_the_seed():
+    """The same seed gives the same test tiles; another seed different ones."""
+    a, b = _all(load_dataset("photo-patches", "test", seed=4)), _all(load_dataset("photo-patches", "test", seed=4))
+    c = _all(load_dataset("photo-patches", "test", seed=5))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_digits_through_load_dataset():
+    """digits items are 1 x 8 x 8 in [0, 1] and the splits add up to 1797."""
+    train, test = load_dataset("digits", "train", seed=2), load_dataset("digits", "test", seed=2)
+    assert train[0].shape == (1, 8, 8) and len(train) + len(test) == 1797
+
+
+# --- the table and argument checks --------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(DATASET_SHAPES))
+def test_table_matches_config(name):
+    """DATASETS lists every config dataset with its channels, size and 1-bit flag."""
+    info, shape = DATASETS[name], DATASET_SHAPES[name]
+    if shape is None:
+        assert (info.channels, info.size, info.binarized) == (3, None, False)
+    else:
+        assert (info.channels, info.size, info.binarized) == (shape[0], shape[1], shape[2] == 1)
+    assert info.offline == (name in ("digits", "photo-patches"))
+    assert set(DATASETS) == set(DATASET_SHAPES)
+
+
+@pytest.mark.parametrize("name", ["digits", "photo-patches"])
+def test_offline_items_match_the_table(name):
+    """An offline set's items have the table's channels and size."""
+    info = DATASETS[name]
+    assert load_dataset(name, "test")[0].shape == (info.channels, info.size, info.size)
+
+
+def test_bad_arguments_are_value_errors(tmp_path):
+    """Unknown dataset or split, or an image_size that contradicts a fixed set, raise ValueError."""
+    with pytest.raises(ValueError, match="'svhn'"):
+        load_dataset("svhn", "train", tmp_path)
+    with pytest.raises(ValueError, match="'valid'"):
+        load_dataset("digits", "valid")
+    with pytest.raises(ValueError, match="image_size"):
+        load_dataset("cifar10", "train", tmp_path, image_size=64)
+
+
+# --- missing data -------------------------------------------------------------------------------
+
+EXPECTED = {"mnist": ("MNIST/raw", "train-images-idx3-ubyte"),
+            "cifar10": ("cifar-10-batches-py", "data_batch_1"),
+            "celeba64": ("celeba", "list_eval_partition.txt")}
+
+
+def _check_not_found_message(message, name, tmp_path):
+    folder, a_file = EXPECTED[name]
+    assert f"'{name}'" in message and str(tmp_path / folder) in message and a_file in message
+    assert "--data-dir" in message and "--dataset digits" in message and "--dataset photo-patches" in message
+
+
+@pytest.mark.parametrize("name", DOWNLOADABLE)
+def test_missing_files_without_download(tmp_path, name):
+    """download=False on an empty folder: DatasetNotFoundError (a FileNotFoundError) with path and ways out."""
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset(name, "train", tmp_path)
+    assert isinstance(info.value, FileNotFoundError)
+    _check_not_found_message(str(info.value), name, tmp_path)
+    assert "download=False" in str(info.value)
+
+
+@pytest.mark.parametrize("name", DOWNLOADABLE)
+def test_failed_download_is_the_same_error_with_its_cause(tmp_path, monkeypatch, name):
+    """download=True with no network: DatasetNotFoundError that names the cause, never a raw RuntimeError."""
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append(args)
+        raise urllib.error.URLError("no network (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # MNIST and CIFAR-10 fetch with urllib
+    monkeypatch.setattr(torchvision.datasets.celeba, "download_file_from_google_drive", offline)
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset(name, "test", tmp_path, download=True)
+    assert calls, "no download was attempted"
+    message = str(info.value)
+    _check_not_found_message(message, name, tmp_path)
+    assert "download failed" in message and "no network (test)" in message
+    assert info.value.__cause__ is not None
+
+
+@pytest.mark.parametrize("name, write", [("mnist", write_mnist), ("cifar10", write_cifar10),
+                                         ("celeba64", write_celeba)])
+def test_download_true_uses_files_already_there(tmp_path, monkeypatch, name, write):
+    """download=True with the files on disk (other checksums than the originals) fetches nothing."""
+    def offline(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(torchvision.datasets.celeba, "download_file_from_google_drive", offline)
+    write(tmp_path)
+    assert len(load_dataset(name, "test", tmp_path, download=True)) == 2
+
+
+# --- quantize -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [1, 2, 5, 7])
+def test_quantize_bins_8_bit_values(bits):
+    """Every 8-bit value k/255 maps to floor(k / 2**(8-bits)) / (2**bits - 1): 2**bits levels in [0, 1]."""
+    k = torch.arange(256)
+    q = quantize(k / 255, bits)
+    torch.testing.assert_close(q, torch.div(k, 2 ** (8 - bits), rounding_mode="floor") / (2 ** bits - 1))
+    assert q.min() == 0 and q.max() == 1 and len(q.unique()) == 2 ** bits
+    torch.testing.assert_close(quantize(k / 255 - 1e-4, bits), q)  # float error does not change the bin
+
+
+def test_quantize_8_bits_is_identity_and_bad_bits_fail():
+    """8 bits returns the input unchanged; 0 or 9 bits raise ValueError."""
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.equal(quantize(x, 8), x)
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="num_bits"):
+            quantize(x, bad)
