@@ -191,6 +191,11 @@ def train_loop_per_worker(config):
         step.model = model
     core = step.core
     resumed = start_epoch > 0
+    nodes = [None] * world
+    node = ray.get_runtime_context().get_node_id()
+    if world > 1:
+        dist.all_gather_object(nodes, node)
+    worker_nodes = len(set(nodes)) if world > 1 else 1
 
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
@@ -227,6 +232,7 @@ def train_loop_per_worker(config):
                        peak_memory_gb=_peak_memory_gb(device),
                        val_bpd=_evaluate_nelbo(model, test_loader, cfg, device, seed=cfg.seed + 7))
         metrics["replica_param_spread"], metrics["replica_bn_spread"] = _replica_spread(core)
+        metrics["worker_nodes"] = worker_nodes
         last = epoch == cfg.epochs - 1
         files = []
         if last:
@@ -240,6 +246,9 @@ def train_loop_per_worker(config):
             tail = f"  test_bpd {metrics['test_bpd']:.4f}" if last else ""
             print(f"[nvae] epoch {epoch + 1}/{cfg.epochs}  {shown}{tail}", flush=True)
         _report(metrics, _checkpoint_state(core, step, epoch), files)
+        # Wait until Ray has committed this epoch's checkpoint: a worker lost from here on costs
+        # at most the epoch in flight (reports are otherwise registered asynchronously).
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         if options["debug_crash_after_epoch"] == epoch and not resumed:
             raise RuntimeError(f"fault injection: crash after epoch {epoch}")
     return {"status": "finished", "epoch": cfg.epochs - 1, "step": step.step}
