@@ -7,6 +7,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from nvae_core import NVAEConfig
+from nvae_core.datasets import load_dataset
 from nvae_core.training import check_precision
 
 from .worker_loop import CHECKPOINT_FILE, SAMPLES_FILE, train_loop_per_worker
@@ -48,6 +49,10 @@ class RunOptions:
         if self.iw_samples < 1:
             raise ValueError(f"iw_samples={self.iw_samples} is not allowed: expected an integer >= 1")
         check_precision(cfg.precision, "cuda" if self.gpus_per_worker > 0 else "cpu")
+        if not self.download:  # a missing dataset fails here, in seconds, not in every worker
+            for split in ("train", "test"):
+                load_dataset(cfg.dataset, split, self.data_dir, download=False, seed=cfg.seed,
+                             image_size=cfg.image_size)
 
 
 @dataclass
@@ -95,11 +100,22 @@ def summarize(result):
                      samples_path=samples if samples and os.path.exists(samples) else "")
 
 
+def init_ray(address=None, **kwargs):
+    """ray.init for the platform. Ray Train's controller collects reports when it polls the workers
+    (every 2 s by default) and each epoch waits for its checkpoint to be committed, so a local Ray
+    started here polls every 0.25 s (measured: 0.56 -> 0.28 s per epoch). On a cluster, set
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S in the nodes' environment instead."""
+    if address is None:
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    kwargs.setdefault("include_dashboard", False)
+    return ray.init(address=address, ignore_reinit_error=True, **kwargs)
+
+
 def run_training(cfg: NVAEConfig, options: RunOptions) -> RunResult:
     """Train cfg on a Ray cluster (a local one is started if none is running) and summarize."""
     trainer = make_trainer(cfg, options)
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)
+        init_ray()
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
@@ -107,4 +123,4 @@ def run_training(cfg: NVAEConfig, options: RunOptions) -> RunResult:
     return summarize(result)
 
 
-__all__ = ["RunOptions", "RunResult", "make_trainer", "run_training", "summarize", "CHECKPOINT_FILE"]
+__all__ = ["RunOptions", "RunResult", "init_ray", "make_trainer", "run_training", "summarize", "CHECKPOINT_FILE"]

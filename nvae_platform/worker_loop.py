@@ -191,11 +191,11 @@ def train_loop_per_worker(config):
         step.model = model
     core = step.core
     resumed = start_epoch > 0
-    nodes = [None] * world
-    node = ray.get_runtime_context().get_node_id()
+    worker_nodes = 1
     if world > 1:
-        dist.all_gather_object(nodes, node)
-    worker_nodes = len(set(nodes)) if world > 1 else 1
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        worker_nodes = len(set(nodes))
 
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
@@ -209,8 +209,10 @@ def train_loop_per_worker(config):
                 stats["loss"] = stats["loss"] * float("nan")
             if options["debug_kill_at_step"] == step.step and rank == world - 1 and not resumed:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection: this worker dies mid-epoch
-            loss = stats["loss"].item()
-            if _all_reduce([0.0 if math.isfinite(loss) else 1.0], op=dist.ReduceOp.MAX)[0] > 0:
+            finite = math.isfinite(stats["loss"].item())
+            if cfg.precision != "fp16":  # fp16's gradient scaler expects, and skips, overflowing steps
+                finite = finite and math.isfinite(float(stats["grad_norm"]))
+            if _all_reduce([0.0 if finite else 1.0], op=dist.ReduceOp.MAX)[0] > 0:
                 status = f"diverged at step {step.step}"
                 if rank == 0:
                     print(f"[nvae] {status} (epoch {epoch}); last good checkpoint kept", flush=True)

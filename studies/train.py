@@ -12,11 +12,10 @@ import argparse
 import json
 import sys
 
-import ray
-
 from nvae_core import ConfigError
+from nvae_core.datasets import DatasetNotFoundError
 from nvae_platform.presets import DATA_FIELDS, SCALES, run_config, run_options
-from nvae_platform.training_run import run_training
+from nvae_platform.training_run import init_ray, run_training
 
 
 def parse_value(text):
@@ -66,11 +65,10 @@ def main(argv=None):
                               storage_path=args.storage_path, name=args.name or f"{args.dataset}-{args.preset}",
                               max_failures=args.max_failures, **option_overrides)
         options.validate(cfg)
-    except (ConfigError, ValueError) as error:
+    except (ConfigError, ValueError, DatasetNotFoundError) as error:
         parser.error(str(error))
 
-    ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False,
-             ignore_reinit_error=True, log_to_driver=True)
+    init_ray(args.address, num_cpus=args.num_cpus)
     print(f"[nvae] training {args.dataset} at preset {args.preset} on {options.workers} worker(s); "
           f"checkpoints in {options.storage_path}/{options.name}", flush=True)
     result = run_training(cfg, options)

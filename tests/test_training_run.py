@@ -13,7 +13,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from nvae_platform.presets import run_config, run_options
-from nvae_platform.training_run import CHECKPOINT_FILE, run_training
+from nvae_platform.training_run import CHECKPOINT_FILE, init_ray, run_training
 
 EPOCHS = 4
 
@@ -29,7 +29,7 @@ def _final_model(result):
 @pytest.fixture(scope="module")
 def local_ray():
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -109,4 +109,8 @@ def test_train_command_help_and_bad_input_fail_fast():
     assert bad.returncode == 2 and "normalization='layer_norm' is not allowed" in bad.stderr
     unknown = _train_cli("--set", "colour=blue")
     assert unknown.returncode == 2 and "unknown config field" in unknown.stderr
-    assert "Started a local Ray instance" not in bad.stderr + unknown.stderr
+    missing = _train_cli("--dataset", "cifar10", "--data-dir", "/nonexistent/nvae-data")
+    assert missing.returncode == 2
+    assert "'cifar10' not found" in missing.stderr and "/nonexistent/nvae-data" in missing.stderr
+    assert "--dataset digits" in missing.stderr
+    assert "Started a local Ray instance" not in bad.stderr + unknown.stderr + missing.stderr
