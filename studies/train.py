@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+import ray
+
 from nvae_core import ConfigError
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_platform.presets import DATA_FIELDS, SCALES, run_config, run_options
@@ -69,6 +71,11 @@ def main(argv=None):
         parser.error(str(error))
 
     init_ray(args.address, num_cpus=args.num_cpus)
+    wanted, have = options.workers * options.gpus_per_worker, ray.cluster_resources().get("GPU", 0)
+    if args.address is None and wanted > have:  # a local Ray cannot grow; a cluster may autoscale
+        ray.shutdown()
+        parser.error(f"--preset {args.preset} asks for {wanted:g} GPU(s) and this machine has {have:g}: "
+                     "add --gpus-per-worker 0 to train on CPUs, or --address to join a GPU cluster")
     print(f"[nvae] training {args.dataset} at preset {args.preset} on {options.workers} worker(s); "
           f"checkpoints in {options.storage_path}/{options.name}", flush=True)
     result = run_training(cfg, options)

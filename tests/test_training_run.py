@@ -114,3 +114,23 @@ def test_train_command_help_and_bad_input_fail_fast():
     assert "'cifar10' not found" in missing.stderr and "/nonexistent/nvae-data" in missing.stderr
     assert "--dataset digits" in missing.stderr
     assert "Started a local Ray instance" not in bad.stderr + unknown.stderr + missing.stderr
+
+
+def test_train_command_refuses_gpus_a_local_machine_lacks(tmp_path):
+    """--preset small wants a GPU per worker: on a CPU-only machine, a clear error, not a wait."""
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": [0] * 4}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["x"] * 10}, f)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = _train_cli("--dataset", "cifar10", "--preset", "small", "--data-dir", str(tmp_path), "--num-cpus", "1")
+    assert result.returncode == 2
+    assert "asks for 1 GPU(s) and this machine has 0" in result.stderr and "--gpus-per-worker 0" in result.stderr
