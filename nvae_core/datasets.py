@@ -221,15 +221,22 @@ def _brief(error):
     return f"{type(error).__name__}: {text[:240] + '...' if len(text) > 240 else text}"
 
 
+def _require_on_disk(name, root):
+    """Raise DatasetNotFoundError unless name's files are all under root."""
+    folder, _, layout = _ON_DISK[name]
+    missing = _missing(name, root)
+    if missing:
+        raise _not_found(name, Path(root) / folder, f"missing {', '.join(missing)}; download=False", layout)
+
+
 def _open_on_disk(name, root, download, build):
     """build(download) once name's files are on disk under root, downloading them first if asked."""
     folder, _, layout = _ON_DISK[name]
     path = Path(root) / folder
-    missing = _missing(name, root)
-    if not missing:
+    if not _missing(name, root):
         return build(False)
     if not download:
-        raise _not_found(name, path, f"missing {', '.join(missing)}; download=False", layout)
+        _require_on_disk(name, root)
     try:
         return build(True)
     except Exception as error:  # no network, gdown missing, a bad mirror...: all end the same way
@@ -302,6 +309,17 @@ def _image_folder(split, root, seed, image_size):
         raise _not_found("image-folder", root, reason, layout)
     index = _seeded_split(len(paths), max(1, int(round(FOLDER_TEST_FRACTION * len(paths)))), split, seed)
     return ImageFiles([paths[i] for i in index], image_size)
+
+
+def check_available(name, data_dir="data", seed=0, image_size=None):
+    """Raise now what load_dataset(download=False) would raise for a missing dataset, without
+    reading any images (a driver calls this before it starts workers)."""
+    root = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+    if name in _ON_DISK:
+        _require_on_disk(name, root)
+    elif name == "image-folder":  # lists the files of both splits; opens none
+        for split in SPLITS:
+            load_dataset(name, split, data_dir, seed=seed, image_size=image_size)
 
 
 def load_dataset(name, split, data_dir="data", download=False, seed=0, image_size=None):

@@ -7,7 +7,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from nvae_core import NVAEConfig
-from nvae_core.datasets import load_dataset
+from nvae_core.datasets import check_available
 from nvae_core.training import check_precision
 
 from .worker_loop import CHECKPOINT_FILE, SAMPLES_FILE, train_loop_per_worker
@@ -50,9 +50,7 @@ class RunOptions:
             raise ValueError(f"iw_samples={self.iw_samples} is not allowed: expected an integer >= 1")
         check_precision(cfg.precision, "cuda" if self.gpus_per_worker > 0 else "cpu")
         if not self.download:  # a missing dataset fails here, in seconds, not in every worker
-            for split in ("train", "test"):
-                load_dataset(cfg.dataset, split, self.data_dir, download=False, seed=cfg.seed,
-                             image_size=cfg.image_size)
+            check_available(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size)
 
 
 @dataclass

@@ -76,31 +76,33 @@ class Batches:
         return x.to(self.device, non_blocking=True)
 
 
-def _evaluate_nelbo(model, loader, cfg, device, seed):
-    """Single-sample test NELBO in bits/dim, summed over this rank's shard then over ranks."""
-    prepare = Batches(cfg, device, seed)
+def _mean_over_ranks(per_example, loader, prepare):
+    """Mean of per_example(x) (a tensor with one value per image) over every rank's shard."""
     total = count = 0.0
+    for x in loader:
+        values = per_example(prepare(x))
+        total, count = total + values.sum().item(), count + values.numel()
+    total, count = _all_reduce([total, count])
+    return total / max(count, 1)
+
+
+def _evaluate_nelbo(model, loader, cfg, device, seed):
+    """Single-sample test NELBO in bits/dim over all ranks' shards."""
     model.eval()
     with torch.no_grad(), autocast(cfg.precision, device):
-        for x in loader:
-            nelbo = model(prepare(x)).nelbo
-            total, count = total + nelbo.sum().item(), count + nelbo.numel()
+        nats = _mean_over_ranks(lambda x: model(x).nelbo, loader, Batches(cfg, device, seed))
     model.train()
-    total, count = _all_reduce([total, count])
-    return bits_per_dim(total / max(count, 1), cfg.num_dims)
+    return bits_per_dim(nats, cfg.num_dims)
 
 
 def _final_evaluation(model, loader, cfg, device, options, seed):
-    """Importance-weighted test bits/dim (sharded over ranks), active units, and samples on rank 0."""
-    prepare = Batches(cfg, device, seed)
-    total = count = 0.0
+    """Importance-weighted test bits/dim over all ranks' shards, and active units on this rank's."""
     model.eval()
     with autocast(cfg.precision, device):
-        for x in loader:
-            nll = importance_weighted_nll(model, prepare(x), options["iw_samples"], options["iw_max_batch"])
-            total, count = total + nll.sum().item(), count + nll.numel()
-        total, count = _all_reduce([total, count])
-        nats = total / max(count, 1)
+        nats = _mean_over_ranks(
+            lambda x: importance_weighted_nll(model, x, options["iw_samples"], options["iw_max_batch"]),
+            loader, Batches(cfg, device, seed))
+        prepare = Batches(cfg, device, seed)
         units = active_units(model, (prepare(x) for x in loader))
     model.train()
     return {"test_bpd": bits_per_dim(nats, cfg.num_dims), "test_nats": nats,
