@@ -32,8 +32,9 @@ SMALL_EPOCHS = {"mnist": 40, "cifar10": 30, "celeba64": 15}
 PAPER_WORKERS = {"mnist": 2, "cifar10": 8, "celeba64": 8}
 
 
-def run_config(dataset, scale, **overrides):
-    """The NVAEConfig of a dataset at a scale, with overrides (validated)."""
+def run_config(dataset, scale, model=None, **overrides):
+    """The NVAEConfig of a dataset at a scale, with overrides (validated). model names the
+    nvae_core preset used at the small and paper scales (default: the dataset's paper model)."""
     if scale not in SCALES:
         raise ConfigError(f"unknown preset {scale!r}: expected one of {', '.join(SCALES)}")
     if dataset not in DATA_FIELDS:
@@ -45,9 +46,9 @@ def run_config(dataset, scale, **overrides):
         raise ConfigError(f"preset {scale!r} is defined for {', '.join(PAPER_PRESET)}; "
                           f"use --preset smoke with {dataset!r}")
     if scale == "small":
-        name = "cifar10-ablation" if dataset == "cifar10" else PAPER_PRESET[dataset]
+        name = model or ("cifar10-ablation" if dataset == "cifar10" else PAPER_PRESET[dataset])
         return preset(name, **{"epochs": SMALL_EPOCHS[dataset], **overrides})
-    return preset(PAPER_PRESET[dataset], **overrides)
+    return preset(model or PAPER_PRESET[dataset], **overrides)
 
 
 def run_options(dataset, scale, **overrides):

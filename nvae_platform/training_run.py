@@ -62,8 +62,8 @@ class RunResult:
     samples_path: str = ""
 
 
-def make_trainer(cfg, options):
-    """The TorchTrainer for cfg under options (not started)."""
+def make_trainer(cfg, options, callbacks=()):
+    """The TorchTrainer for cfg under options (not started); callbacks are Ray Train UserCallbacks."""
     options.validate(cfg)
     use_gpu = options.gpus_per_worker > 0
     resources = {"CPU": options.cpus_per_worker}
@@ -77,9 +77,14 @@ def make_trainer(cfg, options):
         scaling_config=ray.train.ScalingConfig(num_workers=options.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=options.name, storage_path=os.path.abspath(options.storage_path),
+            name=options.name, storage_path=storage_uri(options.storage_path), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=options.checkpoints_to_keep or None)))
+
+
+def storage_uri(path):
+    """A local folder as an absolute path; a URI (s3://, gs://, ...) as it is."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def summarize(result):
@@ -121,4 +126,4 @@ def run_training(cfg: NVAEConfig, options: RunOptions) -> RunResult:
     return summarize(result)
 
 
-__all__ = ["RunOptions", "RunResult", "init_ray", "make_trainer", "run_training", "summarize", "CHECKPOINT_FILE"]
+__all__ = ["RunOptions", "RunResult", "init_ray", "make_trainer", "run_training", "storage_uri", "summarize", "CHECKPOINT_FILE"]

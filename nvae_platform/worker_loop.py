@@ -192,6 +192,8 @@ def train_loop_per_worker(config):
             synchronize_batchnorm(model), device_ids=[device.index] if device.type == "cuda" else None)
         step.model = model
     core = step.core
+    num_params = sum(p.numel() for p in core.parameters())
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     resumed = start_epoch > 0
     worker_nodes = 1
     if world > 1:
@@ -232,7 +234,8 @@ def train_loop_per_worker(config):
         metrics["train_bpd"] = bits_per_dim(metrics["train_nelbo"], cfg.num_dims)
         metrics.update({f"train_kl_group_{i}": v / steps for i, v in enumerate(kl_groups.tolist())})
         metrics.update(epoch=epoch, step=step.step, lr=stats["lr"], kl_coeff=stats["kl_coeff"],
-                       images_per_s=reduced[-1], epoch_seconds=seconds, status="running", diverged=0.0,
+                       images_per_s=reduced[-1], epoch_seconds=seconds, step_seconds=seconds / steps,
+                       num_params=num_params, device=device_name, status="running", diverged=0.0,
                        peak_memory_gb=_peak_memory_gb(device),
                        val_bpd=_evaluate_nelbo(model, test_loader, cfg, device, seed=cfg.seed + 7))
         metrics["replica_param_spread"], metrics["replica_bn_spread"] = _replica_spread(core)

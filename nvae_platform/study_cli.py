@@ -1,0 +1,93 @@
+"""The command line every study script shares: `python studies/ablation_norm.py --help`."""
+import argparse
+import sys
+
+from nvae_core import ConfigError
+from nvae_core.datasets import DatasetNotFoundError
+
+from .presets import SCALES
+from .study_runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
+
+
+def parse_value(text):
+    """'3' -> 3, '0.1' -> 0.1, 'true' -> True, anything else stays a string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _pairs(parser, items, flag):
+    pairs = {}
+    for item in items:
+        if "=" not in item:
+            parser.error(f"{flag} {item!r}: expected NAME=VALUE")
+        key, value = item.split("=", 1)
+        pairs[key] = value
+    return pairs
+
+
+def build_parser(study):
+    parser = argparse.ArgumentParser(
+        prog=f"{study.name}.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{study.description}\n\nFactors: " + "; ".join(
+            f"{f.name} in {{{', '.join(f.levels)}}}" + (f" (smoke: {{{', '.join(f.smoke_levels)}}})"
+                                                        if f.smoke_levels else "") for f in study.factors),
+        epilog="Re-running the same command resumes an interrupted study. Results: MLflow (./mlflow.db unless "
+               "--tracking-uri) and checkpoints under --storage-path.")
+    add = parser.add_argument
+    add("--preset", default="smoke", choices=SCALES,
+        help="smoke: offline data, tiny model, minutes on a CPU; small: CIFAR-10, one GPU per trial; "
+             "paper: the paper's settings, multi-GPU trials (default: smoke)")
+    add("--seeds", type=int, default=1, help="seeds per level combination (default: 1)")
+    add("--workers-per-trial", type=int, help="data-parallel workers of each trial (default: the preset's)")
+    add("--gpus-per-worker", type=float, help="0 trains on CPUs (default: the preset's)")
+    add("--cpus-per-worker", type=float, help="default: the preset's")
+    add("--max-concurrent", type=int, help="trials running at once (default: as many as the cluster holds)")
+    add("--tracking-uri", help="MLflow store (default: sqlite:///<working dir>/mlflow.db)")
+    add("--experiment", help=f"MLflow experiment name (default: {study.name})")
+    add("--storage-path", default="runs", help="checkpoints and Tune state: a folder or s3:// gs:// URI")
+    add("--data-dir", default="data", help="where datasets live (or are downloaded to with --download)")
+    add("--download", action="store_true", help="download a missing dataset")
+    add("--levels", action="append", default=[], metavar="FACTOR=L1,L2",
+        help="run only these levels of a factor, e.g. --levels groups=10,20")
+    add("--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="override an NVAEConfig field in every trial, e.g. --set epochs=50")
+    add("--samples", type=int, help="trials of a search (default: the study's)")
+    add("--address", help="Ray cluster to join, e.g. auto (default: start a local Ray)")
+    add("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    add("--dry-run", action="store_true", help="print the trials and their resources; start nothing")
+    return parser
+
+
+def main(study, argv=None):
+    """Parse the shared flags, then plan (--dry-run) or run the study. Returns the exit code."""
+    parser = build_parser(study)
+    args = parser.parse_args(argv)
+    levels = {k: [v for v in vs.split(",") if v] for k, vs in _pairs(parser, args.levels, "--levels").items()}
+    overrides = {k: parse_value(v) for k, v in _pairs(parser, args.set, "--set").items()}
+    settings = StudySettings(
+        scale=args.preset, seeds=args.seeds, workers_per_trial=args.workers_per_trial,
+        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        max_concurrent=args.max_concurrent, tracking_uri=args.tracking_uri, experiment=args.experiment,
+        storage_path=args.storage_path, data_dir=args.data_dir, download=args.download, levels=levels,
+        overrides=overrides, samples=args.samples, address=args.address, num_cpus=args.num_cpus)
+    try:  # every check before anything is recorded or trained
+        if args.dry_run:
+            print(describe_plan(plan_study(study, settings), args.max_concurrent))
+            return 0
+        prepared = prepare_study(study, settings)
+    except (ConfigError, ValueError, DatasetNotFoundError) as error:
+        parser.error(str(error))
+    outcome = run_study(study, settings, prepared)
+    return 130 if outcome.interrupted else 0
+
+
+def run(study):
+    """Entry point of a study script: sys.exit(main(study))."""
+    sys.exit(main(study))

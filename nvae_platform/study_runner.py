@@ -1,0 +1,394 @@
+"""Run a study: a Ray Tune experiment whose trials are Ray Train runs, recorded in MLflow.
+
+    plan = plan_study(study, StudySettings(scale="smoke"))   # validated; nothing started
+    outcome = run_study(study, StudySettings(scale="smoke"))
+
+A grid study is a Tune grid over the factors' levels x seeds; a search study samples levels with
+Optuna (OptunaSearch, optionally ASHA early stopping). Each trial is a Tune function that launches
+the TorchTrainer of its configuration and forwards every epoch's report to Tune. Re-running the same
+command resumes: Tune restores its experiment, an unfinished trial's Train run resumes from its last
+checkpoint, and a trial whose outcome file exists is reported, not retrained.
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+
+import pyarrow.fs
+import ray
+import ray.train
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from nvae_core.datasets import check_available
+
+from .presets import run_options
+from .study import Study, factor_levels, grid, resolve, trial_key
+from .tracking import MlflowTracker, activate, check_tracking_uri, default_tracking_uri, status_of
+from .training_run import RunOptions, RunResult, init_ray, make_trainer, storage_uri, summarize
+
+OUTCOME_FILE = "outcome.json"
+# A trial's own process only launches and waits on its Train run: it takes no CPU from the
+# workers, and reserves the memory it does use (Ray rejects an empty request).
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 512 * 2**20}
+
+
+@dataclass
+class StudySettings:
+    """The shared flags of every study script."""
+
+    scale: str = "smoke"
+    seeds: int = 1
+    workers_per_trial: int = None  # None: the scale's default
+    gpus_per_worker: float = None
+    cpus_per_worker: float = None
+    max_concurrent: int = None  # None: as many trials as the cluster's CPUs/GPUs hold
+    tracking_uri: str = None  # None: ./mlflow.db
+    experiment: str = None  # MLflow experiment; None: the study's name
+    storage_path: str = "runs"
+    data_dir: str = "data"
+    download: bool = False
+    levels: dict = field(default_factory=dict)  # factor -> level names to keep
+    overrides: dict = field(default_factory=dict)  # NVAEConfig fields every trial shares
+    samples: int = None  # trials of a search; None: the study's
+    address: str = None  # Ray cluster; None: start a local one
+    num_cpus: int = None  # CPUs of a local Ray
+
+
+@dataclass
+class StudyPlan:
+    """Everything a trial and the tracker need, fixed before anything starts (picklable)."""
+
+    study: Study
+    scale: str
+    seeds: list
+    levels: dict  # factor -> level names
+    overrides: dict
+    options: RunOptions  # resources and evaluation of every trial; name set per trial
+    trials: list  # the grid's Trials (every combination, also for a search: all validated)
+    storage_path: str  # the study's storage root (local folder or URI)
+    experiment_dir: str  # Tune experiment name under storage_path: study-scale-digest
+    num_samples: int
+
+    @property
+    def is_search(self):
+        return self.study.search is not None
+
+    @property
+    def study_key(self):
+        return f"{self.storage_path}/{self.experiment_dir}"
+
+    @property
+    def trial_count(self):
+        return self.num_samples if self.is_search else len(self.trials)
+
+    @property
+    def run_name(self):
+        return self.experiment_dir
+
+    @property
+    def trials_path(self):
+        return f"{self.storage_path}/{self.experiment_dir}/trials"
+
+    def param_space(self):
+        if self.is_search:
+            return {name: tune.choice(levels) for name, levels in self.levels.items()}
+        return {**{name: tune.grid_search(levels) for name, levels in self.levels.items()},
+                "seed": tune.grid_search(self.seeds)}
+
+    def describe_config(self, config):
+        """(levels, seed, NVAEConfig) of a Tune trial config."""
+        levels = {name: config[name] for name in self.levels}
+        seed = config.get("seed", self.seeds[0])
+        return levels, seed, resolve(self.study, self.scale, levels, seed, self.overrides)
+
+    def describe(self, trial):
+        return self.describe_config(trial.config)
+
+    def key_for(self, config, trial_id):
+        levels, seed = {name: config[name] for name in self.levels}, config.get("seed", self.seeds[0])
+        key = trial_key(levels, seed)
+        return f"{trial_id},{key}" if self.is_search else key  # a search may sample a level set twice
+
+    def key_of(self, trial):
+        return self.key_for(trial.config, trial.trial_id)
+
+    def option_params(self):
+        opts = dataclasses.asdict(self.options)
+        return {f"run.{k}": v for k, v in opts.items() if k not in ("name", "storage_path") and "debug" not in k}
+
+    def study_tags(self):
+        return {"nvae.study": self.study.name, "nvae.preset": self.scale, "nvae.dataset": self.study.dataset_at(self.scale),
+                "nvae.kind": "search" if self.is_search else "grid", "nvae.storage": self.study_key,
+                "mlflow.note.content": self.study.description}
+
+    def study_params(self):
+        params = {f"levels.{name}": ",".join(levels) for name, levels in self.levels.items()}
+        params.update({"seeds": ",".join(map(str, self.seeds)), "preset": self.scale,
+                       "trials": self.trial_count})
+        params.update({f"set.{k}": v for k, v in self.overrides.items()})
+        if self.is_search:
+            params["objectives"] = ",".join(f"{k}:{v}" for k, v in self.study.search.objectives.items())
+        return params
+
+
+def plan_study(study, settings):
+    """Resolve and validate every trial and option; raise ConfigError/ValueError naming the problem."""
+    if settings.seeds < 1:
+        raise ValueError(f"--seeds {settings.seeds}: expected an integer >= 1")
+    if study.search is not None and settings.seeds != 1:
+        raise ValueError("--seeds: a search trains one seed per trial; repeat its best trials as a grid study")
+    seeds = list(range(settings.seeds))
+    levels = factor_levels(study, settings.scale, settings.levels)
+    trials = grid(study, settings.scale, seeds, settings.levels, settings.overrides)
+    dataset = study.dataset_at(settings.scale)
+    resources = {k: v for k, v in dict(workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_worker,
+                                       cpus_per_worker=settings.cpus_per_worker).items() if v is not None}
+    options = run_options(dataset, settings.scale, data_dir=settings.data_dir, download=settings.download,
+                          storage_path="", **resources)
+    for trial in trials:  # precision against device; the dataset's files are checked once below
+        dataclasses.replace(options, download=True).validate(trial.config)
+    if not options.download:
+        first = trials[0].config
+        check_available(first.dataset, options.data_dir, seed=first.seed, image_size=first.image_size)
+    num_samples = 0
+    if study.search is not None:
+        num_samples = settings.samples or (study.search.smoke_samples if settings.scale == "smoke"
+                                           else study.search.num_samples)
+        if len(study.search.objectives) > 1 and study.search.early_stopping:
+            raise ValueError(f"study {study.name}: early stopping (ASHA) ranks trials by one metric; "
+                             "use one objective or early_stopping=False")
+    storage = storage_uri(settings.storage_path)
+    identity = json.dumps({"levels": levels, "seeds": seeds, "configs": [t.config.to_dict() for t in trials],
+                           "workers": options.workers, "samples": num_samples}, sort_keys=True)
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
+    plan = StudyPlan(study, settings.scale, seeds, levels, dict(settings.overrides), options, trials, storage,
+                     f"{study.name}-{settings.scale}-{digest}", num_samples)
+    plan.options = dataclasses.replace(options, storage_path=plan.trials_path)
+    return plan
+
+
+def check_storage(storage_path):
+    """Raise ValueError unless the storage root can be created and written."""
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(storage_path)
+        filesystem.create_dir(path, recursive=True)
+        probe = f"{path}/.write-probe"
+        with filesystem.open_output_stream(probe) as f:
+            f.write(b"ok")
+        filesystem.delete_file(probe)
+    except Exception as error:  # pyarrow raises OSError, ArrowInvalid, ... for the same causes
+        raise ValueError(f"--storage-path {storage_path} is not writable ({error}); choose a folder you can "
+                         "write (e.g. --storage-path ~/nvae-runs) or a reachable s3:// / gs:// URI") from None
+
+
+def read_outcome(plan, key):
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(f"{plan.trials_path}/{key}/{OUTCOME_FILE}")
+    try:
+        with filesystem.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_outcome(plan, key, outcome):
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(f"{plan.trials_path}/{key}/{OUTCOME_FILE}")
+    filesystem.create_dir(os.path.dirname(path), recursive=True)
+    with filesystem.open_output_stream(path) as f:
+        f.write(json.dumps(outcome, default=str).encode())
+
+
+def run_trial(config, plan):
+    """One Tune trial: train its configuration with Ray Train, forwarding each epoch to Tune.
+    The last report carries the outcome (finished, diverged at step S, or failed: error)."""
+    key = plan.key_for(config, tune.get_context().get_trial_id())
+    done = read_outcome(plan, key)
+    if done is not None:  # finished in an earlier invocation whose Tune state was not saved in time
+        tune.report(done)
+        return
+    _, _, cfg = plan.describe_config(config)
+    options = dataclasses.replace(plan.options, name=key)
+    trainer = make_trainer(cfg, options, callbacks=[TuneReportCallback()])
+    try:
+        run = summarize(trainer.fit())
+    except ray.train.TrainingFailedError as error:
+        run = RunResult(status=f"failed: {error}", metrics={})
+    outcome = {**run.metrics, "status": run.status, "samples_path": run.samples_path, "trial_key": key}
+    write_outcome(plan, key, outcome)
+    tune.report(outcome)
+
+
+def _tune_config(plan, max_concurrent):
+    search = plan.study.search
+    if search is None:
+        return tune.TuneConfig(max_concurrent_trials=max_concurrent)
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    metrics, modes = list(search.objectives), list(search.objectives.values())
+    searcher = OptunaSearch(metric=metrics if len(metrics) > 1 else metrics[0],
+                            mode=modes if len(modes) > 1 else modes[0], seed=0)
+    scheduler = None
+    if search.early_stopping:
+        scheduler = ASHAScheduler(metric="val_bpd", mode="min", max_t=max(t.config.epochs for t in plan.trials),
+                                  grace_period=1, time_attr="training_iteration")
+    return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
+                           max_concurrent_trials=max_concurrent)
+
+
+def _check_resources(plan, settings):
+    """Refuse a trial the local Ray can never schedule; return the default concurrency."""
+    opts, have = plan.options, ray.cluster_resources()
+    need = {"CPU": opts.workers * opts.cpus_per_worker, "GPU": opts.workers * opts.gpus_per_worker}
+    for kind, amount in need.items():
+        if amount > have.get(kind, 0):
+            message = (f"one trial needs {amount:g} {kind}(s) ({opts.workers} worker(s) x "
+                       f"{amount / opts.workers:g}) and the Ray cluster has {have.get(kind, 0):g}")
+            if settings.address is None:  # a local Ray cannot grow
+                hint = ("add --gpus-per-worker 0 to train on CPUs" if kind == "GPU"
+                        else "lower --workers-per-trial or --cpus-per-worker")
+                raise ValueError(f"{message}: {hint}, or --address to join a larger cluster")
+            print(f"[study] warning: {message}; trials wait for the autoscaler", flush=True)
+    if settings.max_concurrent:
+        return settings.max_concurrent
+    fits = [have.get(kind, 0) // amount for kind, amount in need.items() if amount > 0]
+    return max(1, int(min(fits))) if fits else 1
+
+
+def describe_plan(plan, max_concurrent=None):
+    """The trials and their resources, as printed by --dry-run."""
+    o = plan.options
+    lines = [f"study {plan.study.name} at preset {plan.scale}: {plan.study.description}".rstrip(": "),
+             f"  dataset {plan.study.dataset_at(plan.scale)}; each trial: {o.workers} worker(s) x "
+             f"{o.cpus_per_worker:g} CPU, {o.gpus_per_worker:g} GPU; "
+             f"max concurrent trials: {max_concurrent or 'as many as the cluster holds'}",
+             f"  checkpoints: {plan.trials_path}"]
+    if plan.is_search:
+        s = plan.study.search
+        lines.append(f"  Optuna search: {plan.num_samples} trials over {len(plan.trials)} level combinations; "
+                     f"objectives {s.objectives}; early stopping {'ASHA on val_bpd' if s.early_stopping else 'off'}")
+        lines += [f"  {name}: {', '.join(levels)}" for name, levels in plan.levels.items()]
+    else:
+        lines.append(f"  {len(plan.trials)} trials (grid over {' x '.join(plan.levels)} x seed):")
+        for trial in plan.trials:
+            c = trial.config
+            lines.append(f"    {trial.key:<40} epochs {c.epochs}, groups {c.num_groups}, "
+                         f"channels {c.num_channels_enc}, batch {c.batch_size}")
+    return "\n".join(lines)
+
+
+def summary_table(plan, results):
+    """Markdown table of the trials, each level combination averaged over its finished seeds."""
+    columns = list(plan.study.columns)
+    rows = {}
+    order = {key: i for i, key in enumerate(t.key for t in plan.trials)}
+    results = sorted(results, key=lambda r: order.get(trial_key({n: r.config.get(n) for n in plan.levels},
+                                                                r.config.get("seed", plan.seeds[0])), 0))
+    for result in results:
+        metrics = result.metrics or {}
+        levels = {name: result.config.get(name) for name in plan.levels}
+        status = status_of(metrics, "ERROR" if result.error else "TERMINATED")
+        label = tuple(levels.values()) if not plan.is_search else (metrics.get("trial_id", ""),) + tuple(levels.values())
+        row = rows.setdefault(label, {"statuses": [], **{c: [] for c in columns}})
+        row["statuses"].append(status)
+        for c in columns:
+            if status == "finished" and isinstance(metrics.get(c), (int, float)) and math.isfinite(metrics[c]):
+                row[c].append(metrics[c])
+    names = (["trial"] if plan.is_search else []) + list(plan.levels)
+    lines = ["| " + " | ".join(names + columns + ["trials"]) + " |", "|" + "---|" * (len(names) + len(columns) + 1)]
+    for label, row in rows.items():
+        cells = [_mean_sd(row[c]) for c in columns]
+        counts = {s: row["statuses"].count(s) for s in dict.fromkeys(row["statuses"])}
+        lines.append("| " + " | ".join(list(label) + cells + [", ".join(f"{n} {s}" for s, n in counts.items())]) + " |")
+    return "\n".join(lines)
+
+
+def _mean_sd(values):
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def pareto_front(results, objectives):
+    """The finished results no other finished result beats on every objective."""
+    sign = {k: 1 if mode == "min" else -1 for k, mode in objectives.items()}
+    done = [r for r in results if all(isinstance((r.metrics or {}).get(k), (int, float)) for k in objectives)]
+
+    def dominates(a, b):
+        pairs = [(sign[k] * a.metrics[k], sign[k] * b.metrics[k]) for k in objectives]
+        return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
+
+    return [r for r in done if not any(dominates(o, r) for o in done if o is not r)]
+
+
+@dataclass
+class StudyOutcome:
+    plan: StudyPlan
+    results: list  # ray.tune Results, one per trial
+    table: str
+    tracking_uri: str
+    parent_run_id: str
+    interrupted: bool
+    tracker_points: int  # metric points written to MLflow by this invocation
+
+
+def prepare_study(study, settings):
+    """Every check that needs no trial: plan, storage, tracking store, Ray and its resources.
+    Raises ConfigError/ValueError/DatasetNotFoundError naming the problem; records nothing."""
+    plan = plan_study(study, settings)
+    check_storage(plan.storage_path)
+    check_tracking_uri(settings.tracking_uri or default_tracking_uri())
+    init_ray(settings.address, num_cpus=settings.num_cpus)
+    try:
+        return plan, _check_resources(plan, settings)
+    except ValueError:
+        ray.shutdown()
+        raise
+
+
+def run_study(study, settings, prepared=None):
+    """Run the study on Ray Tune and record it in MLflow (see module doc); prepared is
+    prepare_study's (plan, max_concurrent), computed here if not given."""
+    plan, max_concurrent = prepared or prepare_study(study, settings)
+    tracking_uri = settings.tracking_uri or default_tracking_uri()
+    print(describe_plan(plan, max_concurrent), flush=True)
+
+    tracker = activate(MlflowTracker(plan, tracking_uri, settings.experiment or study.name).open())
+    # A trial reports test_bpd only with its last epoch; Tune otherwise rejects a search's earlier reports.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), TRIAL_DRIVER_RESOURCES)
+    path = f"{plan.storage_path}/{plan.experiment_dir}"
+    if tune.Tuner.can_restore(path):
+        print(f"[study] resuming {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=plan.param_space(), tune_config=_tune_config(plan, max_concurrent),
+                           run_config=tune.RunConfig(name=plan.experiment_dir, storage_path=plan.storage_path,
+                                                     callbacks=[tracker], verbose=0))
+    try:
+        grid_results = tuner.fit()
+    except BaseException:
+        tracker.close()  # no MLflow run stays RUNNING; the parent is KILLED and the study resumable
+        raise
+    results = [grid_results[i] for i in range(len(grid_results))]
+    results = [r for r in results if r.config]  # a trial never started has no config
+    interrupted = tracker.interrupted
+    tracker.close()
+    table = summary_table(plan, results)
+    print(f"\n{study.name} at preset {settings.scale}: bits/dim of the finished trials\n{table}")
+    if study.search is not None and len(study.search.objectives) > 1:
+        front = pareto_front(results, study.search.objectives)
+        print("\nPareto front (" + " vs ".join(study.search.objectives) + "):")
+        for r in sorted(front, key=lambda r: r.metrics[list(study.search.objectives)[0]]):
+            print("  " + ", ".join(f"{k} {r.metrics[k]:.4g}" for k in study.search.objectives) + "  "
+                  + trial_key({n: r.config[n] for n in plan.levels}, plan.seeds[0]))
+    if interrupted:
+        print("\nThe study was interrupted: re-run the same command to resume it.")
+    print(f"\nMLflow: experiment {settings.experiment or study.name!r}, parent run {tracker.parent_id}; browse with\n"
+          f"  mlflow ui --backend-store-uri {tracking_uri}", flush=True)
+    return StudyOutcome(plan, results, table, tracking_uri, tracker.parent_id, interrupted, tracker.metric_points)

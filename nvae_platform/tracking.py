@@ -1,0 +1,270 @@
+"""MLflow records of a study, written by one process: the driver.
+
+Trial workers may run on nodes with no route to the tracking store, and many processes writing one
+SQLite file lose writes or lock it, so workers report to Ray and this Tune callback, on the driver,
+writes MLflow: a parent run per study, a nested child run per trial (params = the resolved config,
+tags = factor levels, status and provenance, one metric point per epoch, artifacts = config JSON
+and sample grid). A resumed study finds its parent and child runs by tag and continues them.
+"""
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+
+import pyarrow.fs
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.result import AUTO_RESULT_KEYS
+
+STUDY_KEY_TAG = "nvae.study_key"
+TRIAL_KEY_TAG = "nvae.trial_key"
+STATUS_TAG = "nvae.status"
+PARENT_TAG = "mlflow.parentRunId"
+NOT_METRICS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "epoch", "should_checkpoint"}
+
+
+def default_tracking_uri(folder="."):
+    """A SQLite store in the working directory."""
+    return "sqlite:///" + os.path.abspath(os.path.join(folder, "mlflow.db"))
+
+
+def default_artifact_location(tracking_uri, experiment):
+    """Artifacts of a local SQLite store live beside it in mlartifacts/; a server chooses its own."""
+    if tracking_uri.startswith("sqlite:///"):
+        folder = os.path.dirname(tracking_uri[len("sqlite:///"):])
+        return "file://" + os.path.join(folder, "mlartifacts", experiment)
+    return None
+
+
+def check_tracking_uri(tracking_uri):
+    """Raise ValueError naming the problem if the store cannot be opened or reached."""
+    if tracking_uri.startswith("sqlite:///"):
+        folder = os.path.dirname(tracking_uri[len("sqlite:///"):]) or "."
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"--tracking-uri {tracking_uri}: the folder {folder} does not exist or is not "
+                             "writable; choose another path, or omit --tracking-uri for ./mlflow.db")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except Exception as error:  # any failure here means no study can be recorded
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--tracking-uri {tracking_uri} cannot be reached ({first}); start the MLflow "
+                         "server, fix the URI, or omit --tracking-uri for a SQLite store in this folder") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def provenance_tags():
+    """git commit, library versions and host: where a result came from."""
+    import mlflow
+    import optuna
+    import ray
+    import torch
+
+    tags = {"nvae.python": platform.python_version(), "nvae.torch": torch.__version__, "nvae.ray": ray.__version__,
+            "nvae.mlflow": mlflow.__version__, "nvae.optuna": optuna.__version__, "nvae.host": platform.node()}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+            tags["nvae.git_dirty"] = str(bool(dirty)).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def status_of(result, trial_status):
+    """finished / diverged / failed / stopped early, from a trial's last result and Tune status."""
+    status = str((result or {}).get("status", ""))
+    if status in ("finished", "diverged") or status.startswith("diverged"):
+        return "diverged" if status.startswith("diverged") else "finished"
+    if status.startswith("failed") or trial_status == "ERROR":
+        return "failed"
+    return "stopped early" if trial_status == "TERMINATED" else "interrupted"
+
+
+def fetch_file(path, storage_path, folder):
+    """Copy a file from the study's storage (local folder or URI) into folder; return its local path."""
+    filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage_path)
+    local = os.path.join(folder, os.path.basename(path))
+    pyarrow.fs.copy_files(path, local, source_filesystem=filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return local
+
+
+class MlflowTracker(tune.Callback):
+    """Tune callback writing a study to MLflow from the driver. `plan` describes each trial
+    (StudyPlan: key, levels, seed and resolved config of a Tune trial config)."""
+
+    def __init__(self, plan, tracking_uri, experiment):
+        self.plan, self.tracking_uri, self.experiment = plan, tracking_uri, experiment
+        self.client = MlflowClient(tracking_uri)
+        self.parent_id = None
+        self.runs = {}  # trial key -> MLflow run id
+        self.logged_epochs = {}  # run id -> epochs already logged (a resumed trial re-reports none twice)
+        self.closed = set()  # run ids already terminal (done in an earlier invocation)
+        self.metric_points = 0
+
+    def __reduce__(self):
+        # Tune pickles its callbacks with the experiment and unpickles them on Tuner.restore; the
+        # tracker is per invocation (its store, its parent run), so a restore gets the live one.
+        return (active_tracker, ())
+
+    def open(self):
+        """Find or create the experiment and this study's parent run; load its children."""
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            experiment_id = self.client.create_experiment(
+                self.experiment, artifact_location=default_artifact_location(self.tracking_uri, self.experiment))
+        else:
+            experiment_id = experiment.experiment_id
+        self.experiment_id = experiment_id
+        found = self.client.search_runs([experiment_id], f"tags.`{STUDY_KEY_TAG}` = '{self.plan.study_key}'",
+                                        max_results=1)
+        if found:
+            self.parent_id = found[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            run = self.client.create_run(experiment_id, run_name=self.plan.run_name,
+                                         tags={STUDY_KEY_TAG: self.plan.study_key, **self.plan.study_tags(),
+                                               **provenance_tags()})
+            self.parent_id = run.info.run_id
+            self._log_batch(self.parent_id, params=self.plan.study_params())
+        children = self.client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
+                                           max_results=10000)
+        for run in children:
+            key = run.data.tags.get(TRIAL_KEY_TAG)
+            self.runs[key] = run.info.run_id
+            history = self.client.get_metric_history(run.info.run_id, "train_bpd")
+            self.logged_epochs[run.info.run_id] = {m.step for m in history}
+            if run.info.status == "FINISHED" or run.info.status == "FAILED":
+                self.closed.add(run.info.run_id)
+        return self
+
+    def _log_batch(self, run_id, metrics=(), params=None, tags=None):
+        """One or more MLflow log_batch calls, each within MLflow's limits (100 params or tags)."""
+        items = ([("metrics", m) for m in metrics] + [("params", Param(k, str(v)[:6000])) for k, v in (params or {}).items()]
+                 + [("tags", RunTag(k, str(v)[:5000])) for k, v in (tags or {}).items()])
+        for start in range(0, len(items), 100):
+            chunk = items[start:start + 100]
+            self.client.log_batch(run_id, **{kind: [x for k, x in chunk if k == kind]
+                                             for kind in ("metrics", "params", "tags")})
+        self.metric_points += len(metrics)
+
+    def _child(self, trial):
+        key = self.plan.key_of(trial)
+        if key not in self.runs:
+            levels, seed, cfg = self.plan.describe(trial)
+            run = self.client.create_run(
+                self.experiment_id, run_name=key,
+                tags={PARENT_TAG: self.parent_id, TRIAL_KEY_TAG: key, "nvae.seed": seed, STATUS_TAG: "running",
+                      "nvae.tune_trial_id": trial.trial_id, **{f"factor.{k}": v for k, v in levels.items()},
+                      **provenance_tags()})
+            run_id = run.info.run_id
+            self.runs[key], self.logged_epochs[run_id] = run_id, set()
+            self._log_batch(run_id, params={**cfg.to_dict(), **self.plan.option_params()})
+            with tempfile.TemporaryDirectory() as folder:
+                path = os.path.join(folder, "config.json")
+                with open(path, "w") as f:
+                    json.dump({"nvae": cfg.to_dict(), "options": self.plan.option_params()}, f, indent=2)
+                self.client.log_artifact(run_id, path)
+        return self.runs[key]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        run_id = self._child(trial)
+        if run_id not in self.closed:
+            self.client.update_run(run_id, status="RUNNING")
+            print(f"[study] started {self.plan.key_of(trial)}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._child(trial)
+        epoch = result.get("epoch")
+        if run_id in self.closed or epoch is None or epoch in self.logged_epochs[run_id]:
+            return
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(epoch)) for k, v in result.items()
+                   if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        self._log_batch(run_id, metrics, tags={"nvae.device": result["device"]} if "device" in result else None)
+        self.logged_epochs[run_id].add(epoch)
+
+    def _close(self, trial, status, error=""):
+        run_id = self._child(trial)
+        if run_id in self.closed:
+            return
+        result = trial.last_result or {}
+        tags = {STATUS_TAG: status}
+        if result.get("status") and result["status"] not in ("finished", "running"):
+            tags["nvae.status_detail"] = result["status"]
+        if error:
+            tags["nvae.error"] = error
+        history = self.client.get_metric_history(run_id, "epoch_seconds")
+        final = {"training_hours": sum(m.value for m in history) / 3600}
+        if "time_total_s" in result:
+            final["wall_hours"] = result["time_total_s"] / 3600
+        now = int(time.time() * 1000)
+        step = int(result.get("epoch", 0) or 0)
+        self._log_batch(run_id, [Metric(k, v, now, step) for k, v in final.items()], tags=tags)
+        samples = result.get("samples_path")
+        if samples:
+            with tempfile.TemporaryDirectory() as folder:
+                try:
+                    self.client.log_artifact(run_id, fetch_file(samples, self.plan.storage_path, folder))
+                except (OSError, FileNotFoundError) as err:  # a lost sample grid must not lose the run
+                    self.client.set_tag(run_id, "nvae.samples_error", str(err)[:500])
+        if status != "interrupted":
+            self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+            self.closed.add(run_id)
+        figure = f"  test_bpd {result['test_bpd']:.4f}" if isinstance(result.get("test_bpd"), float) else ""
+        print(f"[study] {self.plan.key_of(trial)}: {result.get('status') or status}{figure}  "
+              f"({len(self.closed)}/{self.plan.trial_count} done)", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, status_of(trial.last_result, "TERMINATED"))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = ""
+        if trial.error_file and os.path.exists(trial.error_file):
+            with open(trial.error_file) as f:
+                error = f.read()[-2000:]
+        self._close(trial, "failed", error)
+
+    @property
+    def interrupted(self):
+        """Whether some trial of the study has no terminal record yet."""
+        return len(self.closed) < self.plan.trial_count
+
+    def close(self):
+        """End the parent run (and any child left running): KILLED if the study was interrupted."""
+        final = "KILLED" if self.interrupted else "FINISHED"
+        for run_id in self.runs.values():
+            if run_id not in self.closed:
+                self.client.set_tag(run_id, STATUS_TAG, "interrupted")
+                self.client.set_terminated(run_id, "KILLED")
+        self.client.set_terminated(self.parent_id, final)
+
+
+_ACTIVE = []
+
+
+def activate(tracker):
+    """Make tracker the one a restored Tuner receives (see MlflowTracker.__reduce__)."""
+    _ACTIVE[:] = [tracker]
+    return tracker
+
+
+def active_tracker():
+    if not _ACTIVE:
+        raise RuntimeError("no MLflow tracker is active: a study's Tune state is restored only by run_study")
+    return _ACTIVE[0]

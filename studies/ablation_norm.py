@@ -1,0 +1,24 @@
+"""Normalization and activation against hierarchy depth (NVAE Section 5): does BN + Swish beat
+WN + ELU as the number of latent groups L grows? WN + ELU diverged at L = 40 in the paper; a
+diverged trial is a result and is recorded as one.
+
+    python studies/ablation_norm.py                      # smoke: offline, minutes on a laptop
+    python studies/ablation_norm.py --preset small --seeds 3
+"""
+from nvae_platform.study import Factor, Study, field_factor
+from nvae_platform.study_cli import run
+
+STUDY = Study(
+    name="ablation_norm",
+    description="normalization x activation in {WN+ELU, BN+ELU, BN+Swish} x groups L in {10, 20, 40}",
+    factors=(
+        Factor("norm_act", {"WN+ELU": dict(normalization="weight_norm", activation="elu"),
+                            "BN+ELU": dict(normalization="batch_norm", activation="elu"),
+                            "BN+Swish": dict(normalization="batch_norm", activation="swish")}),
+        field_factor("groups", "num_groups_per_scale", [10, 20, 40], smoke_values=[2, 4, 8]),
+    ),
+    fixed=dict(num_latent_scales=1),
+)
+
+if __name__ == "__main__":
+    run(STUDY)

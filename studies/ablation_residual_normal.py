@@ -1,0 +1,23 @@
+"""Residual Normal distributions (NVAE Section 5): the encoder predicts the posterior relative to
+the prior (on) or absolutely (off), at L = 20 and 40 latent groups; judged by active latent units,
+training KL and test bpd.
+
+    python studies/ablation_residual_normal.py           # smoke: offline, minutes on a laptop
+    python studies/ablation_residual_normal.py --preset small
+"""
+from nvae_platform.study import Study, field_factor
+from nvae_platform.study_cli import run
+
+STUDY = Study(
+    name="ablation_residual_normal",
+    description="residual Normal on/off x groups L in {20, 40}",
+    factors=(
+        field_factor("residual_normal", "residual_normal", [True, False]),
+        field_factor("groups", "num_groups_per_scale", [20, 40], smoke_values=[4, 8]),
+    ),
+    fixed={"num_latent_scales": 1},
+    columns=("active_units", "train_kl", "test_bpd"),
+)
+
+if __name__ == "__main__":
+    run(STUDY)

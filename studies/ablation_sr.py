@@ -1,0 +1,18 @@
+"""Spectral regularization (NVAE Section 5): lambda in {0, 1e-2, 1e-1}, 0 switching it (and the
+BN-scale penalty) off; judged by test bpd and whether training stayed finite.
+
+    python studies/ablation_sr.py                        # smoke: offline, minutes on a laptop
+    python studies/ablation_sr.py --preset small --seeds 3
+"""
+from nvae_platform.study import Study, field_factor
+from nvae_platform.study_cli import run
+
+STUDY = Study(
+    name="ablation_sr",
+    description="spectral regularization lambda in {0, 1e-2, 1e-1} (0 = off)",
+    factors=(field_factor("sr_lambda", "sr_lambda", [0.0, 1e-2, 1e-1]),),
+    columns=("test_bpd", "diverged"),
+)
+
+if __name__ == "__main__":
+    run(STUDY)

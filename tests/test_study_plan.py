@@ -1,0 +1,155 @@
+"""Study declarations, plans and the shared command line: no Ray, no training."""
+from types import SimpleNamespace
+
+import pytest
+
+from nvae_core import ConfigError
+from nvae_platform.study import Factor, Study, field_factor, grid, resolve
+from nvae_platform.study_cli import main
+from nvae_platform.study_runner import StudySettings, check_storage, pareto_front, plan_study, summary_table
+from nvae_platform.tracking import check_tracking_uri, status_of
+from studies.ablation_norm import STUDY as NORM
+from studies.search_architecture import STUDY as SEARCH
+
+STUDY_SCRIPTS = ["ablation_norm", "ablation_cells", "ablation_residual_normal", "ablation_sr", "search_architecture"]
+
+
+def test_norm_grid_is_every_level_pair_times_seeds_with_the_levels_applied():
+    trials = grid(NORM, "smoke", seeds=[0, 1])
+    assert len(trials) == 3 * 3 * 2
+    assert len({t.key for t in trials}) == len(trials)
+    wn = next(t for t in trials if t.levels == {"norm_act": "WN+ELU", "groups": "8"} and t.seed == 1)
+    assert (wn.config.normalization, wn.config.activation) == ("weight_norm", "elu")
+    assert wn.config.num_groups == 8 and wn.config.seed == 1 and wn.config.dataset == "digits"
+
+
+def test_small_and_paper_scales_train_the_ablation_model_on_cifar10_at_the_papers_depths():
+    for scale in ("small", "paper"):
+        configs = [t.config for t in grid(NORM, scale, seeds=[0])]
+        assert {c.num_groups for c in configs} == {10, 20, 40}
+        assert {(c.dataset, c.num_channels_enc, c.num_flows) for c in configs} == {("cifar10", 64, 0)}
+    assert {t.config.epochs for t in grid(NORM, "small", seeds=[0])} == {30}
+
+
+def test_levels_narrow_a_factor_and_unknown_levels_or_factors_are_named():
+    assert len(grid(NORM, "smoke", [0], only={"groups": ["2", "8"]})) == 6
+    with pytest.raises(ConfigError, match=r"unknown level\(s\) \['3'\] of factor 'groups'.*2, 4, 8"):
+        grid(NORM, "smoke", [0], only={"groups": ["3"]})
+    with pytest.raises(ConfigError, match="unknown factor 'depth'.*norm_act, groups"):
+        grid(NORM, "smoke", [0], only={"depth": ["2"]})
+
+
+def test_overriding_a_field_the_study_varies_is_refused():
+    with pytest.raises(ConfigError, match="--set normalization: the study varies this field"):
+        resolve(NORM, "smoke", {"norm_act": "BN+ELU", "groups": "2"}, 0, {"normalization": "weight_norm"})
+
+
+def test_a_level_with_an_impossible_value_fails_when_planned():
+    bad = Study("bad", (Factor("act", {"relu": {"activation": "relu"}}),))
+    with pytest.raises(ConfigError, match="activation='relu' is not allowed"):
+        plan_study(bad, StudySettings())
+
+
+def test_field_factor_names_levels_by_value_and_keeps_smoke_levels_apart():
+    f = field_factor("groups", "num_groups_per_scale", [10, 20], smoke_values=[2])
+    assert f.at("paper") == {"10": {"num_groups_per_scale": 10}, "20": {"num_groups_per_scale": 20}}
+    assert f.at("smoke") == {"2": {"num_groups_per_scale": 2}}
+
+
+def test_every_study_plans_at_every_scale(tmp_path):
+    """Each script's declaration resolves at smoke (offline data here) and validates at small and paper."""
+    import importlib
+
+    for name in STUDY_SCRIPTS:
+        study = importlib.import_module(f"studies.{name}").STUDY
+        plan = plan_study(study, StudySettings(storage_path=str(tmp_path)))
+        assert plan.trial_count >= 3 and plan.experiment_dir.startswith(f"{name}-smoke-")
+        for scale in ("small", "paper"):
+            assert grid(study, scale, [0])  # configs valid; data is checked only when run
+
+
+def test_the_study_folder_changes_with_what_is_trained_and_not_with_concurrency(tmp_path):
+    base = plan_study(NORM, StudySettings(storage_path=str(tmp_path)))
+    same = plan_study(NORM, StudySettings(storage_path=str(tmp_path), max_concurrent=1))
+    other = plan_study(NORM, StudySettings(storage_path=str(tmp_path), overrides={"epochs": 5}))
+    assert base.experiment_dir == same.experiment_dir != other.experiment_dir
+
+
+def test_search_plans_choices_and_refuses_seeds_and_asha_with_two_objectives(tmp_path):
+    plan = plan_study(SEARCH, StudySettings(storage_path=str(tmp_path)))
+    assert plan.is_search and plan.num_samples == SEARCH.search.smoke_samples
+    assert set(plan.param_space()) == {f.name for f in SEARCH.factors}
+    with pytest.raises(ValueError, match="a search trains one seed per trial"):
+        plan_study(SEARCH, StudySettings(seeds=2))
+    import dataclasses
+    asha = dataclasses.replace(SEARCH, search=dataclasses.replace(SEARCH.search, early_stopping=True))
+    with pytest.raises(ValueError, match="ASHA.*one metric"):
+        plan_study(asha, StudySettings())
+
+
+def test_unwritable_storage_and_unreachable_tracking_are_named(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="--storage-path .*a-file/runs is not writable"):
+        check_storage(str(blocker / "runs"))
+    with pytest.raises(ValueError, match="--tracking-uri http://127.0.0.1:9 cannot be reached"):
+        check_tracking_uri("http://127.0.0.1:9")
+    with pytest.raises(ValueError, match="does not exist or is not writable"):
+        check_tracking_uri(f"sqlite:///{blocker}/mlflow.db")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--levels", "norm_act=BN+ReLU"], r"unknown level\(s\) \['BN\+ReLU'\] of factor 'norm_act'"),
+    (["--levels", "groups"], "--levels 'groups': expected NAME=VALUE"),
+    (["--set", "num_groups_per_scale=3"], "the study varies this field"),
+    (["--set", "colour=red"], r"unknown config field\(s\) \['colour'\]"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "cannot be reached"),
+    (["--storage-path", "/proc/version/runs"], "is not writable"),
+    (["--seeds", "0"], "--seeds 0: expected an integer >= 1"),
+])
+def test_bad_input_is_a_clear_error_before_anything_starts(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(NORM, argv + ["--storage-path", str(tmp_path / "runs")] if "--storage-path" not in argv else argv)
+    assert exit_info.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "mlflow.db").exists() or "--storage-path" in argv  # nothing recorded
+
+
+def test_dry_run_prints_trials_and_resources_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(NORM, ["--dry-run", "--seeds", "2", "--workers-per-trial", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "18 trials" in out and "norm_act=BN+Swish,groups=8,seed=1" in out and "2 worker(s)" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def _result(config, **metrics):
+    return SimpleNamespace(config=config, metrics=metrics, error=None)
+
+
+def test_summary_table_averages_finished_seeds_and_counts_statuses(tmp_path):
+    plan = plan_study(NORM, StudySettings(storage_path=str(tmp_path), levels={"groups": ["2"]}, seeds=2))
+    results = [_result({"norm_act": "WN+ELU", "groups": "2", "seed": 0}, status="finished", test_bpd=1.0),
+               _result({"norm_act": "WN+ELU", "groups": "2", "seed": 1}, status="finished", test_bpd=2.0),
+               _result({"norm_act": "BN+ELU", "groups": "2", "seed": 0}, status="diverged at step 7"),
+               _result({"norm_act": "BN+ELU", "groups": "2", "seed": 1}, status="finished", test_bpd=3.0)]
+    table = summary_table(plan, results).splitlines()
+    assert table[0] == "| norm_act | groups | test_bpd | trials |"
+    assert table[2] == "| WN+ELU | 2 | 1.5 ± 0.71 | 2 finished |"
+    assert table[3] == "| BN+ELU | 2 | 3 | 1 diverged, 1 finished |"
+
+
+def test_pareto_front_keeps_only_undominated_trials():
+    points = [_result({}, a=1.0, b=5.0), _result({}, a=2.0, b=2.0), _result({}, a=3.0, b=3.0), _result({}, a=4.0)]
+    front = pareto_front(points, {"a": "min", "b": "min"})
+    assert [(r.metrics["a"], r.metrics["b"]) for r in front] == [(1.0, 5.0), (2.0, 2.0)]
+
+
+def test_status_of_names_each_outcome():
+    assert status_of({"status": "finished"}, "TERMINATED") == "finished"
+    assert status_of({"status": "diverged at step 3"}, "TERMINATED") == "diverged"
+    assert status_of({"status": "failed: boom"}, "TERMINATED") == "failed"
+    assert status_of({"status": "running"}, "ERROR") == "failed"
+    assert status_of({"status": "running"}, "TERMINATED") == "stopped early"

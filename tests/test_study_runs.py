@@ -1,0 +1,150 @@
+"""Studies end to end on a real local Ray and a real MLflow SQLite store (digits smoke model).
+
+The module's study runs four trials at once on two cores (one diverges on purpose); the resume test
+kills a study script's driver with SIGKILL and runs the same command again.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from nvae_platform.study import Factor, Study
+from nvae_platform.study_cli import main
+from nvae_platform.study_runner import OUTCOME_FILE, StudySettings, run_study
+from nvae_platform.tracking import PARENT_TAG, STUDY_KEY_TAG
+from nvae_platform.training_run import init_ray
+from studies.ablation_norm import STUDY as NORM
+
+EPOCHS = 2
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY = Study(
+    name="test_study",
+    description="two activations x a sane and an absurd learning rate",
+    factors=(Factor("act", {"ELU": {"activation": "elu"}, "Swish": {"activation": "swish"}}),
+             Factor("lr", {"1e-2": {"learning_rate": 1e-2}, "1e9": {"learning_rate": 1e9, "warmup_epochs": 0.0}})),
+    fixed={"epochs": EPOCHS},
+)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.shutdown()
+    init_ray(num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def study(local_ray, tmp_path_factory):
+    """All four trials at once (half a CPU per worker), recorded in a fresh SQLite store."""
+    folder = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    outcome = run_study(STUDY, StudySettings(storage_path=str(folder / "runs"), tracking_uri=uri, cpus_per_worker=0.5,
+                                             max_concurrent=4))
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("test_study")
+    runs = client.search_runs([experiment.experiment_id])
+    return outcome, client, runs
+
+
+def _children(runs):
+    return {r.data.tags["nvae.trial_key"]: r for r in runs if PARENT_TAG in r.data.tags}
+
+
+def test_one_parent_and_a_child_per_trial_with_params_tags_and_final_metrics(study):
+    outcome, client, runs = study
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and not outcome.interrupted
+    assert parents[0].data.tags[STUDY_KEY_TAG] == outcome.plan.study_key
+    children = _children(runs)
+    assert sorted(children) == sorted(t.key for t in outcome.plan.trials)
+    for key, run in children.items():
+        trial = next(t for t in outcome.plan.trials if t.key == key)
+        assert run.data.tags[PARENT_TAG] == parents[0].info.run_id
+        assert run.data.tags["factor.act"] == trial.levels["act"] and run.data.tags["factor.lr"] == trial.levels["lr"]
+        assert run.data.params["activation"] == trial.config.activation
+        assert float(run.data.params["learning_rate"]) == trial.config.learning_rate
+        assert run.data.params["run.workers"] == "1"
+        assert "mlflow.source.git.commit" in run.data.tags and run.data.tags["nvae.torch"]
+        assert run.data.tags.get("nvae.device", "cpu") == "cpu"  # known from the first epoch's report
+
+
+def test_a_diverged_trial_is_recorded_as_such_and_the_others_finish(study):
+    outcome, client, runs = study
+    for key, run in _children(runs).items():
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        if "lr=1e9" in key:
+            assert run.data.tags["nvae.status"] == "diverged" and run.info.status == "FINISHED"
+            assert run.data.tags["nvae.status_detail"].startswith("diverged at step")
+            assert run.data.metrics["diverged"] == 1.0
+            assert artifacts == {"config.json"}
+        else:
+            assert run.data.tags["nvae.status"] == "finished" and run.info.status == "FINISHED"
+            for name in ("test_bpd", "train_kl", "active_units", "training_hours", "peak_memory_gb"):
+                assert run.data.metrics[name] > 0, name
+            assert 0 < run.data.metrics["test_bpd"] < 1
+            assert artifacts == {"config.json", "samples.png"}
+    assert "1 diverged" in outcome.table and outcome.table.count("1 finished") == 2
+
+
+def test_trials_logging_at_once_lose_no_metric_point(study):
+    """Every epoch Tune received is one point of every per-epoch metric in MLflow."""
+    outcome, client, runs = study
+    children = _children(runs)
+    total = 0
+    for result in outcome.results:
+        key = result.metrics["trial_key"]
+        epochs = sorted(set(result.metrics_dataframe["epoch"]))
+        run_id = children[key].info.run_id
+        for name in ("train_bpd", "val_bpd", "lr", "epoch_seconds", "train_kl_group_0"):
+            if "lr=1e9" in key:
+                continue
+            steps = [m.step for m in client.get_metric_history(run_id, name)]
+            assert steps == epochs == list(range(EPOCHS)), (key, name)
+        total += sum(len(client.get_metric_history(run_id, name)) for name in children[key].data.metrics)
+    assert total == outcome.tracker_points
+
+
+def test_resume_after_the_driver_is_killed_reruns_no_finished_trial_and_duplicates_no_run(tmp_path):
+    """SIGKILL the study driver once its first trial has finished, then run the same command again."""
+    ray.shutdown()
+    command = [sys.executable, os.path.join(ROOT, "studies", "ablation_norm.py"), "--levels", "groups=2",
+               "--set", f"epochs={EPOCHS}", "--max-concurrent", "1", "--num-cpus", "2"]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while "(1/3 done)" not in (tmp_path / "first.log").read_text() and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started
+    first.wait()
+    trials = next((tmp_path / "runs").glob("ablation_norm-smoke-*")) / "trials"
+    finished = [p.name for p in trials.iterdir() if (p / OUTCOME_FILE).exists()]
+    assert len(finished) == 1
+    checkpoints_before = sorted(os.listdir(trials / finished[0]))
+
+    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming" in second.stdout and f"started {finished[0]}" not in second.stdout
+    assert sorted(os.listdir(trials / finished[0])) == checkpoints_before  # not retrained
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("ablation_norm").experiment_id])
+    children = _children(runs)
+    assert len(runs) == 4 and len(children) == 3
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    for run in children.values():
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_bpd")] == list(range(EPOCHS))
+
+
+def test_more_gpus_than_the_cluster_has_is_refused_before_any_trial(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ray.shutdown()
+    with pytest.raises(SystemExit) as exit_info:
+        main(NORM, ["--gpus-per-worker", "1", "--num-cpus", "2"])
+    assert exit_info.value.code == 2
+    assert "one trial needs 1 GPU(s)" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "runs" / "ablation_norm").exists()
