@@ -22,15 +22,17 @@ import ray
 import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from nvae_core.datasets import check_available
 
+from .outcomes import read_outcome, write_outcome
 from .presets import run_options
 from .study import Study, factor_levels, grid, resolve, trial_key
 from .tracking import MlflowTracker, activate, check_tracking_uri, default_tracking_uri, status_of
 from .training_run import RunOptions, RunResult, init_ray, make_trainer, storage_uri, summarize
 
-OUTCOME_FILE = "outcome.json"
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
 # workers, and reserves the memory it does use (Ray rejects an empty request).
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 512 * 2**20}
@@ -121,9 +123,9 @@ class StudyPlan:
         return {f"run.{k}": v for k, v in opts.items() if k not in ("name", "storage_path") and "debug" not in k}
 
     def study_tags(self):
-        return {"nvae.study": self.study.name, "nvae.preset": self.scale, "nvae.dataset": self.study.dataset_at(self.scale),
-                "nvae.kind": "search" if self.is_search else "grid", "nvae.storage": self.study_key,
-                "mlflow.note.content": self.study.description}
+        return {"nvae.study": self.study.name, "nvae.preset": self.scale,
+                "nvae.dataset": self.study.dataset_at(self.scale), "nvae.kind": "search" if self.is_search else "grid",
+                "nvae.storage": self.study_key, "mlflow.note.content": self.study.description}
 
     def study_params(self):
         params = {f"levels.{name}": ",".join(levels) for name, levels in self.levels.items()}
@@ -147,7 +149,10 @@ def plan_study(study, settings):
     dataset = study.dataset_at(settings.scale)
     resources = {k: v for k, v in dict(workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_worker,
                                        cpus_per_worker=settings.cpus_per_worker).items() if v is not None}
-    options = run_options(dataset, settings.scale, data_dir=settings.data_dir, download=settings.download,
+    data_dir = settings.data_dir  # absolute: Ray workers do not start in this directory
+    if "://" not in data_dir:
+        data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    options = run_options(dataset, settings.scale, data_dir=data_dir, download=settings.download,
                           storage_path="", **resources)
     for trial in trials:  # precision against device; the dataset's files are checked once below
         dataclasses.replace(options, download=True).validate(trial.config)
@@ -185,27 +190,11 @@ def check_storage(storage_path):
                          "write (e.g. --storage-path ~/nvae-runs) or a reachable s3:// / gs:// URI") from None
 
 
-def read_outcome(plan, key):
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(f"{plan.trials_path}/{key}/{OUTCOME_FILE}")
-    try:
-        with filesystem.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def write_outcome(plan, key, outcome):
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(f"{plan.trials_path}/{key}/{OUTCOME_FILE}")
-    filesystem.create_dir(os.path.dirname(path), recursive=True)
-    with filesystem.open_output_stream(path) as f:
-        f.write(json.dumps(outcome, default=str).encode())
-
-
 def run_trial(config, plan):
     """One Tune trial: train its configuration with Ray Train, forwarding each epoch to Tune.
     The last report carries the outcome (finished, diverged at step S, or failed: error)."""
     key = plan.key_for(config, tune.get_context().get_trial_id())
-    done = read_outcome(plan, key)
+    done = read_outcome(plan.trials_path, key)
     if done is not None:  # finished in an earlier invocation whose Tune state was not saved in time
         tune.report(done)
         return
@@ -216,25 +205,32 @@ def run_trial(config, plan):
         run = summarize(trainer.fit())
     except ray.train.TrainingFailedError as error:
         run = RunResult(status=f"failed: {error}", metrics={})
-    outcome = {**run.metrics, "status": run.status, "samples_path": run.samples_path, "trial_key": key}
-    write_outcome(plan, key, outcome)
+    outcome = {**run.metrics, "status": run.status, "samples_path": run.samples_path, "trial_key": key,
+               "training_hours": sum(m.get("epoch_seconds", 0.0) for m in run.history) / 3600}
+    write_outcome(plan.trials_path, key, outcome)
     tune.report(outcome)
+
+
+class FinalOptunaSearch(OptunaSearch):
+    """Optuna learns a trial's objectives at its end: test bpd exists only then, and ASHA, not an
+    Optuna pruner, judges the epochs in between."""
+
+    def on_trial_result(self, trial_id, result):
+        pass
 
 
 def _tune_config(plan, max_concurrent):
     search = plan.study.search
     if search is None:
         return tune.TuneConfig(max_concurrent_trials=max_concurrent)
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     metrics, modes = list(search.objectives), list(search.objectives.values())
-    searcher = OptunaSearch(metric=metrics if len(metrics) > 1 else metrics[0],
-                            mode=modes if len(modes) > 1 else modes[0], seed=0)
+    searcher = FinalOptunaSearch(metric=metrics if len(metrics) > 1 else metrics[0],
+                                 mode=modes if len(modes) > 1 else modes[0], seed=0)
     scheduler = None
     if search.early_stopping:
-        scheduler = ASHAScheduler(metric="val_bpd", mode="min", max_t=max(t.config.epochs for t in plan.trials),
-                                  grace_period=1, time_attr="training_iteration")
+        # One Tune result per epoch, then the trial's outcome report: epochs + 1 iterations in all.
+        scheduler = ASHAScheduler(metric="val_bpd", mode="min", time_attr="training_iteration", grace_period=1,
+                                  max_t=max(t.config.epochs for t in plan.trials) + 1)
     return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
                            max_concurrent_trials=max_concurrent)
 
@@ -291,7 +287,9 @@ def summary_table(plan, results):
         metrics = result.metrics or {}
         levels = {name: result.config.get(name) for name in plan.levels}
         status = status_of(metrics, "ERROR" if result.error else "TERMINATED")
-        label = tuple(levels.values()) if not plan.is_search else (metrics.get("trial_id", ""),) + tuple(levels.values())
+        label = tuple(levels.values())
+        if plan.is_search:
+            label = (metrics.get("trial_id", ""), *label)
         row = rows.setdefault(label, {"statuses": [], **{c: [] for c in columns}})
         row["statuses"].append(status)
         for c in columns:

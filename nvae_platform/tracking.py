@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from .outcomes import read_outcome
+
 STUDY_KEY_TAG = "nvae.study_key"
 TRIAL_KEY_TAG = "nvae.trial_key"
 STATUS_TAG = "nvae.status"
@@ -116,6 +118,7 @@ class MlflowTracker(tune.Callback):
         self.logged_epochs = {}  # run id -> epochs already logged (a resumed trial re-reports none twice)
         self.closed = set()  # run ids already terminal (done in an earlier invocation)
         self.metric_points = 0
+        self.provenance = provenance_tags()
 
     def __reduce__(self):
         # Tune pickles its callbacks with the experiment and unpickles them on Tuner.restore; the
@@ -139,7 +142,7 @@ class MlflowTracker(tune.Callback):
         else:
             run = self.client.create_run(experiment_id, run_name=self.plan.run_name,
                                          tags={STUDY_KEY_TAG: self.plan.study_key, **self.plan.study_tags(),
-                                               **provenance_tags()})
+                                               **self.provenance})
             self.parent_id = run.info.run_id
             self._log_batch(self.parent_id, params=self.plan.study_params())
         children = self.client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
@@ -155,7 +158,8 @@ class MlflowTracker(tune.Callback):
 
     def _log_batch(self, run_id, metrics=(), params=None, tags=None):
         """One or more MLflow log_batch calls, each within MLflow's limits (100 params or tags)."""
-        items = ([("metrics", m) for m in metrics] + [("params", Param(k, str(v)[:6000])) for k, v in (params or {}).items()]
+        items = ([("metrics", m) for m in metrics]
+                 + [("params", Param(k, str(v)[:6000])) for k, v in (params or {}).items()]
                  + [("tags", RunTag(k, str(v)[:5000])) for k, v in (tags or {}).items()])
         for start in range(0, len(items), 100):
             chunk = items[start:start + 100]
@@ -171,7 +175,7 @@ class MlflowTracker(tune.Callback):
                 self.experiment_id, run_name=key,
                 tags={PARENT_TAG: self.parent_id, TRIAL_KEY_TAG: key, "nvae.seed": seed, STATUS_TAG: "running",
                       "nvae.tune_trial_id": trial.trial_id, **{f"factor.{k}": v for k, v in levels.items()},
-                      **provenance_tags()})
+                      **self.provenance})
             run_id = run.info.run_id
             self.runs[key], self.logged_epochs[run_id] = run_id, set()
             self._log_batch(run_id, params={**cfg.to_dict(), **self.plan.option_params()})
@@ -199,46 +203,44 @@ class MlflowTracker(tune.Callback):
         self._log_batch(run_id, metrics, tags={"nvae.device": result["device"]} if "device" in result else None)
         self.logged_epochs[run_id].add(epoch)
 
-    def _close(self, trial, status, error=""):
-        run_id = self._child(trial)
-        if run_id in self.closed:
-            return
-        result = trial.last_result or {}
+    def _finish(self, run_id, key, result, status, error=""):
+        """Final tags, metrics and sample grid of an ended trial; its run ends FINISHED (FAILED if it failed)."""
         tags = {STATUS_TAG: status}
         if result.get("status") and result["status"] not in ("finished", "running"):
             tags["nvae.status_detail"] = result["status"]
         if error:
             tags["nvae.error"] = error
-        history = self.client.get_metric_history(run_id, "epoch_seconds")
-        final = {"training_hours": sum(m.value for m in history) / 3600}
-        if "time_total_s" in result:
+        final = {k: result[k] for k in ("training_hours",) if isinstance(result.get(k), float)}
+        if "time_total_s" in result:  # the trial's wall time, start-up and evaluation included
             final["wall_hours"] = result["time_total_s"] / 3600
-        now = int(time.time() * 1000)
-        step = int(result.get("epoch", 0) or 0)
+        now, step = int(time.time() * 1000), int(result.get("epoch", 0) or 0)
         self._log_batch(run_id, [Metric(k, v, now, step) for k, v in final.items()], tags=tags)
-        samples = result.get("samples_path")
-        if samples:
+        if result.get("samples_path"):
             with tempfile.TemporaryDirectory() as folder:
                 try:
-                    self.client.log_artifact(run_id, fetch_file(samples, self.plan.storage_path, folder))
-                except (OSError, FileNotFoundError) as err:  # a lost sample grid must not lose the run
+                    self.client.log_artifact(run_id, fetch_file(result["samples_path"], self.plan.storage_path, folder))
+                except OSError as err:  # a lost sample grid must not lose the run
                     self.client.set_tag(run_id, "nvae.samples_error", str(err)[:500])
-        if status != "interrupted":
-            self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
-            self.closed.add(run_id)
+        self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+        self.closed.add(run_id)
         figure = f"  test_bpd {result['test_bpd']:.4f}" if isinstance(result.get("test_bpd"), float) else ""
-        print(f"[study] {self.plan.key_of(trial)}: {result.get('status') or status}{figure}  "
+        print(f"[study] {key}: {result.get('status') or status}{figure}  "
               f"({len(self.closed)}/{self.plan.trial_count} done)", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._close(trial, status_of(trial.last_result, "TERMINATED"))
+        run_id = self._child(trial)
+        if run_id not in self.closed:
+            result = trial.last_result or {}
+            self._finish(run_id, self.plan.key_of(trial), result, status_of(result, "TERMINATED"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._child(trial)
         error = ""
         if trial.error_file and os.path.exists(trial.error_file):
             with open(trial.error_file) as f:
                 error = f.read()[-2000:]
-        self._close(trial, "failed", error)
+        if run_id not in self.closed:
+            self._finish(run_id, self.plan.key_of(trial), trial.last_result or {}, "failed", error)
 
     @property
     def interrupted(self):
@@ -246,13 +248,18 @@ class MlflowTracker(tune.Callback):
         return len(self.closed) < self.plan.trial_count
 
     def close(self):
-        """End the parent run (and any child left running): KILLED if the study was interrupted."""
-        final = "KILLED" if self.interrupted else "FINISHED"
-        for run_id in self.runs.values():
-            if run_id not in self.closed:
+        """End every child still open (from its outcome file if the trial ended while no driver
+        listened, else KILLED), then the parent: KILLED if the study was interrupted."""
+        for key, run_id in self.runs.items():
+            if run_id in self.closed:
+                continue
+            outcome = read_outcome(self.plan.trials_path, key)
+            if outcome is not None:
+                self._finish(run_id, key, outcome, status_of(outcome, "TERMINATED"))
+            else:
                 self.client.set_tag(run_id, STATUS_TAG, "interrupted")
                 self.client.set_terminated(run_id, "KILLED")
-        self.client.set_terminated(self.parent_id, final)
+        self.client.set_terminated(self.parent_id, "KILLED" if self.interrupted else "FINISHED")
 
 
 _ACTIVE = []

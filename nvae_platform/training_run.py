@@ -126,4 +126,5 @@ def run_training(cfg: NVAEConfig, options: RunOptions) -> RunResult:
     return summarize(result)
 
 
-__all__ = ["RunOptions", "RunResult", "init_ray", "make_trainer", "run_training", "storage_uri", "summarize", "CHECKPOINT_FILE"]
+__all__ = ["CHECKPOINT_FILE", "RunOptions", "RunResult", "init_ray", "make_trainer", "run_training", "storage_uri",
+           "summarize"]

@@ -11,7 +11,7 @@ STUDY = Study(
     name="ablation_sr",
     description="spectral regularization lambda in {0, 1e-2, 1e-1} (0 = off)",
     factors=(field_factor("sr_lambda", "sr_lambda", [0.0, 1e-2, 1e-1]),),
-    columns=("test_bpd", "diverged"),
+    columns=("test_bpd",),  # the trials column counts finished and diverged runs
 )
 
 if __name__ == "__main__":

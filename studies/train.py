@@ -17,20 +17,8 @@ import ray
 from nvae_core import ConfigError
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_platform.presets import DATA_FIELDS, SCALES, run_config, run_options
+from nvae_platform.study_cli import parse_value
 from nvae_platform.training_run import init_ray, run_training
-
-
-def parse_value(text):
-    """'3' -> 3, '0.1' -> 0.1, 'true' -> True, anything else stays a string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def main(argv=None):

@@ -29,3 +29,16 @@ def tiny_batch(cfg, batch=4, seed=0):
 def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray on this machine's 2 cores for one test module (imported here, so unit tests stay Ray-free)."""
+    import ray
+
+    from nvae_platform.training_run import init_ray
+
+    ray.shutdown()
+    init_ray(num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()

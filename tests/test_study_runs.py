@@ -13,11 +13,11 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from nvae_platform.study import Factor, Study
+from nvae_platform.study import Factor, Search, Study
 from nvae_platform.study_cli import main
-from nvae_platform.study_runner import OUTCOME_FILE, StudySettings, run_study
+from nvae_platform.outcomes import OUTCOME_FILE
+from nvae_platform.study_runner import StudySettings, run_study
 from nvae_platform.tracking import PARENT_TAG, STUDY_KEY_TAG
-from nvae_platform.training_run import init_ray
 from studies.ablation_norm import STUDY as NORM
 
 EPOCHS = 2
@@ -29,14 +29,6 @@ STUDY = Study(
              Factor("lr", {"1e-2": {"learning_rate": 1e-2}, "1e9": {"learning_rate": 1e9, "warmup_epochs": 0.0}})),
     fixed={"epochs": EPOCHS},
 )
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.shutdown()
-    init_ray(num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +100,27 @@ def test_trials_logging_at_once_lose_no_metric_point(study):
             assert steps == epochs == list(range(EPOCHS)), (key, name)
         total += sum(len(client.get_metric_history(run_id, name)) for name in children[key].data.metrics)
     assert total == outcome.tracker_points
+
+
+def test_an_optuna_search_with_asha_records_every_sampled_trial(local_ray, tmp_path):
+    """Optuna picks levels, ASHA may stop trials on val_bpd; every trial is one finished child run."""
+    search = Study(name="test_search", factors=(
+        Factor("width", {"8": {"num_channels_enc": 8, "num_channels_dec": 8},
+                         "16": {"num_channels_enc": 16, "num_channels_dec": 16}}),
+        Factor("act", {"ELU": {"activation": "elu"}, "Swish": {"activation": "swish"}})),
+        fixed={"epochs": 3}, search=Search(objectives={"test_bpd": "min"}, smoke_samples=3, early_stopping=True))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    outcome = run_study(search, StudySettings(storage_path=str(tmp_path / "runs"), tracking_uri=uri,
+                                              max_concurrent=2))
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("test_search").experiment_id])
+    children = _children(runs)
+    assert len(runs) == 4 and len(children) == 3 and not outcome.interrupted
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["nvae.status"] for r in children.values()} <= {"finished", "stopped early"}
+    assert "finished" in {r.data.tags["nvae.status"] for r in children.values()}
+    for run in children.values():
+        assert run.data.tags["factor.width"] in ("8", "16") and run.data.params["num_channels_enc"] in ("8", "16")
 
 
 def test_resume_after_the_driver_is_killed_reruns_no_finished_trial_and_duplicates_no_run(tmp_path):

@@ -13,7 +13,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from nvae_platform.presets import run_config, run_options
-from nvae_platform.training_run import CHECKPOINT_FILE, init_ray, run_training
+from nvae_platform.training_run import CHECKPOINT_FILE, run_training
 
 EPOCHS = 4
 
@@ -24,14 +24,6 @@ def _options(storage, name, **overrides):
 
 def _final_model(result):
     return torch.load(os.path.join(result.checkpoint_path, CHECKPOINT_FILE), weights_only=False)["model"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.shutdown()
-    init_ray(num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
