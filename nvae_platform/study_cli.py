@@ -8,6 +8,8 @@ from nvae_core.datasets import DatasetNotFoundError
 from .presets import SCALES
 from .study_runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
 
+STUDY_DATA_HINT = " In a study: add --download, or run --preset smoke, which needs no files."
+
 
 def parse_value(text):
     """'3' -> 3, '0.1' -> 0.1, 'true' -> True, anything else stays a string."""
@@ -79,10 +81,17 @@ def main(study, argv=None):
         overrides=overrides, samples=args.samples, address=args.address, num_cpus=args.num_cpus)
     try:  # every check before anything is recorded or trained
         if args.dry_run:
-            print(describe_plan(plan_study(study, settings), args.max_concurrent))
+            plan = plan_study(study, settings, check_data=False)
+            print(describe_plan(plan, args.max_concurrent))
+            try:
+                plan_study(study, settings)
+            except DatasetNotFoundError as error:
+                print(f"  note: {error}{STUDY_DATA_HINT}")
             return 0
         prepared = prepare_study(study, settings)
-    except (ConfigError, ValueError, DatasetNotFoundError) as error:
+    except DatasetNotFoundError as error:
+        parser.error(f"{error}{STUDY_DATA_HINT}")
+    except (ConfigError, ValueError) as error:
         parser.error(str(error))
     outcome = run_study(study, settings, prepared)
     return 130 if outcome.interrupted else 0

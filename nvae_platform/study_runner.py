@@ -137,8 +137,9 @@ class StudyPlan:
         return params
 
 
-def plan_study(study, settings):
-    """Resolve and validate every trial and option; raise ConfigError/ValueError naming the problem."""
+def plan_study(study, settings, check_data=True):
+    """Resolve and validate every trial and option (and that the dataset is there, if check_data);
+    raise ConfigError/ValueError/DatasetNotFoundError naming the problem."""
     if settings.seeds < 1:
         raise ValueError(f"--seeds {settings.seeds}: expected an integer >= 1")
     if study.search is not None and settings.seeds != 1:
@@ -156,7 +157,7 @@ def plan_study(study, settings):
                           storage_path="", **resources)
     for trial in trials:  # precision against device; the dataset's files are checked once below
         dataclasses.replace(options, download=True).validate(trial.config)
-    if not options.download:
+    if check_data and not options.download:
         first = trials[0].config
         check_available(first.dataset, options.data_dir, seed=first.seed, image_size=first.image_size)
     num_samples = 0

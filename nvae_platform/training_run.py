@@ -35,6 +35,7 @@ class RunOptions:
     sample_temperatures: tuple = (1.0, 0.8, 0.6)
     bn_readjust_batches: int = 0
     loader_workers: int = 0
+    train_log_level: str = "WARNING"  # Ray Train's own console logs (its per-report INFO lines are noise here)
     # Fault injection, for tests of the recovery paths (-1 = off).
     debug_nan_at_step: int = -1  # the loss becomes NaN at this step
     debug_kill_at_step: int = -1  # the last rank SIGKILLs itself at this step (first attempt only)
@@ -79,7 +80,8 @@ def make_trainer(cfg, options, callbacks=()):
         run_config=ray.train.RunConfig(
             name=options.name, storage_path=storage_uri(options.storage_path), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=options.checkpoints_to_keep or None)))
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=options.checkpoints_to_keep or None),
+            logging_config=ray.train.LoggingConfig(log_level=options.train_log_level)))
 
 
 def storage_uri(path):

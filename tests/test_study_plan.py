@@ -107,6 +107,7 @@ def test_unwritable_storage_and_unreachable_tracking_are_named(tmp_path):
     (["--tracking-uri", "http://127.0.0.1:9"], "cannot be reached"),
     (["--storage-path", "/proc/version/runs"], "is not writable"),
     (["--seeds", "0"], "--seeds 0: expected an integer >= 1"),
+    (["--preset", "small", "--data-dir", "/nonexistent-data"], "dataset 'cifar10' not found.*add --download"),
 ])
 def test_bad_input_is_a_clear_error_before_anything_starts(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
