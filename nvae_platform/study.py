@@ -54,8 +54,10 @@ class Study:
     smoke_dataset: str = "digits"
     model: str = "cifar10-ablation"
     fixed: dict = field(default_factory=dict)  # overrides every trial shares
-    columns: tuple = ("test_bpd",)  # figures in the closing table
+    columns: tuple = ("test_bpd",)  # figures in the closing table and the report
     search: Search = None
+    across: str = None  # a factor whose levels are the report table's columns (e.g. groups)
+    baseline: dict = None  # {factor: level} of the row the report compares every other row with
 
     def dataset_at(self, scale):
         return self.smoke_dataset if scale == "smoke" else self.dataset

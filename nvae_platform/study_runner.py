@@ -25,6 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from nvae_core import ConfigError
 from nvae_core.datasets import check_available
 
 from .outcomes import read_outcome, write_outcome
@@ -132,6 +133,9 @@ class StudyPlan:
         params.update({"seeds": ",".join(map(str, self.seeds)), "preset": self.scale,
                        "trials": self.trial_count})
         params.update({f"set.{k}": v for k, v in self.overrides.items()})
+        params.update({"factors": ",".join(self.levels), "table.columns": ",".join(self.study.columns),
+                       "table.across": self.study.across or "",
+                       "table.baseline": json.dumps(self.study.baseline or {})})
         if self.is_search:
             params["objectives"] = ",".join(f"{k}:{v}" for k, v in self.study.search.objectives.items())
         return params
@@ -161,6 +165,11 @@ def plan_study(study, settings, check_data=True):
         first = trials[0].config
         check_available(first.dataset, options.data_dir, seed=first.seed, image_size=first.image_size)
     num_samples = 0
+    if study.across is not None:
+        study.factor(study.across)
+    for name, level in (study.baseline or {}).items():
+        if level not in study.factor(name).at(settings.scale):
+            raise ConfigError(f"study {study.name}: baseline {name}={level} is not a level of {name}")
     if study.search is not None:
         num_samples = settings.samples or (study.search.smoke_samples if settings.scale == "smoke"
                                            else study.search.num_samples)

@@ -15,6 +15,7 @@ STUDY = Study(
         field_factor("top_down", "decoder_cell", ["regular", "separable"]),
     ),
     columns=("test_bpd", "training_hours", "peak_memory_gb"),
+    baseline={"bottom_up": "regular", "top_down": "separable"},  # NVAE's choice
 )
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ STUDY = Study(
                             "BN+Swish": dict(normalization="batch_norm", activation="swish")}),
         field_factor("groups", "num_groups_per_scale", [10, 20, 40], smoke_values=[2, 4, 8]),
     ),
-    fixed=dict(num_latent_scales=1),
+    fixed={"num_latent_scales": 1},
+    across="groups",
+    baseline={"norm_act": "BN+Swish"},  # NVAE's choice
 )
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ STUDY = Study(
     ),
     fixed={"num_latent_scales": 1},
     columns=("active_units", "train_kl", "test_bpd"),
+    baseline={"residual_normal": "True"},
 )
 
 if __name__ == "__main__":

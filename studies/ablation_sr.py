@@ -12,6 +12,7 @@ STUDY = Study(
     description="spectral regularization lambda in {0, 1e-2, 1e-1} (0 = off)",
     factors=(field_factor("sr_lambda", "sr_lambda", [0.0, 1e-2, 1e-1]),),
     columns=("test_bpd",),  # the trials column counts finished and diverged runs
+    baseline={"sr_lambda": "0.01"},  # the paper's CIFAR-10 setting
 )
 
 if __name__ == "__main__":

@@ -42,3 +42,32 @@ def local_ray():
     init_ray(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory):
+    """A finished smoke study in a fresh SQLite store, shared by the study, report and UI tests:
+    two activations x a sane and an absurd learning rate (which diverges), all four trials at once
+    (half a CPU per worker), two epochs each. Returns (StudyOutcome, tracking URI)."""
+    import ray
+
+    from nvae_platform.study import Factor, Study
+    from nvae_platform.study_runner import StudySettings, run_study
+    from nvae_platform.training_run import init_ray
+
+    study = Study(
+        name="test_study", description="two activations x a sane and an absurd learning rate",
+        factors=(Factor("act", {"ELU": {"activation": "elu"}, "Swish": {"activation": "swish"}}),
+                 Factor("lr", {"1e-2": {"learning_rate": 1e-2},
+                               "1e9": {"learning_rate": 1e9, "warmup_epochs": 0.0}})),
+        fixed={"epochs": 2}, baseline={"act": "Swish", "lr": "1e-2"})
+    folder = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    ray.shutdown()
+    init_ray(num_cpus=2, log_to_driver=False)
+    try:
+        outcome = run_study(study, StudySettings(storage_path=str(folder / "runs"), tracking_uri=uri,
+                                                 cpus_per_worker=0.5, max_concurrent=4))
+    finally:
+        ray.shutdown()
+    return outcome, uri

@@ -154,3 +154,12 @@ def test_status_of_names_each_outcome():
     assert status_of({"status": "failed: boom"}, "TERMINATED") == "failed"
     assert status_of({"status": "running"}, "ERROR") == "failed"
     assert status_of({"status": "running"}, "TERMINATED") == "stopped early"
+
+
+def test_a_baseline_or_across_that_is_not_a_level_or_factor_is_named():
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="baseline norm_act=BN\\+ReLU is not a level of norm_act"):
+        plan_study(dataclasses.replace(NORM, baseline={"norm_act": "BN+ReLU"}), StudySettings())
+    with pytest.raises(ConfigError, match="unknown factor 'depth'"):
+        plan_study(dataclasses.replace(NORM, across="depth"), StudySettings())

@@ -22,26 +22,14 @@ from studies.ablation_norm import STUDY as NORM
 
 EPOCHS = 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDY = Study(
-    name="test_study",
-    description="two activations x a sane and an absurd learning rate",
-    factors=(Factor("act", {"ELU": {"activation": "elu"}, "Swish": {"activation": "swish"}}),
-             Factor("lr", {"1e-2": {"learning_rate": 1e-2}, "1e9": {"learning_rate": 1e9, "warmup_epochs": 0.0}})),
-    fixed={"epochs": EPOCHS},
-)
 
 
 @pytest.fixture(scope="module")
-def study(local_ray, tmp_path_factory):
-    """All four trials at once (half a CPU per worker), recorded in a fresh SQLite store."""
-    folder = tmp_path_factory.mktemp("study")
-    uri = f"sqlite:///{folder}/mlflow.db"
-    outcome = run_study(STUDY, StudySettings(storage_path=str(folder / "runs"), tracking_uri=uri, cpus_per_worker=0.5,
-                                             max_concurrent=4))
+def study(finished_study):
+    outcome, uri = finished_study
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("test_study")
-    runs = client.search_runs([experiment.experiment_id])
-    return outcome, client, runs
+    return outcome, client, client.search_runs([experiment.experiment_id])
 
 
 def _children(runs):

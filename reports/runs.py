@@ -1,0 +1,83 @@
+"""The runs of a study as pandas, read through MLflow's search: one StudyRuns per study invocation."""
+import json
+from dataclasses import dataclass, field
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+PARENT = "tags.mlflow.parentRunId"
+
+
+class ReportError(ValueError):
+    """A report cannot be built; the message says why and what to do."""
+
+
+@dataclass
+class StudyRuns:
+    """One study invocation (an MLflow parent run) and its trial runs."""
+
+    name: str  # the study's name, e.g. ablation_norm
+    run_name: str  # the parent run's name, e.g. ablation_norm-smoke-cd3630ce
+    parent_id: str
+    preset: str
+    kind: str  # grid or search
+    levels: dict  # factor -> level names, in the study's order
+    columns: list  # metrics of the table
+    across: str = ""  # a factor spread across the table's columns
+    baseline: dict = field(default_factory=dict)
+    objectives: dict = field(default_factory=dict)  # a search's metric -> min/max
+    trials: pd.DataFrame = None  # one row per trial: factor levels, seed, status, run_id, run_name, metrics.*
+
+    @property
+    def factors(self):
+        return list(self.levels)
+
+
+def load_studies(experiment, tracking_uri=None):
+    """Every study invocation recorded in the MLflow experiment, newest first."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ReportError(f"experiment {experiment!r} not found in {client.tracking_uri}; it has: "
+                          f"{', '.join(names) or 'no experiments'}. Pass --tracking-uri for another store.")
+    mlflow.set_tracking_uri(client.tracking_uri)
+    runs = mlflow.search_runs([found.experiment_id], max_results=100000)
+    if runs.empty or PARENT not in runs or runs[PARENT].isna().all():
+        raise ReportError(f"experiment {experiment!r} holds no study runs (no parent run with trial runs); "
+                          "run a study first, e.g. python studies/ablation_norm.py")
+    parents = runs[runs[PARENT].isna() & runs.get("tags.nvae.study").notna()].sort_values("start_time",
+                                                                                          ascending=False)
+    studies = [_study(parent, runs[runs[PARENT] == parent["run_id"]]) for _, parent in parents.iterrows()]
+    studies = [s for s in studies if len(s.trials)]
+    if not studies:
+        raise ReportError(f"experiment {experiment!r} has study runs but none with a trial yet")
+    return studies
+
+
+def _param(row, name, default=""):
+    value = row.get(f"params.{name}")
+    return default if value is None or (isinstance(value, float) and pd.isna(value)) else value
+
+
+def _study(parent, children):
+    levels = {k[len("params.levels."):]: v.split(",") for k, v in parent.items()
+              if k.startswith("params.levels.") and isinstance(v, str)}
+    order = [f for f in _param(parent, "factors").split(",") if f in levels]  # MLflow keeps no param order
+    levels = {f: levels[f] for f in order + sorted(set(levels) - set(order))}
+    objectives = dict(pair.split(":") for pair in _param(parent, "objectives").split(",") if pair)
+    trials = pd.DataFrame({name: children.get(f"tags.factor.{name}") for name in levels})
+    trials["seed"] = children.get("tags.nvae.seed")
+    trials["status"] = children.get("tags.nvae.status").fillna("running")
+    trials["run_id"] = children["run_id"]
+    trials["run_name"] = children.get("tags.mlflow.runName")
+    # metrics keep MLflow's "metrics." prefix: a factor may share a metric's name (lr)
+    trials = pd.concat([trials, children[[c for c in children.columns if c.startswith("metrics.")]]], axis=1)
+    return StudyRuns(
+        name=parent["tags.nvae.study"], run_name=parent.get("tags.mlflow.runName", parent["run_id"]),
+        parent_id=parent["run_id"], preset=parent.get("tags.nvae.preset", ""),
+        kind=parent.get("tags.nvae.kind", "grid"),
+        levels=levels, columns=[c for c in _param(parent, "table.columns", "test_bpd").split(",") if c],
+        across=_param(parent, "table.across"), baseline=json.loads(_param(parent, "table.baseline", "{}")),
+        objectives=objectives, trials=trials.reset_index(drop=True))
