@@ -33,7 +33,7 @@ def _sample_grids(client, study):
             except Exception:  # noqa: BLE001  a run without its grid still has its numbers
                 continue
             with open(path, "rb") as f:
-                grids.append((f"samples of {first['run_name']} (temperatures 1.0, 0.8, 0.6)", f.read()))
+                grids.append((f"samples of {first['run_name']} (temperatures 1.0, 0.8, 0.6)", f.read(), "grid"))
     return grids
 
 

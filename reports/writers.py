@@ -44,17 +44,19 @@ def to_latex(display, caption=""):
     return "\n".join(line for line in lines if line) + "\n"
 
 
-def _image(png_bytes, alt):
+def _image(png_bytes, alt, css_class="plot"):
     data = base64.b64encode(png_bytes).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img class="{css_class}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def to_html(title, sections):
-    """One page; sections: (heading, intro text, display table or None, [(caption, png bytes)])."""
+    """One page; sections: (heading, intro text, display table or None, [(caption, png bytes[, css class])]);
+    class "grid" draws small images (sample grids) large with sharp pixels."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border-bottom:1px solid #ccc;padding:4px 8px;text-align:left}figure{display:inline-block;"
-             "margin:8px}img{max-width:560px}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+             "margin:8px}img.plot{max-width:560px}img.grid{width:400px;image-rendering:pixelated}</style>",
+             f"</head><body><h1>{html.escape(title)}</h1>"]
     for heading, intro, display, images in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2><p>{html.escape(intro)}</p>")
         if display is not None:
@@ -62,7 +64,8 @@ def to_html(title, sections):
             parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
             parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body]
             parts.append("</table>")
-        for caption, png in images:
-            parts.append(f"<figure>{_image(png, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>")
+        for caption, png, *css_class in images:
+            image = _image(png, caption, *css_class)
+            parts.append(f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)
