@@ -51,7 +51,7 @@ def build_parser(study):
     add("--gpus-per-worker", type=float, help="0 trains on CPUs (default: the preset's)")
     add("--cpus-per-worker", type=float, help="default: the preset's")
     add("--max-concurrent", type=int, help="trials running at once (default: as many as the cluster holds)")
-    add("--tracking-uri", help="MLflow store (default: sqlite:///<working dir>/mlflow.db)")
+    add("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db)")
     add("--experiment", help=f"MLflow experiment name (default: {study.name})")
     add("--storage-path", default="runs", help="checkpoints and Tune state: a folder or s3:// gs:// URI")
     add("--data-dir", default="data", help="where datasets live (or are downloaded to with --download)")

@@ -49,7 +49,7 @@ class StudySettings:
     gpus_per_worker: float = None
     cpus_per_worker: float = None
     max_concurrent: int = None  # None: as many trials as the cluster's CPUs/GPUs hold
-    tracking_uri: str = None  # None: ./mlflow.db
+    tracking_uri: str = None  # None: $MLFLOW_TRACKING_URI, else ./mlflow.db
     experiment: str = None  # MLflow experiment; None: the study's name
     storage_path: str = "runs"
     data_dir: str = "data"

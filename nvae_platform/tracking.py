@@ -29,8 +29,9 @@ NOT_METRICS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "ep
 
 
 def default_tracking_uri(folder="."):
-    """A SQLite store in the working directory."""
-    return "sqlite:///" + os.path.abspath(os.path.join(folder, "mlflow.db"))
+    """$MLFLOW_TRACKING_URI if set (as in MLflow itself, and on a cluster), else a SQLite store in
+    the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath(os.path.join(folder, "mlflow.db"))
 
 
 def default_artifact_location(tracking_uri, experiment):

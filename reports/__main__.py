@@ -3,6 +3,8 @@ import argparse
 import os
 import sys
 
+from nvae_platform.tracking import default_tracking_uri
+
 from .build import build_report
 from .runs import ReportError
 
@@ -11,11 +13,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m reports", description=(
         "The paper's table of a study from its MLflow runs: Markdown, CSV, LaTeX, plots and one HTML page."))
     parser.add_argument("experiment", help="MLflow experiment of the study, e.g. ablation_norm")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///<working dir>/mlflow.db)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                                               "sqlite:///<working dir>/mlflow.db)")
     parser.add_argument("--out", default="reports-out", help="folder of the report files (default: reports-out)")
     parser.add_argument("--reference", help="CSV of the paper's values (default: reports/paper_reference.csv)")
     args = parser.parse_args(argv)
-    uri = args.tracking_uri or "sqlite:///" + os.path.abspath("mlflow.db")
+    uri = args.tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
         parser.error(f"no MLflow store at {uri}: run a study here first, or pass --tracking-uri")
     try:

@@ -2,7 +2,6 @@
 import json
 from dataclasses import dataclass, field
 
-import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
@@ -42,18 +41,33 @@ def load_studies(experiment, tracking_uri=None):
         names = sorted(e.name for e in client.search_experiments())
         raise ReportError(f"experiment {experiment!r} not found in {client.tracking_uri}; it has: "
                           f"{', '.join(names) or 'no experiments'}. Pass --tracking-uri for another store.")
-    mlflow.set_tracking_uri(client.tracking_uri)
-    runs = mlflow.search_runs([found.experiment_id], max_results=100000)
-    if runs.empty or PARENT not in runs or runs[PARENT].isna().all():
+    runs = runs_frame(client, found.experiment_id)
+    if runs.empty or PARENT not in runs or "tags.nvae.study" not in runs or runs[PARENT].isna().all():
         raise ReportError(f"experiment {experiment!r} holds no study runs (no parent run with trial runs); "
                           "run a study first, e.g. python studies/ablation_norm.py")
-    parents = runs[runs[PARENT].isna() & runs.get("tags.nvae.study").notna()].sort_values("start_time",
-                                                                                          ascending=False)
+    parents = runs[runs[PARENT].isna() & runs["tags.nvae.study"].notna()].sort_values("start_time", ascending=False)
     studies = [_study(parent, runs[runs[PARENT] == parent["run_id"]]) for _, parent in parents.iterrows()]
     studies = [s for s in studies if len(s.trials)]
     if not studies:
         raise ReportError(f"experiment {experiment!r} has study runs but none with a trial yet")
     return studies
+
+
+def runs_frame(client, experiment_id):
+    """Every run of the experiment as one row: run_id, start_time, status, tags.*, params.*, metrics.*
+    (the columns of mlflow.search_runs, without its side effect of setting the process's tracking URI)."""
+    rows, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=10000, page_token=token)
+        for run in page:
+            row = {"run_id": run.info.run_id, "start_time": run.info.start_time, "status": run.info.status}
+            row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+            row.update({f"params.{k}": v for k, v in run.data.params.items()})
+            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+            rows.append(row)
+        token = page.token
+        if not token:
+            return pd.DataFrame(rows)
 
 
 def _param(row, name, default=""):

@@ -163,3 +163,13 @@ def test_a_baseline_or_across_that_is_not_a_level_or_factor_is_named():
         plan_study(dataclasses.replace(NORM, baseline={"norm_act": "BN+ReLU"}), StudySettings())
     with pytest.raises(ConfigError, match="unknown factor 'depth'"):
         plan_study(dataclasses.replace(NORM, across="depth"), StudySettings())
+
+
+def test_the_default_store_is_mlflows_environment_variable_else_a_sqlite_file_here(monkeypatch, tmp_path):
+    from nvae_platform.tracking import default_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert default_tracking_uri() == "http://mlflow.internal:5000"
