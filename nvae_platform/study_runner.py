@@ -29,6 +29,7 @@ from nvae_core import ConfigError
 from nvae_core.datasets import check_available
 
 from .outcomes import read_outcome, write_outcome
+from .pareto import non_dominated
 from .presets import run_options
 from .study import Study, factor_levels, grid, resolve, trial_key
 from .tracking import MlflowTracker, activate, check_tracking_uri, default_tracking_uri, status_of
@@ -89,12 +90,8 @@ class StudyPlan:
         return self.num_samples if self.is_search else len(self.trials)
 
     @property
-    def run_name(self):
-        return self.experiment_dir
-
-    @property
     def trials_path(self):
-        return f"{self.storage_path}/{self.experiment_dir}/trials"
+        return f"{self.study_key}/trials"
 
     def param_space(self):
         if self.is_search:
@@ -102,18 +99,20 @@ class StudyPlan:
         return {**{name: tune.grid_search(levels) for name, levels in self.levels.items()},
                 "seed": tune.grid_search(self.seeds)}
 
+    def levels_and_seed(self, config):
+        """({factor: level}, seed) of a Tune trial config."""
+        return {name: config[name] for name in self.levels}, config.get("seed", self.seeds[0])
+
     def describe_config(self, config):
         """(levels, seed, NVAEConfig) of a Tune trial config."""
-        levels = {name: config[name] for name in self.levels}
-        seed = config.get("seed", self.seeds[0])
+        levels, seed = self.levels_and_seed(config)
         return levels, seed, resolve(self.study, self.scale, levels, seed, self.overrides)
 
     def describe(self, trial):
         return self.describe_config(trial.config)
 
     def key_for(self, config, trial_id):
-        levels, seed = {name: config[name] for name in self.levels}, config.get("seed", self.seeds[0])
-        key = trial_key(levels, seed)
+        key = trial_key(*self.levels_and_seed(config))
         return f"{trial_id},{key}" if self.is_search else key  # a search may sample a level set twice
 
     def key_of(self, trial):
@@ -291,8 +290,7 @@ def summary_table(plan, results):
     columns = list(plan.study.columns)
     rows = {}
     order = {key: i for i, key in enumerate(t.key for t in plan.trials)}
-    results = sorted(results, key=lambda r: order.get(trial_key({n: r.config.get(n) for n in plan.levels},
-                                                                r.config.get("seed", plan.seeds[0])), 0))
+    results = sorted(results, key=lambda r: order.get(trial_key(*plan.levels_and_seed(r.config)), 0))
     for result in results:
         metrics = result.metrics or {}
         levels = {name: result.config.get(name) for name in plan.levels}
@@ -323,15 +321,9 @@ def _mean_sd(values):
 
 
 def pareto_front(results, objectives):
-    """The finished results no other finished result beats on every objective."""
-    sign = {k: 1 if mode == "min" else -1 for k, mode in objectives.items()}
-    done = [r for r in results if all(isinstance((r.metrics or {}).get(k), (int, float)) for k in objectives)]
-
-    def dominates(a, b):
-        pairs = [(sign[k] * a.metrics[k], sign[k] * b.metrics[k]) for k in objectives]
-        return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
-
-    return [r for r in done if not any(dominates(o, r) for o in done if o is not r)]
+    """The finished Tune results no other finished result beats on every objective."""
+    front = non_dominated([r.metrics or {} for r in results], objectives)
+    return [r for r in results if any(r.metrics is m for m in front)]
 
 
 @dataclass
@@ -370,7 +362,7 @@ def run_study(study, settings, prepared=None):
     # A trial reports test_bpd only with its last epoch; Tune otherwise rejects a search's earlier reports.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), TRIAL_DRIVER_RESOURCES)
-    path = f"{plan.storage_path}/{plan.experiment_dir}"
+    path = plan.study_key  # the Tune experiment folder
     if tune.Tuner.can_restore(path):
         print(f"[study] resuming {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)

@@ -141,7 +141,7 @@ class MlflowTracker(tune.Callback):
             self.parent_id = found[0].info.run_id
             self.client.update_run(self.parent_id, status="RUNNING")
         else:
-            run = self.client.create_run(experiment_id, run_name=self.plan.run_name,
+            run = self.client.create_run(experiment_id, run_name=self.plan.experiment_dir,
                                          tags={STUDY_KEY_TAG: self.plan.study_key, **self.plan.study_tags(),
                                                **self.provenance})
             self.parent_id = run.info.run_id

@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 import numpy as np  # noqa: E402
 
+from nvae_platform.pareto import non_dominated  # noqa: E402
+
 
 def _png(figure):
     buffer = io.BytesIO()
@@ -85,11 +87,9 @@ def pareto_front(trials, objectives):
     done = trials[(trials["status"] == "finished")].dropna(subset=columns)
     if done.empty:
         return None
-    sx, sy = (1 if x_mode == "min" else -1), (1 if y_mode == "min" else -1)
     points = done[columns].to_numpy(dtype=float)
-    front = [p for p in points if not any((sx * q[0] <= sx * p[0] and sy * q[1] <= sy * p[1]) and
-                                          (sx * q[0] < sx * p[0] or sy * q[1] < sy * p[1]) for q in points)]
-    front = np.array(sorted(front, key=lambda p: p[0]))
+    rows = [{x_name: float(x), y_name: float(y)} for x, y in points]
+    front = np.array(sorted((r[x_name], r[y_name]) for r in non_dominated(rows, {x_name: x_mode, y_name: y_mode})))
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.scatter(points[:, 0], points[:, 1], color="0.6", label="trials")
     axes.plot(front[:, 0], front[:, 1], "o-", color="C3", label="Pareto front")
