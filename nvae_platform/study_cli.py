@@ -5,6 +5,7 @@ import sys
 from nvae_core import ConfigError
 from nvae_core.datasets import DatasetNotFoundError
 
+from .defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path
 from .presets import SCALES
 from .study_runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
 
@@ -41,7 +42,7 @@ def build_parser(study):
             f"{f.name} in {{{', '.join(f.levels)}}}" + (f" (smoke: {{{', '.join(f.smoke_levels)}}})"
                                                         if f.smoke_levels else "") for f in study.factors),
         epilog="Re-running the same command resumes an interrupted study. Results: MLflow (./mlflow.db unless "
-               "--tracking-uri) and checkpoints under --storage-path.")
+               "--tracking-uri or $MLFLOW_TRACKING_URI) and checkpoints under --storage-path.")
     add = parser.add_argument
     add("--preset", default="smoke", choices=SCALES,
         help="smoke: offline data, tiny model, minutes on a CPU; small: CIFAR-10, one GPU per trial; "
@@ -53,16 +54,19 @@ def build_parser(study):
     add("--max-concurrent", type=int, help="trials running at once (default: as many as the cluster holds)")
     add("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db)")
     add("--experiment", help=f"MLflow experiment name (default: {study.name})")
-    add("--storage-path", default="runs", help="checkpoints and Tune state: a folder or s3:// gs:// URI")
-    add("--data-dir", default="data", help="where datasets live (or are downloaded to with --download)")
+    add("--storage-path", default=default_storage_path(),
+        help=f"checkpoints and Tune state: a folder or s3:// gs:// URI (default: ${STORAGE_ENV}, else runs)")
+    add("--data-dir", default=default_data_dir(),
+        help=f"where datasets live, or are downloaded to with --download (default: ${DATA_ENV}, else data)")
     add("--download", action="store_true", help="download a missing dataset")
     add("--levels", action="append", default=[], metavar="FACTOR=L1,L2",
         help="run only these levels of a factor, e.g. --levels groups=10,20")
     add("--set", action="append", default=[], metavar="FIELD=VALUE",
         help="override an NVAEConfig field in every trial, e.g. --set epochs=50")
     add("--samples", type=int, help="trials of a search (default: the study's)")
-    add("--address", help="Ray cluster to join, e.g. auto (default: start a local Ray)")
-    add("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    add("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a cluster started on this machine "
+                          "with `ray start`, else a new local Ray)")
+    add("--num-cpus", type=int, help="CPUs of a new local Ray (default: all)")
     add("--dry-run", action="store_true", help="print the trials and their resources; start nothing")
     return parser
 

@@ -28,6 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 from nvae_core import ConfigError
 from nvae_core.datasets import check_available
 
+from .defaults import default_data_dir, default_storage_path
 from .outcomes import read_outcome, write_outcome
 from .pareto import non_dominated
 from .presets import run_options
@@ -38,6 +39,11 @@ from .training_run import RunOptions, RunResult, init_ray, make_trainer, storage
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
 # workers, and reserves the memory it does use (Ray rejects an empty request).
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 512 * 2**20}
+# A cluster's head advertises this resource (cluster.yaml) so that trial processes, and with them
+# the Train controllers that Ray keeps on their node, stay on a node that is never scaled down or
+# preempted; a lost GPU node then costs its workers only, which resume from the last checkpoint.
+TRIAL_DRIVER_RESOURCE = "nvae_trial_driver"
+TRIAL_RETRIES = 2  # a trial whose own process is lost (its node died) restarts, resuming its Train run
 
 
 @dataclass
@@ -52,13 +58,13 @@ class StudySettings:
     max_concurrent: int = None  # None: as many trials as the cluster's CPUs/GPUs hold
     tracking_uri: str = None  # None: $MLFLOW_TRACKING_URI, else ./mlflow.db
     experiment: str = None  # MLflow experiment; None: the study's name
-    storage_path: str = "runs"
-    data_dir: str = "data"
+    storage_path: str = field(default_factory=default_storage_path)  # $NVAE_STORAGE_PATH, else ./runs
+    data_dir: str = field(default_factory=default_data_dir)  # $NVAE_DATA_DIR, else ./data
     download: bool = False
     levels: dict = field(default_factory=dict)  # factor -> level names to keep
     overrides: dict = field(default_factory=dict)  # NVAEConfig fields every trial shares
     samples: int = None  # trials of a search; None: the study's
-    address: str = None  # Ray cluster; None: start a local one
+    address: str = None  # Ray cluster; None: $RAY_ADDRESS or one started on this machine, else a local Ray
     num_cpus: int = None  # CPUs of a local Ray
 
 
@@ -244,20 +250,29 @@ def _tune_config(plan, max_concurrent):
                            max_concurrent_trials=max_concurrent)
 
 
-def _check_resources(plan, settings):
-    """Refuse a trial the local Ray can never schedule; return the default concurrency."""
+def trial_driver_resources():
+    """What each trial's own process reserves: pinned to the nodes advertising TRIAL_DRIVER_RESOURCE
+    when the cluster has any."""
+    if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) >= 1:
+        return {**TRIAL_DRIVER_RESOURCES, TRIAL_DRIVER_RESOURCE: 1}
+    return dict(TRIAL_DRIVER_RESOURCES)
+
+
+def _check_resources(plan, settings, joined):
+    """Refuse a trial the local Ray can never schedule; return the default concurrency (on a
+    cluster, unlimited: pending trials are the demand its autoscaler grows from)."""
     opts, have = plan.options, ray.cluster_resources()
     need = {"CPU": opts.workers * opts.cpus_per_worker, "GPU": opts.workers * opts.gpus_per_worker}
     for kind, amount in need.items():
         if amount > have.get(kind, 0):
             message = (f"one trial needs {amount:g} {kind}(s) ({opts.workers} worker(s) x "
                        f"{amount / opts.workers:g}) and the Ray cluster has {have.get(kind, 0):g}")
-            if settings.address is None:  # a local Ray cannot grow
+            if not joined:  # a local Ray cannot grow
                 hint = ("add --gpus-per-worker 0 to train on CPUs" if kind == "GPU"
                         else "lower --workers-per-trial or --cpus-per-worker")
                 raise ValueError(f"{message}: {hint}, or --address to join a larger cluster")
             print(f"[study] warning: {message}; trials wait for the autoscaler", flush=True)
-    if settings.max_concurrent:
+    if settings.max_concurrent or joined:
         return settings.max_concurrent
     fits = [have.get(kind, 0) // amount for kind, amount in need.items() if amount > 0]
     return max(1, int(min(fits))) if fits else 1
@@ -343,9 +358,9 @@ def prepare_study(study, settings):
     plan = plan_study(study, settings)
     check_storage(plan.storage_path)
     check_tracking_uri(settings.tracking_uri or default_tracking_uri())
-    init_ray(settings.address, num_cpus=settings.num_cpus)
+    joined = init_ray(settings.address, num_cpus=settings.num_cpus)
     try:
-        return plan, _check_resources(plan, settings)
+        return plan, _check_resources(plan, settings, joined)
     except ValueError:
         ray.shutdown()
         raise
@@ -361,7 +376,7 @@ def run_study(study, settings, prepared=None):
     tracker = activate(MlflowTracker(plan, tracking_uri, settings.experiment or study.name).open())
     # A trial reports test_bpd only with its last epoch; Tune otherwise rejects a search's earlier reports.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), TRIAL_DRIVER_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_driver_resources())
     path = plan.study_key  # the Tune experiment folder
     if tune.Tuner.can_restore(path):
         print(f"[study] resuming {path}", flush=True)
@@ -369,7 +384,8 @@ def run_study(study, settings, prepared=None):
     else:
         tuner = tune.Tuner(trainable, param_space=plan.param_space(), tune_config=_tune_config(plan, max_concurrent),
                            run_config=tune.RunConfig(name=plan.experiment_dir, storage_path=plan.storage_path,
-                                                     callbacks=[tracker], verbose=0))
+                                                     callbacks=[tracker], verbose=0,
+                                                     failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
     try:
         grid_results = tuner.fit()
     except BaseException:

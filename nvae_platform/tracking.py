@@ -24,6 +24,7 @@ from .outcomes import read_outcome
 STUDY_KEY_TAG = "nvae.study_key"
 TRIAL_KEY_TAG = "nvae.trial_key"
 STATUS_TAG = "nvae.status"
+NODES_TAG = "nvae.nodes"
 PARENT_TAG = "mlflow.parentRunId"
 NOT_METRICS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "epoch", "should_checkpoint"}
 
@@ -55,6 +56,11 @@ def check_tracking_uri(tracking_uri):
         MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as error:  # any failure here means no study can be recorded
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        if "error code 401" in str(error) or "error code 403" in str(error):  # a server with authentication
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            fix = (f"check MLFLOW_TRACKING_PASSWORD, and that user {user!r} may write experiments" if user
+                   else "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+            raise ValueError(f"--tracking-uri {tracking_uri} refused the request ({first}): {fix}") from None
         raise ValueError(f"--tracking-uri {tracking_uri} cannot be reached ({first}); start the MLflow "
                          "server, fix the URI, or omit --tracking-uri for a SQLite store in this folder") from None
     finally:
@@ -118,6 +124,7 @@ class MlflowTracker(tune.Callback):
         self.runs = {}  # trial key -> MLflow run id
         self.logged_epochs = {}  # run id -> epochs already logged (a resumed trial re-reports none twice)
         self.closed = set()  # run ids already terminal (done in an earlier invocation)
+        self.nodes = {}  # run id -> Ray node ids its workers ran on (a recovered trial may move)
         self.metric_points = 0
         self.provenance = provenance_tags()
 
@@ -153,6 +160,7 @@ class MlflowTracker(tune.Callback):
             self.runs[key] = run.info.run_id
             history = self.client.get_metric_history(run.info.run_id, "train_bpd")
             self.logged_epochs[run.info.run_id] = {m.step for m in history}
+            self.nodes[run.info.run_id] = set(filter(None, run.data.tags.get(NODES_TAG, "").split(",")))
             if run.info.status == "FINISHED" or run.info.status == "FAILED":
                 self.closed.add(run.info.run_id)
         return self
@@ -172,13 +180,13 @@ class MlflowTracker(tune.Callback):
         key = self.plan.key_of(trial)
         if key not in self.runs:
             levels, seed, cfg = self.plan.describe(trial)
-            run = self.client.create_run(
-                self.experiment_id, run_name=key,
-                tags={PARENT_TAG: self.parent_id, TRIAL_KEY_TAG: key, "nvae.seed": seed, STATUS_TAG: "running",
-                      "nvae.tune_trial_id": trial.trial_id, **{f"factor.{k}": v for k, v in levels.items()},
-                      **self.provenance})
+            tags = {PARENT_TAG: self.parent_id, TRIAL_KEY_TAG: key, "nvae.seed": seed, STATUS_TAG: "running",
+                    "nvae.tune_trial_id": trial.trial_id, **{f"factor.{k}": v for k, v in levels.items()},
+                    **self.provenance}
+            # A tracking server takes string tags only (a SQLite store converts them itself).
+            run = self.client.create_run(self.experiment_id, run_name=key, tags={k: str(v) for k, v in tags.items()})
             run_id = run.info.run_id
-            self.runs[key], self.logged_epochs[run_id] = run_id, set()
+            self.runs[key], self.logged_epochs[run_id], self.nodes[run_id] = run_id, set(), set()
             self._log_batch(run_id, params={**cfg.to_dict(), **self.plan.option_params()})
             with tempfile.TemporaryDirectory() as folder:
                 path = os.path.join(folder, "config.json")
@@ -201,7 +209,11 @@ class MlflowTracker(tune.Callback):
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(epoch)) for k, v in result.items()
                    if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        self._log_batch(run_id, metrics, tags={"nvae.device": result["device"]} if "device" in result else None)
+        tags = {"nvae.device": result["device"]} if "device" in result else {}
+        if result.get("nodes"):
+            self.nodes[run_id].update(result["nodes"].split(","))
+            tags[NODES_TAG] = ",".join(sorted(self.nodes[run_id]))
+        self._log_batch(run_id, metrics, tags=tags)
         self.logged_epochs[run_id].add(epoch)
 
     def _finish(self, run_id, key, result, status, error=""):

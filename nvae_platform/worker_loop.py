@@ -195,11 +195,10 @@ def train_loop_per_worker(config):
     num_params = sum(p.numel() for p in core.parameters())
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     resumed = start_epoch > 0
-    worker_nodes = 1
+    nodes = [ray.get_runtime_context().get_node_id()] * world
     if world > 1:
-        nodes = [None] * world
-        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-        worker_nodes = len(set(nodes))
+        dist.all_gather_object(nodes, nodes[0])
+    nodes = sorted(set(nodes))  # the Ray nodes this attempt's workers run on
 
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
@@ -239,7 +238,7 @@ def train_loop_per_worker(config):
                        peak_memory_gb=_peak_memory_gb(device),
                        val_bpd=_evaluate_nelbo(model, test_loader, cfg, device, seed=cfg.seed + 7))
         metrics["replica_param_spread"], metrics["replica_bn_spread"] = _replica_spread(core)
-        metrics["worker_nodes"] = worker_nodes
+        metrics.update(worker_nodes=len(nodes), nodes=",".join(nodes), start_epoch=start_epoch)
         last = epoch == cfg.epochs - 1
         files = []
         if last:

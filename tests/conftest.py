@@ -71,3 +71,96 @@ def finished_study(tmp_path_factory):
     finally:
         ray.shutdown()
     return outcome, uri
+
+
+def free_port():
+    """A TCP port on loopback that nothing listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url, process, log_path, seconds=90):
+    """Wait until url answers (any HTTP status); fail with the server's log if process exits first."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.time() > deadline or process.poll() is not None:
+                process.kill()
+                with open(log_path) as f:
+                    pytest.fail(f"{url} did not come up:\n{f.read()[-3000:]}")
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL (Debian's) on a loopback port, with the databases cluster/create_databases.sql
+    creates on a cluster's head. Returns (host:port, password) of the role `mlflow`."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[-3]))
+    if not versions or not shutil.which("psql"):
+        pytest.skip("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
+    bin_dir = os.path.dirname(versions[-1])
+    # PostgreSQL refuses to run as root: as root, run it as the postgres user in a folder it owns.
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = tempfile.mkdtemp(prefix="nvae-pg-")
+    os.chmod(folder, 0o755)
+    data = os.path.join(folder, "data")
+    if as_owner:
+        shutil.chown(folder, "postgres", "postgres")
+    port, password = free_port(), "test-db-password"
+    subprocess.run(as_owner + [f"{bin_dir}/initdb", "-D", data, "-U", "postgres", "--auth-local=trust",
+                               "--auth-host=scram-sha-256"], check=True, capture_output=True)
+    subprocess.run(as_owner + [f"{bin_dir}/pg_ctl", "-D", data, "-l", f"{folder}/log", "-w", "start", "-o",
+                               f"-c listen_addresses=127.0.0.1 -p {port} -k {folder}"], check=True, capture_output=True)
+    try:
+        with open("cluster/create_databases.sql") as sql:
+            subprocess.run(as_owner + ["psql", "-q", "-v", "ON_ERROR_STOP=1", "-v", f"password={password}",
+                                       "-h", folder, "-p", str(port), "-U", "postgres"],
+                           stdin=sql, check=True, capture_output=True)
+        yield f"127.0.0.1:{port}", password
+    finally:
+        subprocess.run(as_owner + [f"{bin_dir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres, tmp_path_factory):
+    """The cluster's MLflow tracking server (python -m nvae_platform.tracking_server) on PostgreSQL,
+    with basic auth, on a loopback port. Returns (url, admin username, admin password, artifacts folder)."""
+    import os
+    import subprocess
+    import sys
+
+    address, db_password = postgres
+    folder = tmp_path_factory.mktemp("tracking-server")
+    port, admin_password = free_port(), "test-admin-password"
+    env = dict(os.environ, PGPASSWORD=db_password, MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+               MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key")
+    log = folder / "server.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "nvae_platform.tracking_server", "--backend-store-uri",
+         f"postgresql://mlflow@{address}/mlflow", "--auth-database-uri", f"postgresql://mlflow@{address}/mlflow_auth",
+         "--artifacts-destination", str(folder / "artifacts"), "--port", str(port), "--config-dir", str(folder)],
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/health", server, log)
+    yield url, "admin", admin_password, folder / "artifacts"
+    server.terminate()
+    server.wait(timeout=30)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Head-node services of cluster.yaml and cluster-local.yaml, run by `ray up` (idempotent):
+# PostgreSQL with the MLflow databases, generated secrets, and ~/.nvae/cluster.env, the
+# environment every command on the head reads (storage, tracking server, credentials).
+#   bash cluster/setup_head.sh STORAGE   (s3://bucket/prefix, or a folder every node mounts)
+set -euo pipefail
+STORAGE=${1:?usage: setup_head.sh STORAGE (s3://bucket/prefix, or a folder every node mounts)}
+HERE=$(cd "$(dirname "$0")" && pwd)
+mkdir -p ~/.nvae && chmod 700 ~/.nvae
+
+if ! command -v psql >/dev/null; then
+    sudo apt-get update -qq
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+fi
+sudo systemctl enable --now postgresql   # listens on loopback only (Debian's default)
+
+if [ ! -f ~/.nvae/secrets.env ]; then
+    (umask 077; cat > ~/.nvae/secrets.env <<SECRETS
+export PGPASSWORD=$(openssl rand -hex 16)
+export MLFLOW_AUTH_ADMIN_PASSWORD=$(openssl rand -hex 16)
+export MLFLOW_FLASK_SERVER_SECRET_KEY=$(openssl rand -hex 32)
+SECRETS
+    )
+fi
+. ~/.nvae/secrets.env
+sudo -u postgres psql -q -v ON_ERROR_STOP=1 -v password="$PGPASSWORD" < "$HERE/create_databases.sql"
+
+(umask 077; cat > ~/.nvae/cluster.env <<ENV
+. ~/.nvae/secrets.env
+export NVAE_STORAGE_PATH=$STORAGE
+export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+export MLFLOW_TRACKING_USERNAME=admin
+export MLFLOW_TRACKING_PASSWORD=\$MLFLOW_AUTH_ADMIN_PASSWORD
+ENV
+)
+grep -q '.nvae/cluster.env' ~/.bashrc || echo '[ -f ~/.nvae/cluster.env ] && . ~/.nvae/cluster.env' >> ~/.bashrc

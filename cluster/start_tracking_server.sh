@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# (Re)start the MLflow tracking server on the head, on 127.0.0.1:5000, after cluster/setup_head.sh.
+# Runs in PostgreSQL (password from PGPASSWORD, never on the command line), artifacts under
+# $NVAE_STORAGE_PATH/mlartifacts; log in ~/.nvae/mlflow-server.log.
+set -euo pipefail
+. ~/.nvae/cluster.env
+pkill -f "mlflow server --app-name basic-auth" || true
+DB=postgresql://mlflow@127.0.0.1:5432
+setsid nohup python -m nvae_platform.tracking_server --backend-store-uri "$DB/mlflow" \
+    --auth-database-uri "$DB/mlflow_auth" --artifacts-destination "$NVAE_STORAGE_PATH/mlartifacts" \
+    --port 5000 >> ~/.nvae/mlflow-server.log 2>&1 < /dev/null &
+for _ in $(seq 60); do
+    curl -fs http://127.0.0.1:5000/health >/dev/null && { echo "MLflow server up on 127.0.0.1:5000"; exit 0; }
+    sleep 1
+done
+tail -n 30 ~/.nvae/mlflow-server.log
+echo "the MLflow server did not start; its log is ~/.nvae/mlflow-server.log" >&2
+exit 1
