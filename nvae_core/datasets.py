@@ -201,6 +201,7 @@ _ON_DISK = {
     "celeba64": ("celeba", ("img_align_celeba",) + _CELEBA_LISTS,
                  "celeba/ with img_align_celeba/ (the aligned jpgs) and " + ", ".join(_CELEBA_LISTS)),
 }
+DOWNLOADABLE = tuple(_ON_DISK)  # the sets torchvision downloads into data_dir
 _WAYS_OUT = "or use an offline set that needs no files: --dataset digits or --dataset photo-patches"
 
 

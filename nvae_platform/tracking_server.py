@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 
-
 SECRETS = ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
 
 

@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny configurations that build and run in milliseconds on a CPU."""
+"""Shared fixtures: tiny configurations that build and run in milliseconds on a CPU, a finished smoke
+study, and the services a cluster's head runs (PostgreSQL, the MLflow tracking server)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -106,7 +109,8 @@ def wait_for_http(url, process, log_path, seconds=90):
 @pytest.fixture(scope="session")
 def postgres():
     """A real PostgreSQL (Debian's) on a loopback port, with the databases cluster/create_databases.sql
-    creates on a cluster's head. Returns (host:port, password) of the role `mlflow`."""
+    creates on a cluster's head: .address (host:port), .password of the role `mlflow`, and
+    .create_databases() to run that SQL again."""
     import glob
     import os
     import shutil
@@ -129,12 +133,18 @@ def postgres():
                                "--auth-host=scram-sha-256"], check=True, capture_output=True)
     subprocess.run(as_owner + [f"{bin_dir}/pg_ctl", "-D", data, "-l", f"{folder}/log", "-w", "start", "-o",
                                f"-c listen_addresses=127.0.0.1 -p {port} -k {folder}"], check=True, capture_output=True)
+
+    def create_databases():
+        """cluster/create_databases.sql as the head runs it: psql as the superuser."""
+        with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "cluster/create_databases.sql")) as sql:
+            return subprocess.run(as_owner + ["psql", "-q", "-v", "ON_ERROR_STOP=1", "-v", f"password={password}",
+                                              "-h", folder, "-p", str(port), "-U", "postgres"],
+                                  stdin=sql, capture_output=True, text=True)
+
     try:
-        with open("cluster/create_databases.sql") as sql:
-            subprocess.run(as_owner + ["psql", "-q", "-v", "ON_ERROR_STOP=1", "-v", f"password={password}",
-                                       "-h", folder, "-p", str(port), "-U", "postgres"],
-                           stdin=sql, check=True, capture_output=True)
-        yield f"127.0.0.1:{port}", password
+        created = create_databases()
+        assert created.returncode == 0, created.stderr
+        yield SimpleNamespace(address=f"127.0.0.1:{port}", password=password, create_databases=create_databases)
     finally:
         subprocess.run(as_owner + [f"{bin_dir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
@@ -148,7 +158,7 @@ def tracking_server(postgres, tmp_path_factory):
     import subprocess
     import sys
 
-    address, db_password = postgres
+    address, db_password = postgres.address, postgres.password
     folder = tmp_path_factory.mktemp("tracking-server")
     port, admin_password = free_port(), "test-admin-password"
     env = dict(os.environ, PGPASSWORD=db_password, MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,

@@ -235,10 +235,10 @@ def test_bernoulli_probabilities_sum_to_one_and_match_hand_computation():
     p0 = dist.log_prob(torch.zeros_like(logits)).double().exp()
     p1 = dist.log_prob(torch.ones_like(logits)).double().exp()
     assert torch.allclose(p0 + p1, torch.ones_like(p0), atol=1e-6)
-    for l, x in [(-2.5, 1.0), (-2.5, 0.0), (0.7, 1.0), (3.0, 0.0), (25.0, 0.0), (-30.0, 1.0)]:
-        hand = math.log(1 / (1 + math.exp(-l))) if x == 1.0 else math.log(1 / (1 + math.exp(l)))
-        got = Bernoulli(torch.tensor([l])).log_prob(torch.tensor([x])).item()
-        assert math.isclose(got, hand, rel_tol=1e-5, abs_tol=1e-6), (l, x, got, hand)
+    for logit, x in [(-2.5, 1.0), (-2.5, 0.0), (0.7, 1.0), (3.0, 0.0), (25.0, 0.0), (-30.0, 1.0)]:
+        hand = math.log(1 / (1 + math.exp(-logit))) if x == 1.0 else math.log(1 / (1 + math.exp(logit)))
+        got = Bernoulli(torch.tensor([logit])).log_prob(torch.tensor([x])).item()
+        assert math.isclose(got, hand, rel_tol=1e-5, abs_tol=1e-6), (logit, x, got, hand)
     assert torch.allclose(dist.mean(), torch.sigmoid(logits))
 
 

@@ -1,0 +1,93 @@
+"""The tracking server as a cluster's head runs it (python -m nvae_platform.tracking_server):
+PostgreSQL behind it, MLflow's basic-auth app in front. Without valid credentials nothing is served,
+and a study pointed at it without them stops before it starts anything."""
+import base64
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+from mlflow.tracking import MlflowClient
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _status(url, credentials=None):
+    request = urllib.request.Request(url)
+    if credentials:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(credentials).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_requests_without_valid_credentials_are_refused(tracking_server):
+    url, user, password, _ = tracking_server
+    for path in ("/api/2.0/mlflow/experiments/search?max_results=1", "/api/2.0/mlflow-artifacts/artifacts", "/"):
+        assert _status(url + path) == 401, path
+        assert _status(url + path, (user, "not-the-password")) == 401, path
+        assert _status(url + path, ("nobody", password)) == 401, path
+    assert _status(url + "/api/2.0/mlflow/experiments/search?max_results=1", (user, password)) == 200
+
+
+def _study(tmp_path, url, **credentials):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env.update(MLFLOW_TRACKING_URI=url, **credentials)
+    return subprocess.run([sys.executable, "studies/ablation_sr.py", "--experiment", "refused-study",
+                           "--storage-path", str(tmp_path / "runs")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_study_without_credentials_stops_before_it_starts_naming_the_fix(tracking_server, tmp_path):
+    url, user, password, _ = tracking_server
+    anonymous = _study(tmp_path, url)
+    assert anonymous.returncode == 2
+    assert "refused the request" in anonymous.stderr
+    assert "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in anonymous.stderr
+    wrong = _study(tmp_path, url, MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD="wrong")
+    assert wrong.returncode == 2 and "check MLFLOW_TRACKING_PASSWORD" in wrong.stderr
+    assert "Started a local Ray" not in anonymous.stderr + wrong.stderr
+    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
+    try:
+        assert MlflowClient(url).get_experiment_by_name("refused-study") is None  # nothing was recorded
+    finally:
+        del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+
+
+def _server(*args, **env):
+    return subprocess.run([sys.executable, "-m", "nvae_platform.tracking_server", *args], cwd=REPO,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_the_server_command_checks_its_secrets_and_databases_first(postgres, tmp_path):
+    address = postgres.address
+    uris = ["--backend-store-uri", f"postgresql://mlflow@{address}/mlflow", "--auth-database-uri",
+            f"postgresql://mlflow@{address}/mlflow_auth", "--artifacts-destination", str(tmp_path)]
+    no_secrets = _server(*uris, MLFLOW_AUTH_ADMIN_PASSWORD="", MLFLOW_FLASK_SERVER_SECRET_KEY="")
+    assert no_secrets.returncode == 2
+    assert "set MLFLOW_AUTH_ADMIN_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY" in no_secrets.stderr
+    bad_password = _server(*uris, "--config-dir", str(tmp_path), PGPASSWORD="wrong",
+                           MLFLOW_AUTH_ADMIN_PASSWORD="x" * 12, MLFLOW_FLASK_SERVER_SECRET_KEY="k")
+    assert bad_password.returncode == 2
+    assert "--backend-store-uri postgresql://mlflow@" in bad_password.stderr and "cannot connect" in bad_password.stderr
+    assert "password authentication failed" in bad_password.stderr
+
+
+def test_creating_the_databases_again_changes_nothing(postgres, tracking_server):
+    """`ray up` re-runs the head's setup on a head whose server has already created its tables."""
+    import psycopg
+
+    host, port = postgres.address.split(":")
+
+    def tables():
+        with psycopg.connect(host=host, port=port, user="mlflow", password=postgres.password,
+                             dbname="mlflow") as connection:
+            return connection.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()[0]
+
+    before = tables()
+    rerun = postgres.create_databases()
+    assert rerun.returncode == 0, rerun.stderr
+    assert before > 10 and tables() == before
