@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Head-node services of cluster.yaml and cluster-local.yaml, run by `ray up` (idempotent):
-# PostgreSQL with the MLflow databases, generated secrets, and ~/.nvae/cluster.env, the
-# environment every command on the head reads (storage, tracking server, credentials).
+# PostgreSQL with the MLflow databases, generated secrets, ~/.nvae/cluster.env (the environment
+# every command on the head reads: storage, tracking server, credentials), and an hourly backup.
 #   bash cluster/setup_head.sh STORAGE   (s3://bucket/prefix, or a folder every node mounts)
 set -euo pipefail
 STORAGE=${1:?usage: setup_head.sh STORAGE (s3://bucket/prefix, or a folder every node mounts)}
@@ -27,6 +27,7 @@ sudo -u postgres psql -q -v ON_ERROR_STOP=1 -v password="$PGPASSWORD" < "$HERE/c
 
 (umask 077; cat > ~/.nvae/cluster.env <<ENV
 . ~/.nvae/secrets.env
+export PGHOST=127.0.0.1 PGPORT=5432 PGUSER=mlflow
 export NVAE_STORAGE_PATH=$STORAGE
 export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
 export MLFLOW_TRACKING_USERNAME=admin
@@ -34,3 +35,6 @@ export MLFLOW_TRACKING_PASSWORD=\$MLFLOW_AUTH_ADMIN_PASSWORD
 ENV
 )
 grep -q '.nvae/cluster.env' ~/.bashrc || echo '[ -f ~/.nvae/cluster.env ] && . ~/.nvae/cluster.env' >> ~/.bashrc
+# Hourly copy of the MLflow database to the storage, so that results outlive the head.
+(crontab -l 2>/dev/null | grep -v backup_tracking.sh || true
+ echo "17 * * * * bash $HERE/backup_tracking.sh >> $HOME/.nvae/backup.log 2>&1") | crontab -

@@ -5,7 +5,7 @@
 set -euo pipefail
 . ~/.nvae/cluster.env
 pkill -f "mlflow server --app-name basic-auth" || true
-DB=postgresql://mlflow@127.0.0.1:5432
+DB=postgresql://$PGUSER@$PGHOST:$PGPORT
 setsid nohup python -m nvae_platform.tracking_server --backend-store-uri "$DB/mlflow" \
     --auth-database-uri "$DB/mlflow_auth" --artifacts-destination "$NVAE_STORAGE_PATH/mlartifacts" \
     --port 5000 >> ~/.nvae/mlflow-server.log 2>&1 < /dev/null &

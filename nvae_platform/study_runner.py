@@ -34,7 +34,7 @@ from .pareto import non_dominated
 from .presets import run_options
 from .study import Study, factor_levels, grid, resolve, trial_key
 from .tracking import MlflowTracker, activate, check_tracking_uri, default_tracking_uri, status_of
-from .training_run import RunOptions, RunResult, init_ray, make_trainer, storage_uri, summarize
+from .training_run import RunOptions, RunResult, cluster_address, init_ray, make_trainer, storage_uri, summarize
 
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
 # workers, and reserves the memory it does use (Ray rejects an empty request).
@@ -356,6 +356,7 @@ def prepare_study(study, settings):
     """Every check that needs no trial: plan, storage, tracking store, Ray and its resources.
     Raises ConfigError/ValueError/DatasetNotFoundError naming the problem; records nothing."""
     plan = plan_study(study, settings)
+    cluster_address(settings.address, settings.num_cpus)
     check_storage(plan.storage_path)
     check_tracking_uri(settings.tracking_uri or default_tracking_uri())
     joined = init_ray(settings.address, num_cpus=settings.num_cpus)

@@ -105,17 +105,22 @@ def summarize(result):
                      samples_path=samples if samples and os.path.exists(samples) else "")
 
 
-def cluster_address(address=None):
+def cluster_address(address=None, num_cpus=None):
     """The Ray cluster a command joins: address, else $RAY_ADDRESS (set inside a Ray job), else a
     cluster started with `ray start` on this machine (the head, under `ray submit`); None when there
-    is none, and a local Ray is started instead."""
+    is none, and a local Ray (of num_cpus CPUs) is started instead. Raises ValueError for an address
+    that finds no cluster, or num_cpus given for a cluster whose nodes declare their own."""
     from ray._private.services import canonicalize_bootstrap_address  # Ray's own resolution, as ray.init
 
     try:
-        return canonicalize_bootstrap_address(address)
+        found = canonicalize_bootstrap_address(address)
     except ConnectionError:  # "auto" with no cluster on this machine
         raise ValueError(f"--address {address}: no running Ray cluster was found on this machine; start one "
                          "(`ray start --head`, or `ray up cluster.yaml`), or omit --address for a local Ray") from None
+    if found is not None and num_cpus is not None:
+        raise ValueError(f"--num-cpus {num_cpus} sizes a local Ray, and this command joins the Ray cluster at "
+                         f"{found}, whose nodes declare their own CPUs: drop --num-cpus")
+    return found
 
 
 def init_ray(address=None, num_cpus=None, **kwargs):
@@ -128,10 +133,7 @@ def init_ray(address=None, num_cpus=None, **kwargs):
     nodes' environment instead."""
     if ray.is_initialized():  # already connected (a test, a notebook): keep that connection
         return ray.get_runtime_context().gcs_address not in _LOCAL_RAY
-    joined = cluster_address(address) is not None
-    if joined and num_cpus is not None:
-        raise ValueError(f"--num-cpus {num_cpus} sizes a local Ray, and this command joins the Ray cluster at "
-                         f"{cluster_address(address)}, whose nodes declare their own CPUs: drop --num-cpus")
+    joined = cluster_address(address, num_cpus) is not None
     if not joined:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         kwargs.update(num_cpus=num_cpus, include_dashboard=kwargs.get("include_dashboard", False))

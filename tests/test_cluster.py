@@ -13,6 +13,7 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.util.state import list_actors
 
 from conftest import free_port
 from nvae_platform.defaults import STORAGE_ENV
@@ -100,6 +101,9 @@ def test_a_study_submitted_as_a_ray_job_spreads_over_nodes_and_survives_losing_o
         assert "samples.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
         nodes.update(run.data.tags["nvae.nodes"].split(","))
     assert head_id not in nodes and len(nodes) >= 2  # training ran on the worker nodes, more than one
+
+    controllers = list_actors(address=dashboard, filters=[("class_name", "=", "TrainController")], limit=1000)
+    assert len(controllers) >= 3 and {a.node_id for a in controllers} == {head_id}  # all bookkeeping on the head
 
     moved = client.get_run(lost[0].info.run_id)
     assert lost[1] in moved.data.tags["nvae.nodes"].split(",") and len(moved.data.tags["nvae.nodes"].split(",")) == 2

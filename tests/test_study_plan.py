@@ -108,6 +108,8 @@ def test_unwritable_storage_and_unreachable_tracking_are_named(tmp_path):
     (["--storage-path", "/proc/version/runs"], "is not writable"),
     (["--seeds", "0"], "--seeds 0: expected an integer >= 1"),
     (["--preset", "small", "--data-dir", "/nonexistent-data"], "dataset 'cifar10' not found.*add --download"),
+    (["--address", "auto"], r"--address auto: no running Ray cluster was found on this machine; start one"),
+    (["--address", "10.0.0.1:6379", "--num-cpus", "2"], "--num-cpus 2 sizes a local Ray.*drop --num-cpus"),
 ])
 def test_bad_input_is_a_clear_error_before_anything_starts(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -116,6 +118,18 @@ def test_bad_input_is_a_clear_error_before_anything_starts(argv, message, tmp_pa
     assert exit_info.value.code == 2
     assert __import__("re").search(message, capsys.readouterr().err)
     assert not (tmp_path / "mlflow.db").exists() or "--storage-path" in argv  # nothing recorded
+
+
+def test_on_a_cluster_storage_and_data_default_to_what_the_nodes_export(tmp_path, monkeypatch, capsys):
+    """cluster.yaml exports NVAE_STORAGE_PATH and NVAE_DATA_DIR; flags still win."""
+    monkeypatch.setenv("NVAE_STORAGE_PATH", "s3://lab-bucket/nvae")
+    monkeypatch.setenv("NVAE_DATA_DIR", str(tmp_path / "datasets"))
+    assert main(NORM, ["--dry-run", "--preset", "small"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoints: s3://lab-bucket/nvae/ablation_norm-small-" in out
+    assert f"looked in {tmp_path / 'datasets'}" in out
+    assert main(NORM, ["--dry-run", "--storage-path", str(tmp_path / "mine")]) == 0
+    assert f"checkpoints: {tmp_path / 'mine'}/ablation_norm-smoke-" in capsys.readouterr().out
 
 
 def test_dry_run_prints_trials_and_resources_and_starts_nothing(tmp_path, monkeypatch, capsys):

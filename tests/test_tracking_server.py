@@ -91,3 +91,21 @@ def test_creating_the_databases_again_changes_nothing(postgres, tracking_server)
     rerun = postgres.create_databases()
     assert rerun.returncode == 0, rerun.stderr
     assert before > 10 and tables() == before
+
+
+def test_the_backup_copies_both_databases_to_the_storage_for_pg_restore(postgres, tracking_server, tmp_path):
+    """cluster/backup_tracking.sh, as cron runs it on the head: the dumps land beside the checkpoints."""
+    home, storage = tmp_path / "home", tmp_path / "storage"
+    (home / ".nvae").mkdir(parents=True)
+    host, port = postgres.address.split(":")
+    (home / ".nvae/cluster.env").write_text(f"export PGHOST={host} PGPORT={port} PGUSER=mlflow "
+                                            f"PGPASSWORD={postgres.password}\nexport NVAE_STORAGE_PATH={storage}\n")
+    env = {**os.environ, "HOME": str(home), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    backup = subprocess.run(["bash", "cluster/backup_tracking.sh"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert backup.returncode == 0, backup.stderr
+    assert f"MLflow databases copied to {storage}/mlflow-backup/" in backup.stdout
+    for name, table in (("mlflow", "runs"), ("mlflow_auth", "users")):
+        listing = subprocess.run(["pg_restore", "--list", str(storage / "mlflow-backup" / f"{name}.dump")],
+                                 capture_output=True, text=True)
+        assert listing.returncode == 0 and f"TABLE public {table} " in listing.stdout, listing.stderr
