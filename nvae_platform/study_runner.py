@@ -55,7 +55,7 @@ class StudySettings:
     workers_per_trial: int = None  # None: the scale's default
     gpus_per_worker: float = None
     cpus_per_worker: float = None
-    max_concurrent: int = None  # None: as many trials as the cluster's CPUs/GPUs hold
+    max_concurrent: int = None  # None: as many as a local Ray holds; on a cluster, all (the autoscaler grows)
     tracking_uri: str = None  # None: $MLFLOW_TRACKING_URI, else ./mlflow.db
     experiment: str = None  # MLflow experiment; None: the study's name
     storage_path: str = field(default_factory=default_storage_path)  # $NVAE_STORAGE_PATH, else ./runs
