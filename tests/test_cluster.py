@@ -30,7 +30,11 @@ def cluster(tracking_server, tmp_path_factory):
     storage = tmp_path_factory.mktemp("shared-storage")
     with pytest.MonkeyPatch.context() as env:
         for name, value in {STORAGE_ENV: str(storage), "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": user,
-                            "MLFLOW_TRACKING_PASSWORD": password}.items():
+                            "MLFLOW_TRACKING_PASSWORD": password,
+                            # Ray turns token auth on in a process that finds ~/.ray/auth_token (a local
+                            # ray.init writes one) unless RAY_AUTH_MODE says otherwise, and a driver whose
+                            # mode differs from the nodes' cannot create actors: pin this process's mode.
+                            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}.items():
             env.setenv(name, value)
         ray.shutdown()
         port = free_port()
@@ -111,3 +115,19 @@ def test_a_study_submitted_as_a_ray_job_spreads_over_nodes_and_survives_losing_o
     assert resumed_at >= 1  # the new worker group started from a checkpoint, not from scratch
     print(f"\n{moved.info.run_name}: node lost after {lost[2]} epoch(s), resumed at epoch {resumed_at:g} on "
           f"another node; {len(nodes)} worker nodes used; job {time.time() - started:.0f} s")
+
+
+def test_a_study_run_on_the_head_joins_its_cluster_as_under_ray_submit(cluster):
+    """`ray submit` runs the script on the head in a login shell: no RAY_ADDRESS, no flags. It joins
+    the cluster started there and records to the cluster's server, its trials on the worker nodes."""
+    cluster_, _, _, url = cluster
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "studies/ablation_sr.py", "--levels", "sr_lambda=0.1", "--set", "epochs=1",
+                          "--experiment", "via-ray-submit"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Connected to Ray cluster" in run.stderr and "Started a local Ray instance" not in run.stderr
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("via-ray-submit")
+    (trial,) = client.search_runs([experiment.experiment_id], "tags.`nvae.status` = 'finished'")
+    assert cluster_.head_node.node_id not in trial.data.tags["nvae.nodes"]
