@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# (Re)start the MLflow tracking server on the head, on 127.0.0.1:5000, after cluster/setup_head.sh.
-# Runs in PostgreSQL (password from PGPASSWORD, never on the command line), artifacts under
-# $NVAE_STORAGE_PATH/mlartifacts; log in ~/.nvae/mlflow-server.log.
+# (Re)start the MLflow tracking server on the head, on 127.0.0.1:PORT (default 5000), after
+# cluster/setup_head.sh. Runs in PostgreSQL (password from PGPASSWORD, never on a command line),
+# artifacts under $NVAE_STORAGE_PATH/mlartifacts; log in ~/.nvae/mlflow-server.log.
 set -euo pipefail
+PORT=${1:-5000}
 . ~/.nvae/cluster.env
-pkill -f "mlflow server --app-name basic-auth" || true
+RUNNING="mlflow server --app-name basic-auth .*--port $PORT "
+pkill -f "$RUNNING" || true
+for _ in $(seq 30); do pgrep -f "$RUNNING" >/dev/null || break; sleep 1; done   # the old one must let go of the port
 DB=postgresql://$PGUSER@$PGHOST:$PGPORT
 setsid nohup python -m nvae_platform.tracking_server --backend-store-uri "$DB/mlflow" \
     --auth-database-uri "$DB/mlflow_auth" --artifacts-destination "$NVAE_STORAGE_PATH/mlartifacts" \
-    --port 5000 >> ~/.nvae/mlflow-server.log 2>&1 < /dev/null &
+    --port "$PORT" >> ~/.nvae/mlflow-server.log 2>&1 < /dev/null &
 for _ in $(seq 60); do
-    curl -fs http://127.0.0.1:5000/health >/dev/null && { echo "MLflow server up on 127.0.0.1:5000"; exit 0; }
+    python -c "import urllib.request as r; r.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null \
+        && { echo "MLflow server up on 127.0.0.1:$PORT"; exit 0; }
     sleep 1
 done
 tail -n 30 ~/.nvae/mlflow-server.log

@@ -359,3 +359,27 @@ def test_quantize_8_bits_is_identity_and_bad_bits_fail():
     for bad in (0, 9):
         with pytest.raises(ValueError, match="num_bits"):
             quantize(x, bad)
+
+
+def test_download_data_command_readies_sets_and_names_the_ones_it_cannot_get(tmp_path, monkeypatch, capsys):
+    """studies/download_data.py, as `ray up` runs it on each node: CIFAR-10 already there is ready;
+    MNIST with no network is named with its cause, and the command exits 1."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("download_data", "studies/download_data.py")
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    write_cifar10(tmp_path)
+    assert command.main(["cifar10", "--data-dir", str(tmp_path)]) == 0
+    assert f"cifar10: ready in {tmp_path} (10 train / 2 test images)" in capsys.readouterr().out
+    assert command.main(["cifar10", "mnist", "--data-dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "cifar10: ready" in captured.out
+    assert "mnist: dataset 'mnist' not found" in captured.err and "no network (test)" in captured.err
+    monkeypatch.setenv("NVAE_DATA_DIR", str(tmp_path))
+    assert command.main(["cifar10"]) == 0  # the node's data folder, from the environment

@@ -10,6 +10,8 @@ import urllib.request
 
 from mlflow.tracking import MlflowClient
 
+from conftest import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -109,3 +111,28 @@ def test_the_backup_copies_both_databases_to_the_storage_for_pg_restore(postgres
         listing = subprocess.run(["pg_restore", "--list", str(storage / "mlflow-backup" / f"{name}.dump")],
                                  capture_output=True, text=True)
         assert listing.returncode == 0 and f"TABLE public {table} " in listing.stdout, listing.stderr
+
+
+def test_the_heads_start_script_serves_with_authentication_and_restarts_in_place(postgres, tmp_path):
+    """cluster/start_tracking_server.sh as `ray up` runs it (twice: a re-run replaces the server)."""
+    home = tmp_path / "home"
+    (home / ".nvae").mkdir(parents=True)
+    host, port = postgres.address.split(":")
+    (home / ".nvae/cluster.env").write_text(
+        f"export PGHOST={host} PGPORT={port} PGUSER=mlflow PGPASSWORD={postgres.password}\n"
+        f"export MLFLOW_AUTH_ADMIN_PASSWORD=test-admin-password MLFLOW_FLASK_SERVER_SECRET_KEY=k\n"
+        f"export NVAE_STORAGE_PATH={tmp_path / 'storage'}\n")
+    env = {**os.environ, "HOME": str(home), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    server_port = free_port()
+    url = f"http://127.0.0.1:{server_port}/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        for _ in range(2):
+            start = subprocess.run(["bash", "cluster/start_tracking_server.sh", str(server_port)], cwd=REPO, env=env,
+                                   capture_output=True, text=True, timeout=120)
+            assert start.returncode == 0, start.stdout + start.stderr
+            assert f"MLflow server up on 127.0.0.1:{server_port}" in start.stdout
+            assert _status(url) == 401 and _status(url, ("admin", "test-admin-password")) == 200
+    finally:
+        subprocess.run(["pkill", "-f", f"mlflow server --app-name basic-auth .*--port {server_port} "])
+    servers = subprocess.run(["pgrep", "-f", f"--port {server_port} "], capture_output=True, text=True)
+    assert servers.stdout == ""
