@@ -5,24 +5,18 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import free_port, wait_for_http
+
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason=(
     "needs Debian's chromium and chromium-driver (.ci/run installs them: apt-get install chromium chromium-driver)"))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +27,13 @@ def ui(finished_study, tmp_path_factory):
     from selenium.webdriver.chrome.service import Service
 
     _, uri = finished_study
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("ui") / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                               stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if urllib.request.urlopen(f"{base}/health", timeout=2).read() == b"OK":
-                break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(f"the MLflow server did not start; see {log.name}")
-            time.sleep(0.5)
+    wait_for_http(f"{base}/health", server, log.name, seconds=120)
     options = Options()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=2600,1100"):

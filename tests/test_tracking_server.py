@@ -95,14 +95,22 @@ def test_creating_the_databases_again_changes_nothing(postgres, tracking_server)
     assert before > 10 and tables() == before
 
 
-def test_the_backup_copies_both_databases_to_the_storage_for_pg_restore(postgres, tracking_server, tmp_path):
-    """cluster/backup_tracking.sh, as cron runs it on the head: the dumps land beside the checkpoints."""
-    home, storage = tmp_path / "home", tmp_path / "storage"
+def _head_environment(postgres, folder, storage, extra=""):
+    """The environment of a head's shell: HOME holding the ~/.nvae/cluster.env setup_head.sh writes
+    (here: the test's PostgreSQL), and this Python first on PATH, as ~/venv is there."""
+    home = folder / "home"
     (home / ".nvae").mkdir(parents=True)
     host, port = postgres.address.split(":")
     (home / ".nvae/cluster.env").write_text(f"export PGHOST={host} PGPORT={port} PGUSER=mlflow "
-                                            f"PGPASSWORD={postgres.password}\nexport NVAE_STORAGE_PATH={storage}\n")
-    env = {**os.environ, "HOME": str(home), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+                                            f"PGPASSWORD={postgres.password}\nexport NVAE_STORAGE_PATH={storage}\n"
+                                            + extra)
+    return {**os.environ, "HOME": str(home), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+
+
+def test_the_backup_copies_both_databases_to_the_storage_for_pg_restore(postgres, tracking_server, tmp_path):
+    """cluster/backup_tracking.sh, as cron runs it on the head: the dumps land beside the checkpoints."""
+    storage = tmp_path / "storage"
+    env = _head_environment(postgres, tmp_path, storage)
     backup = subprocess.run(["bash", "cluster/backup_tracking.sh"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=120)
     assert backup.returncode == 0, backup.stderr
@@ -115,14 +123,8 @@ def test_the_backup_copies_both_databases_to_the_storage_for_pg_restore(postgres
 
 def test_the_heads_start_script_serves_with_authentication_and_restarts_in_place(postgres, tmp_path):
     """cluster/start_tracking_server.sh as `ray up` runs it (twice: a re-run replaces the server)."""
-    home = tmp_path / "home"
-    (home / ".nvae").mkdir(parents=True)
-    host, port = postgres.address.split(":")
-    (home / ".nvae/cluster.env").write_text(
-        f"export PGHOST={host} PGPORT={port} PGUSER=mlflow PGPASSWORD={postgres.password}\n"
-        f"export MLFLOW_AUTH_ADMIN_PASSWORD=test-admin-password MLFLOW_FLASK_SERVER_SECRET_KEY=k\n"
-        f"export NVAE_STORAGE_PATH={tmp_path / 'storage'}\n")
-    env = {**os.environ, "HOME": str(home), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    env = _head_environment(postgres, tmp_path, tmp_path / "storage",
+                            "export MLFLOW_AUTH_ADMIN_PASSWORD=test-admin-password MLFLOW_FLASK_SERVER_SECRET_KEY=k\n")
     server_port = free_port()
     url = f"http://127.0.0.1:{server_port}/api/2.0/mlflow/experiments/search?max_results=1"
     try:
