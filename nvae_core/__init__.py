@@ -1,6 +1,6 @@
 """NVAE (Vahdat & Kautz, NeurIPS 2020) in plain PyTorch, every ablation a config switch."""
 from .config import ConfigError, NVAEConfig
-from .evaluation import active_units, importance_weighted_nll, sample_images, test_bits_per_dim
+from .evaluation import active_units, active_units_kl, importance_weighted_nll, sample_images, test_bits_per_dim
 from .model import NVAE, ForwardResult
 from .objective import bits_per_dim, kl_coefficient, nvae_loss
 from .presets import PRESETS, preset
@@ -8,4 +8,5 @@ from .training import TrainStep, autocast, learning_rate
 
 __all__ = ["ConfigError", "NVAEConfig", "NVAE", "ForwardResult", "PRESETS", "preset", "TrainStep",
            "autocast", "learning_rate", "nvae_loss", "kl_coefficient", "bits_per_dim",
-           "importance_weighted_nll", "test_bits_per_dim", "active_units", "sample_images"]
+           "importance_weighted_nll", "test_bits_per_dim", "active_units",
+           "active_units_kl", "sample_images"]

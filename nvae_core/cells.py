@@ -2,7 +2,8 @@
 
 A cell maps x to skip(x) + 0.1 * branch(x). stride is 1 (same size), 2 (down, channels x2) or -1
 (up, channels /2). With normalization='weight_norm' the branch has no batch norm and its convs are
-initialized from the first batch.
+initialized from the first batch. The pre-process cells take the encoder's cell type and the
+post-process cells the decoder's, with expansion 3 when separable (the authors' arch table).
 """
 import torch.nn as nn
 
@@ -17,13 +18,18 @@ def regular_branch(c_in, c_out, stride, cfg, expansion):
 
 
 def separable_branch(c_in, c_out, stride, cfg, expansion):
-    """Generative cell (paper Fig. 3a): BN-conv1x1(expand)-BN-act-dwconv5x5-BN-act-conv1x1-BN."""
+    """Generative cell (paper Fig. 3a): BN-conv1x1(expand)-BN-act-dwconv5x5-BN-act-conv1x1-BN.
+
+    As in the authors' release its three convs are plain (no weight norm, no bias: a BN follows
+    each). Without BN (normalization='weight_norm', a combination the authors never built) they
+    are weight-normalized with a bias and initialized from data, like the regular cell's."""
     wn = cfg.normalization == "weight_norm"
     hidden = c_in * expansion
-    return [NormActConv(c_in, hidden, 1, cfg, bias=wn, activate=False),
-            NormActConv(hidden, hidden, 5, cfg, stride=max(stride, 1), groups=hidden, bias=wn,
-                        upsample=stride == -1),
-            NormActConv(hidden, c_out, 1, cfg, bias=wn),
+    plain = {"bias": wn, "weight_norm": wn}
+    return [NormActConv(c_in, hidden, 1, cfg, activate=False, **plain),
+            NormActConv(hidden, hidden, 5, cfg, stride=max(stride, 1), groups=hidden,
+                        upsample=stride == -1, **plain),
+            NormActConv(hidden, c_out, 1, cfg, **plain),
             norm(c_out, cfg.normalization)]
 
 
@@ -43,7 +49,7 @@ class Cell(nn.Module):
             assert c_in == c_out, "a same-size cell keeps its channel count"
             self.skip = nn.Identity()
         elif stride == 2:
-            self.skip = FactorizedReduce(c_in, c_out, cfg.activation)
+            self.skip = FactorizedReduce(c_in, c_out)
         else:
             self.skip = UpsampleSkip(c_in, c_out)
 

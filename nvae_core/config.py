@@ -12,7 +12,11 @@ CELLS = ("regular", "separable")
 NORMALIZATIONS = ("weight_norm", "batch_norm")
 ACTIVATIONS = ("elu", "swish")
 LIKELIHOODS = ("logistic_mixture", "bernoulli")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: the authors' fp16 on CUDA, fp32 elsewhere
+FLOW_CELLS = ("shift", "affine")
+TOP_BINS = ("exact", "authors")
+SWITCHES = ("auto", "on", "off")  # auto: what the authors do for the dataset
+EVAL_SPLITS = ("auto", "test", "validation")
 
 # (channels, size, bits) of the datasets whose shape is fixed; "image-folder" takes any.
 DATASET_SHAPES = {
@@ -41,6 +45,9 @@ class NVAEConfig:
     likelihood: str = "logistic_mixture"
     num_mixtures: int = 10
     likelihood_crop: int = 0  # pixels cut from each border before the likelihood (MNIST: 32 -> 28)
+    logistic_top_bin: str = "exact"  # "authors": x > 0.99 is the top bin, so 8-bit 254 gets [253.5, inf)
+    train_flip: str = "auto"  # random horizontal flip of training images; auto: on for colour sets
+    eval_split: str = "auto"  # auto: CelebA 64's validation split (what the authors report), else test
     # architecture
     num_channels_enc: int = 32
     num_channels_dec: int = 32
@@ -62,8 +69,10 @@ class NVAEConfig:
     use_se: bool = True
     residual_normal: bool = True
     num_flows: int = 0  # each flow is a pair of IAF cells, the second one mirrored
+    flow_cell: str = "shift"  # the authors' shift-only cell; "affine": ours, affine with context
     # objective
     kl_anneal_portion: float = 0.3
+    kl_const_portion: float = 1e-4  # the KL coefficient stays at kl_min_coeff for this part of training
     kl_min_coeff: float = 1e-4
     kl_balance: bool = True
     sr_lambda: float = 1e-2  # spectral + BN-scale regularization; 0 switches both off
@@ -78,7 +87,7 @@ class NVAEConfig:
     adamax_eps: float = 1e-3
     seed: int = 0
     # runtime
-    precision: str = "fp32"
+    precision: str = "auto"
     channels_last: bool = False
 
     def __post_init__(self):
@@ -93,6 +102,18 @@ class NVAEConfig:
             if self.ada_groups:
                 n = max(self.min_groups_per_scale, n // 2)
         return groups
+
+    @property
+    def flips_training_images(self):
+        """train_flip resolved: auto flips the colour sets (CIFAR-10, CelebA 64), not binarized ones."""
+        return self.train_flip == "on" or (self.train_flip == "auto" and self.num_x_bits > 1)
+
+    @property
+    def evaluation_split(self):
+        """eval_split resolved: the split test figures are computed on ("test" or "validation")."""
+        if self.eval_split == "auto":
+            return "validation" if self.dataset == "celeba64" else "test"
+        return self.eval_split
 
     @property
     def num_groups(self):
@@ -150,7 +171,8 @@ def validate(cfg):
     for field, choices in [("encoder_cell", CELLS), ("decoder_cell", CELLS),
                            ("normalization", NORMALIZATIONS), ("activation", ACTIVATIONS),
                            ("likelihood", LIKELIHOODS), ("precision", PRECISIONS),
-                           ("dataset", tuple(DATASET_SHAPES))]:
+                           ("dataset", tuple(DATASET_SHAPES)), ("flow_cell", FLOW_CELLS),
+                           ("logistic_top_bin", TOP_BINS), ("train_flip", SWITCHES), ("eval_split", EVAL_SPLITS)]:
         _one_of(cfg, field, choices)
     for field in ("image_channels", "image_size", "num_x_bits", "num_mixtures", "num_channels_enc",
                   "num_channels_dec", "num_preprocess_blocks", "num_preprocess_cells",
@@ -176,6 +198,10 @@ def validate(cfg):
     for field in ("kl_anneal_portion", "kl_min_coeff"):
         value = getattr(cfg, field)
         _require(_is_number(value) and 0 < value <= 1, field, value, "a number in (0, 1]")
+    _require(_is_number(cfg.kl_const_portion) and 0 <= cfg.kl_const_portion < 1, "kl_const_portion",
+             cfg.kl_const_portion, "a number in [0, 1)")
+    _require(cfg.eval_split != "validation" or cfg.dataset == "celeba64", "eval_split", cfg.eval_split,
+             f"'auto' or 'test' for dataset {cfg.dataset!r} (only celeba64 has a validation split)")
     _require(cfg.num_x_bits <= 8, "num_x_bits", cfg.num_x_bits, "an integer in 1..8")
     _require(cfg.num_postprocess_blocks == cfg.num_preprocess_blocks, "num_postprocess_blocks",
              cfg.num_postprocess_blocks,

@@ -22,7 +22,7 @@ from torchvision.datasets import CIFAR10, MNIST, CelebA
 
 from .config import DATASET_SHAPES
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "validation")  # validation: CelebA's own split; the other sets have none
 DIGITS_LEVELS = 16  # load_digits intensities are integers 0..16
 OFFLINE = ("digits", "photo-patches")  # bundled with scikit-learn: no data_dir, no download
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -30,7 +30,8 @@ MNIST_PAD = 2  # 28x28 -> 32x32; the likelihood is taken on the 28x28 crop (conf
 PATCH = 32  # photo-patches tile side
 PATCH_TEST_FRACTION = 0.2
 FOLDER_TEST_FRACTION = 0.1  # image-folder split when data_dir has no train/ and test/ subfolders
-CELEBA_CROP = 148  # the usual CelebA-64 preprocessing: centre crop 148 x 148, then resize to 64
+CELEBA_BOX = (15, 40, 163, 188)  # the authors' crop (left, top, right, bottom) of the 178x218 image
+CELEBA_SPLITS = {"train": "train", "validation": "valid", "test": "test"}  # ours -> torchvision's
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,11 @@ class ImagesOnly(Dataset):
 
 # --- the bundled sets ---------------------------------------------------------------------------
 
-def _check_split(split):
+def _check_split(split, name=None):
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(repr(s) for s in SPLITS)}")
+    if split == "validation" and name != "celeba64":
+        raise ValueError(f"dataset {name!r} has no validation split: use 'train' or 'test'")
 
 
 def _seeded_split(n, n_test, split, seed):
@@ -132,7 +135,7 @@ def digits(split, seed=0, test_fraction=0.2):
     round(test_fraction * 1797) of them form the test split, the rest the train split; the same
     seed and fraction always give the same, disjoint splits.
     """
-    _check_split(split)
+    _check_split(split, "digits")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction!r} is not allowed: expected a number in (0, 1)")
     images = _digits_array()
@@ -162,11 +165,17 @@ def photo_patches(split, seed=0):
 
     Tiles do not overlap, so no pixel is in both splits; 2 photos x 13 x 20 tiles = 520 in all.
     """
-    _check_split(split)
+    _check_split(split, "photo-patches")
     tiles = _photo_tiles()
     n = tiles.shape[0]
     index = _seeded_split(n, int(round(PATCH_TEST_FRACTION * n)), split, seed)
     return torch.from_numpy(tiles[index]).float().div_(255)
+
+
+def random_flip(x, generator=None):
+    """Each image of the batch x (B x C x H x W) mirrored left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
 
 
 def dynamic_binarize(x, generator=None):
@@ -182,6 +191,23 @@ def quantize(x, num_bits):
         return x
     bins = torch.div(torch.round(x * 255), 2 ** (8 - num_bits), rounding_mode="floor")
     return bins / (2 ** num_bits - 1)
+
+
+class Batches:
+    """Turns a loader's batches of intensities into model inputs, from its own seeded generator:
+    for training (train=True) a random horizontal flip where the config asks for one; then a fresh
+    dynamic binarization for 1-bit data, or quantization to num_x_bits."""
+
+    def __init__(self, cfg, device, seed, train=False):
+        self.cfg, self.device = cfg, device
+        self.flip = train and cfg.flips_training_images
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, x):
+        if self.flip:
+            x = random_flip(x, self.generator)
+        x = dynamic_binarize(x, self.generator) if self.cfg.num_x_bits == 1 else quantize(x, self.cfg.num_x_bits)
+        return x.to(self.device, non_blocking=True)
 
 
 # --- the downloadable sets ----------------------------------------------------------------------
@@ -262,10 +288,6 @@ class _CelebAFiles(CelebA):
         return not _missing("celeba64", self.root)
 
 
-def _to_rgb(image):
-    return image.convert("RGB")
-
-
 def _mnist(split, root, download):
     mnist = _open_on_disk("mnist", root, download, lambda dl: MNIST(root, train=split == "train", download=dl))
     return TensorImages(F.pad(mnist.data.unsqueeze(1), (MNIST_PAD,) * 4))  # uint8, zero padding
@@ -277,13 +299,17 @@ def _cifar10(split, root, download):
     return TensorImages(torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous())  # N x H x W x C -> NCHW
 
 
+def _crop_celeba(image):
+    return image.convert("RGB").crop(CELEBA_BOX)
+
+
 def _celeba64(split, root, download):
     size = DATASETS["celeba64"].size
-    transform = T.Compose([T.Lambda(_to_rgb), T.CenterCrop(CELEBA_CROP), T.Resize(size), T.ToTensor()])
+    transform = T.Compose([T.Lambda(_crop_celeba), T.Resize(size), T.ToTensor()])
     # target_type=[]: no labels are returned, but torchvision reads all five list files regardless.
     celeba = _open_on_disk("celeba64", root, download,
-                           lambda dl: _CelebAFiles(root, split=split, target_type=[], transform=transform,
-                                                   download=dl))
+                           lambda dl: _CelebAFiles(root, split=CELEBA_SPLITS[split], target_type=[],
+                                                   transform=transform, download=dl))
     return ImagesOnly(celeba)
 
 
@@ -319,20 +345,21 @@ def check_available(name, data_dir="data", seed=0, image_size=None):
     if name in _ON_DISK:
         _require_on_disk(name, root)
     elif name == "image-folder":  # lists the files of both splits; opens none
-        for split in SPLITS:
+        for split in ("train", "test"):
             load_dataset(name, split, data_dir, seed=seed, image_size=image_size)
 
 
 def load_dataset(name, split, data_dir="data", download=False, seed=0, image_size=None):
-    """Dataset `name` ("train" or "test" split) whose items are float32 tensors C x H x W in [0, 1].
+    """Dataset `name` ("train", "test", or CelebA's "validation" split) whose items are float32
+    tensors C x H x W in [0, 1].
 
     Binarized sets (mnist, digits) hold intensities: the model binarizes them dynamically. seed fixes
     the split of the sets split here (digits, photo-patches, a flat image-folder). image_size is
     required for image-folder and must match the fixed size of any other set.
     """
-    _check_split(split)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(map(repr, DATASETS))}")
+    _check_split(split, name)
     size = DATASETS[name].size
     if name == "image-folder":
         if not (isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0):

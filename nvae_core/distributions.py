@@ -78,7 +78,7 @@ class LogisticMixture:
     log-scales, then M coefficients per channel pair (j < c): mean_c += coeff_cj * x_j.
     """
 
-    def __init__(self, params, num_bits, num_channels, num_mixtures):
+    def __init__(self, params, num_bits, num_channels, num_mixtures, top_bin="exact"):
         b, _, h, w = params.shape
         m, c = num_mixtures, num_channels
         params = params.float()
@@ -89,6 +89,9 @@ class LogisticMixture:
         self.coeffs = torch.tanh(rest[:, 2 * c * m:].reshape(b, c * (c - 1) // 2, m, h, w))
         self.num_channels = c
         self.max_val = 2.0 ** num_bits - 1
+        # Where the top bin starts, in [-1, 1]: exactly above the second-highest level, or the
+        # authors' 0.99, which at 8 bits also gives level 254 all the mass above 253.5 (not normalized).
+        self.top_threshold = 0.99 if top_bin == "authors" else 1.0 - 1.0 / self.max_val
 
     @staticmethod
     def num_params(num_channels, num_mixtures):
@@ -123,7 +126,7 @@ class LogisticMixture:
         log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)),
                               log_pdf_mid - math.log(self.max_val / 2.0))
         xe = x.unsqueeze(2)
-        lowest, highest = xe < -1.0 + half_bin, xe > 1.0 - half_bin
+        lowest, highest = xe < -1.0 + half_bin, xe > self.top_threshold
         log_probs = torch.where(lowest, log_cdf_plus, torch.where(highest, log_one_minus_cdf_min, log_mid))
         return torch.logsumexp(log_probs.sum(dim=1) + F.log_softmax(self.logit_probs, dim=1), dim=1)
 
@@ -165,7 +168,7 @@ def likelihood(cfg, params):
     """The output distribution named by cfg.likelihood over the decoder's parameters."""
     if cfg.likelihood == "bernoulli":
         return Bernoulli(params)
-    return LogisticMixture(params, cfg.num_x_bits, cfg.image_channels, cfg.num_mixtures)
+    return LogisticMixture(params, cfg.num_x_bits, cfg.image_channels, cfg.num_mixtures, cfg.logistic_top_bin)
 
 
 def num_likelihood_params(cfg):

@@ -1,4 +1,4 @@
-"""Test-time measures: importance-weighted NLL, active latent units, and prior samples."""
+"""Test-time measures: importance-weighted NLL, active latent units (two ways), and prior samples."""
 import contextlib
 import math
 import warnings
@@ -66,6 +66,19 @@ def active_units(model, batches, threshold=0.01):
             total_sq = sq if total_sq is None else [a + b for a, b in zip(total_sq, sq)]
             count += x.shape[0]
     return [int(((s2 / count - (s / count) ** 2) > threshold).sum()) for s, s2 in zip(total, total_sq)]
+
+
+@torch.no_grad()
+def active_units_kl(model, batches, threshold=0.1):
+    """Per group, the authors' count of active latent channels: a channel is active when its KL,
+    summed over space and averaged over the data, exceeds threshold."""
+    total, count = None, 0
+    with eval_mode(model):
+        for x in batches:
+            sums = [k.double().sum(0) for k in model(x).kl_channels]
+            total = sums if total is None else [a + b for a, b in zip(total, sums)]
+            count += x.shape[0]
+    return [int((t / count > threshold).sum()) for t in total]
 
 
 def _batchnorms(model):

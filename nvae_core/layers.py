@@ -9,16 +9,23 @@ BN_EPS = 1e-5
 
 
 class Conv2d(nn.Conv2d):
-    """A convolution with weight normalization: w = exp(log_norm) * v / ||v||, per output channel.
+    """A convolution, weight-normalized by default: w = exp(log_norm) * v / ||v|| per output channel.
 
-    With data_init=True the first forward pass after `request_data_init` rescales and shifts the
-    output to zero mean, unit variance per channel (data-dependent init, as for WN cells).
+    weight_norm=False gives a plain convolution (the separable cells' convs in the authors' release).
+    Every one carries the power-iteration vectors of spectral regularization, which covers all convs.
+    With data_init=True the first forward pass after `request_data_init` sets the bias and the
+    log-norm from that batch so each output channel has mean 0 and std 0.2 (the authors divide by
+    5 std), averaged over ranks under data parallelism.
     """
 
     def __init__(self, c_in, c_out, kernel_size, stride=1, padding=0, groups=1, bias=True,
-                 data_init=False):
+                 data_init=False, weight_norm=True):
         super().__init__(c_in, c_out, kernel_size, stride, padding, groups=groups, bias=bias)
-        self.log_weight_norm = nn.Parameter(torch.log(self._v_norm().detach() + 1e-2))
+        if weight_norm:
+            self.log_weight_norm = nn.Parameter(torch.log(self._v_norm().detach() + 1e-2))
+        else:
+            self.register_parameter("log_weight_norm", None)
+        assert weight_norm or not data_init, "data-dependent init sets a weight norm"
         # Power-iteration vectors of spectral regularization (see regularization.py).
         rows, cols = self.weight.shape[0], self.weight[0].numel()
         self.register_buffer("sr_u", F.normalize(torch.randn(rows), dim=0))
@@ -32,6 +39,8 @@ class Conv2d(nn.Conv2d):
 
     def normalized_weight(self):
         """The effective weight exp(g) * v / ||v|| (what spectral regularization constrains)."""
+        if self.log_weight_norm is None:
+            return self.weight
         return self.weight * (self.log_weight_norm.exp() / (self._v_norm() + 1e-5))
 
     def forward(self, x):
@@ -43,13 +52,16 @@ class Conv2d(nn.Conv2d):
     @torch.no_grad()
     def _init_from(self, x):
         self.init_pending = False
-        out = F.conv2d(x, self.normalized_weight(), None, self.stride, self.padding, self.dilation,
-                       self.groups)
-        mean = out.mean(dim=(0, 2, 3))
-        std = out.std(dim=(0, 2, 3)).clamp_min(1e-3)
-        self.log_weight_norm.sub_(std.log().view_as(self.log_weight_norm))
+        unit = self.weight / (self._v_norm() + 1e-5)
+        out = F.conv2d(x, unit.to(x.dtype), None, self.stride, self.padding, self.dilation, self.groups).float()
+        stats = torch.stack([out.mean(dim=(0, 2, 3)), 5.0 * out.std(dim=(0, 2, 3))])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+            stats /= dist.get_world_size()
+        mean, scale = stats[0], stats[1] + 1e-5
+        self.log_weight_norm.copy_(-scale.log().view_as(self.log_weight_norm))
         if self.bias is not None:
-            self.bias.copy_(-mean / std)
+            self.bias.copy_(-mean / scale)
 
 
 def request_data_init(model):
@@ -84,10 +96,6 @@ def elu(x):
 class ELU(nn.Module):
     def forward(self, x):
         return elu(x)
-
-
-def activation(name):
-    return ELU() if name == "elu" else nn.SiLU()
 
 
 def _activate(name, y):
@@ -210,20 +218,21 @@ class _NormActConvFn(torch.autograd.Function):
 class NormActConv(nn.Module):
     """BN -> activation -> (nearest x2 upsampling) -> conv: the unit the cells are made of.
 
-    Without batch norm (weight-norm cells) it is act -> conv. Upsampling comes after the
+    Without batch norm (weight-norm cells) it is act -> conv, the conv weight-normalized and
+    initialized from data; with batch norm, weight_norm=False makes the conv plain. Upsampling comes after the
     elementwise BN and activation, which commute with it, so those run at the low resolution;
     only BN's running-variance update sees the smaller count (Bessel factor n/(n-1)).
     """
 
     def __init__(self, c_in, c_out, kernel_size, cfg, stride=1, groups=1, bias=True, activate=True,
-                 upsample=False):
+                 upsample=False, weight_norm=True):
         super().__init__()
         wn = cfg.normalization == "weight_norm"
         self.act = cfg.activation if activate else "none"
         self.upsample = upsample
         self.bn = None if wn else BatchNorm2d(c_in)
         self.conv = Conv2d(c_in, c_out, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias,
-                           data_init=wn)
+                           data_init=wn, weight_norm=weight_norm or wn)
 
     def forward(self, x):
         bn, conv = self.bn, self.conv
@@ -264,28 +273,28 @@ class SqueezeExcite(nn.Module):
 
 
 class FactorizedReduce(nn.Module):
-    """Stride-2 skip: act, then four 1x1 stride-2 convs on shifted grids, concatenated."""
+    """Stride-2 skip: Swish (whatever the cells' activation), then four weight-normalized 1x1
+    stride-2 convs with bias on the grids shifted by (0,0), (1,1), (0,1), (1,0), concatenated."""
 
-    def __init__(self, c_in, c_out, act):
+    def __init__(self, c_in, c_out):
         super().__init__()
-        self.act = activation(act)
         quarter = c_out // 4
         sizes = [quarter, quarter, quarter, c_out - 3 * quarter]
         self.convs = nn.ModuleList(Conv2d(c_in, s, 1, stride=2) for s in sizes)
 
     def forward(self, x):
-        x = self.act(x)
+        x = F.silu(x)
         shifted = (x, x[:, :, 1:, 1:], x[:, :, :, 1:], x[:, :, 1:, :])
         return torch.cat([conv(s) for conv, s in zip(self.convs, shifted)], dim=1)
 
 
 class UpsampleSkip(nn.Module):
-    """Upsampling skip: nearest x2 and a 1x1 conv to the new channel count (they commute, so the
-    conv runs first, at the low resolution)."""
+    """Upsampling skip: bilinear x2 (align_corners=True), then a weight-normalized 1x1 conv with no
+    bias. Both are linear and act on different axes, so the conv runs first, at low resolution."""
 
     def __init__(self, c_in, c_out):
         super().__init__()
-        self.conv = Conv2d(c_in, c_out, 1)
+        self.conv = Conv2d(c_in, c_out, 1, bias=False)
 
     def forward(self, x):
-        return upsample2(self.conv(x))
+        return F.interpolate(self.conv(x), scale_factor=2.0, mode="bilinear", align_corners=True)

@@ -18,6 +18,7 @@ class ForwardResult:
     output: torch.Tensor  # the likelihood's parameters, B x P x H x W
     recon_nll: torch.Tensor  # -log p(x|z), (B,)
     kl: torch.Tensor  # per group, (B, G): analytic KL, or log q - log p of the sample with flows
+    kl_channels: list  # per group, the KL summed over space per latent channel, B x L
     log_q: torch.Tensor  # log q(z|x) of the sampled z, all groups, (B,)
     log_p: torch.Tensor  # log p(z) of the sampled z, all groups, (B,)
     posterior_means: list  # per group, the mean of q(z_l | x, z_<l), B x L x h x w
@@ -44,7 +45,7 @@ class LatentGroup(nn.Module):
             self.prior_head = nn.Sequential(ELU(), Conv2d(c_dec, 2 * latent, 1))
             self.decoder_to_encoder = Conv2d(c_dec, c_enc, 1)
         self.posterior_head = Conv2d(c_enc, 2 * latent, 3, padding=1)
-        self.flows = nn.ModuleList(Flow(latent, c_enc) for _ in range(cfg.num_flows))
+        self.flows = nn.ModuleList(Flow(latent, c_enc, cfg.flow_cell) for _ in range(cfg.num_flows))
         self.merge = Conv2d(c_dec + latent, c_dec, 1)
 
     def _merge(self, s, z):
@@ -70,7 +71,7 @@ class LatentGroup(nn.Module):
             log_q = log_q - log_det
         log_p = prior.log_prob(z)
         kl = log_q - log_p if self.flows else q.kl(prior)
-        stats = (kl.flatten(1).sum(1), log_q.flatten(1).sum(1), log_p.flatten(1).sum(1), q.mu)
+        stats = (kl.sum(dim=(2, 3)), log_q.flatten(1).sum(1), log_p.flatten(1).sum(1), q.mu)
         return self._merge(s, z), stats
 
     def sample(self, s, temperature):
@@ -169,9 +170,10 @@ class NVAE(nn.Module):
             return s
 
         output = self._top_down(x.shape[0], posterior_step).float()
-        kl, log_q, log_p, means = zip(*stats)
+        kl_channels, log_q, log_p, means = zip(*stats)
         return ForwardResult(output=output, recon_nll=reconstruction_nll(self.cfg, output, x),
-                             kl=torch.stack(kl, dim=1), log_q=torch.stack(log_q, 1).sum(1),
+                             kl=torch.stack([k.sum(1) for k in kl_channels], dim=1),
+                             kl_channels=list(kl_channels), log_q=torch.stack(log_q, 1).sum(1),
                              log_p=torch.stack(log_p, 1).sum(1), posterior_means=list(means))
 
     def sample(self, n, temperature=1.0):

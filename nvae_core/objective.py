@@ -7,9 +7,11 @@ from .regularization import batchnorm_regularization
 
 
 def kl_coefficient(step, total_steps, cfg):
-    """Rises linearly from cfg.kl_min_coeff to 1 over the first kl_anneal_portion of training."""
+    """Held at cfg.kl_min_coeff for the first kl_const_portion of training, then rising linearly,
+    reaching 1 kl_anneal_portion of training later (the authors' schedule); never below the minimum."""
+    const_steps = cfg.kl_const_portion * total_steps
     anneal_steps = max(1.0, cfg.kl_anneal_portion * total_steps)
-    return max(min(step / anneal_steps, 1.0), cfg.kl_min_coeff)
+    return max(min((step - const_steps) / anneal_steps, 1.0), cfg.kl_min_coeff)
 
 
 def sr_coefficient(kl_coeff, cfg):

@@ -17,25 +17,39 @@ def make_optimizer(model, cfg):
 
 
 def learning_rate(step, steps_per_epoch, cfg):
-    """Linear warm-up over warmup_epochs, then cosine decay to learning_rate_min at the last step."""
+    """The authors' schedule: a linear warm-up from 0 over warmup_epochs (per step), then cosine
+    annealing stepped once per epoch from the first epoch after warmup_epochs, reaching
+    learning_rate_min in the last epoch (their CosineAnnealingLR, T_max = epochs - warmup - 1)."""
     warmup = cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
-        return cfg.learning_rate * (step + 1) / warmup
-    total = cfg.epochs * steps_per_epoch
-    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
-    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.learning_rate * step / warmup
+    decays = max(0, step // steps_per_epoch - math.floor(cfg.warmup_epochs))
+    span = max(1.0, cfg.epochs - cfg.warmup_epochs - 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, decays / span)))
     return cfg.learning_rate_min + (cfg.learning_rate - cfg.learning_rate_min) * cosine
+
+
+GRAD_SCALE_INIT = 2.0 ** 10  # the authors' initial fp16 loss scale
+
+
+def resolve_precision(precision, device):
+    """The precision a config's `precision` means on a device: 'auto' is the authors' fp16 autocast
+    on CUDA and fp32 elsewhere; any other value is itself."""
+    if precision == "auto":
+        return "fp16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
 
 
 def check_precision(precision, device):
     """Raise a ConfigError before any work when the precision cannot run on the device."""
     device = torch.device(device)
-    if precision == "fp16" and device.type != "cuda":
+    if resolve_precision(precision, device) == "fp16" and device.type != "cuda":
         raise ConfigError(f"precision='fp16' needs a CUDA device (got {device}); use 'bf16' or 'fp32' on CPU")
 
 
 def autocast(precision, device):
-    """The autocast context for a precision: none for fp32, bf16 or fp16 otherwise."""
+    """The autocast context for a precision on a device: none for fp32, bf16 or fp16 otherwise."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -65,10 +79,12 @@ class TrainStep:
         self.model, self.core, self.cfg = model, core, core.cfg
         self.device = torch.device(device)
         check_precision(self.cfg.precision, self.device)
+        self.precision = resolve_precision(self.cfg.precision, self.device)
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = self.cfg.epochs * steps_per_epoch
         self.optimizer = make_optimizer(model, self.cfg)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=GRAD_SCALE_INIT,
+                                           enabled=self.precision == "fp16")
         self.spectral = SpectralRegularizer(core)
         self.step = 0
         self.needs_data_init = self.cfg.normalization == "weight_norm"
@@ -77,7 +93,7 @@ class TrainStep:
     def data_init(self, x):
         """Data-dependent initialization of the weight-normalized cells from the batch x."""
         request_data_init(self.core)
-        with autocast(self.cfg.precision, self.device):
+        with autocast(self.precision, self.device):
             self.core(x)
         self.needs_data_init = False
 
@@ -90,7 +106,7 @@ class TrainStep:
         lr = learning_rate(self.step, self.steps_per_epoch, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with autocast(self.cfg.precision, self.device):
+        with autocast(self.precision, self.device):
             result = self.model(x)
         loss, stats = nvae_loss(result, self.core, self.step, self.total_steps, self.spectral)
         self.optimizer.zero_grad(set_to_none=False)  # stable gradient buffers: less heap fragmentation

@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from nvae_core import NVAE, NVAEConfig, TrainStep, active_units, autocast, bits_per_dim, sample_images
-from nvae_core.datasets import dynamic_binarize, load_dataset, quantize
+from nvae_core import NVAE, NVAEConfig, TrainStep, active_units, active_units_kl, autocast, bits_per_dim, sample_images
+from nvae_core.datasets import Batches, load_dataset
 from nvae_core.evaluation import importance_weighted_nll
 from nvae_core.layers import synchronize_batchnorm
 
@@ -63,19 +63,6 @@ def _peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-class Batches:
-    """Turns a loader of intensities into model inputs: dynamic binarization (a fresh sample
-    from its own seeded generator) for 1-bit data, quantization to num_x_bits otherwise."""
-
-    def __init__(self, cfg, device, seed):
-        self.cfg, self.device = cfg, device
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, x):
-        x = dynamic_binarize(x, self.generator) if self.cfg.num_x_bits == 1 else quantize(x, self.cfg.num_x_bits)
-        return x.to(self.device, non_blocking=True)
-
-
 def _mean_over_ranks(per_example, loader, prepare):
     """Mean of per_example(x) (a tensor with one value per image) over every rank's shard."""
     total = count = 0.0
@@ -96,7 +83,8 @@ def _evaluate_nelbo(model, loader, cfg, device, seed):
 
 
 def _final_evaluation(model, loader, cfg, device, options, seed):
-    """Importance-weighted test bits/dim over all ranks' shards, and active units on this rank's."""
+    """Importance-weighted test bits/dim over all ranks' shards, and active units (posterior-mean
+    variance, Burda et al.; and the authors' per-channel KL count) on this rank's."""
     model.eval()
     with autocast(cfg.precision, device):
         nats = _mean_over_ranks(
@@ -104,9 +92,12 @@ def _final_evaluation(model, loader, cfg, device, options, seed):
             loader, Batches(cfg, device, seed))
         prepare = Batches(cfg, device, seed)
         units = active_units(model, (prepare(x) for x in loader))
+        prepare = Batches(cfg, device, seed)
+        channels = active_units_kl(model, (prepare(x) for x in loader))
     model.train()
     return {"test_bpd": bits_per_dim(nats, cfg.num_dims), "test_nats": nats,
-            "active_units": sum(units), **{f"active_units_group_{i}": u for i, u in enumerate(units)}}
+            "active_units": sum(units), **{f"active_units_group_{i}": u for i, u in enumerate(units)},
+            "active_units_kl": sum(channels), **{f"active_units_kl_group_{i}": u for i, u in enumerate(channels)}}
 
 
 def _save_samples(model, cfg, path, options):
@@ -166,7 +157,7 @@ def train_loop_per_worker(config):
     common = dict(data_dir=options["data_dir"], download=options["download"], seed=cfg.seed,
                   image_size=cfg.image_size)
     train_set = load_dataset(cfg.dataset, "train", **common)
-    test_set = load_dataset(cfg.dataset, "test", **common)
+    test_set = load_dataset(cfg.dataset, cfg.evaluation_split, **common)
     if options["max_test_images"]:
         test_set = Subset(test_set, range(min(len(test_set), options["max_test_images"])))
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -186,7 +177,7 @@ def train_loop_per_worker(config):
         start_epoch = _restore(model, step, checkpoint)
     elif step.needs_data_init:  # every rank inits from its own batch; DDP then broadcasts rank 0's
         sampler.set_epoch(0)
-        step.data_init(Batches(cfg, device, cfg.seed)(next(iter(loader))))
+        step.data_init(Batches(cfg, device, cfg.seed, train=True)(next(iter(loader))))
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             synchronize_batchnorm(model), device_ids=[device.index] if device.type == "cuda" else None)
@@ -202,7 +193,7 @@ def train_loop_per_worker(config):
 
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
-        prepare = Batches(cfg, device, seed=cfg.seed * 100003 + epoch * 1009 + rank)
+        prepare = Batches(cfg, device, seed=cfg.seed * 100003 + epoch * 1009 + rank, train=True)
         sums = {"loss": 0.0, "nelbo": 0.0, "recon": 0.0, "kl": 0.0, "grad_norm": 0.0}
         kl_groups = torch.zeros(cfg.num_groups, dtype=torch.float64)
         steps, start = 0, time.perf_counter()
@@ -213,7 +204,7 @@ def train_loop_per_worker(config):
             if options["debug_kill_at_step"] == step.step and rank == world - 1 and not resumed:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection: this worker dies mid-epoch
             finite = math.isfinite(stats["loss"].item())
-            if cfg.precision != "fp16":  # fp16's gradient scaler expects, and skips, overflowing steps
+            if step.precision != "fp16":  # fp16's gradient scaler expects, and skips, overflowing steps
                 finite = finite and math.isfinite(float(stats["grad_norm"]))
             if _all_reduce([0.0 if finite else 1.0], op=dist.ReduceOp.MAX)[0] > 0:
                 status = f"diverged at step {step.step}"

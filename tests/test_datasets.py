@@ -10,8 +10,9 @@ import torch
 import torchvision.datasets.celeba
 from PIL import Image
 
+from nvae_core import ConfigError, NVAEConfig, preset
 from nvae_core.config import DATASET_SHAPES
-from nvae_core.datasets import DATASETS, DatasetNotFoundError, load_dataset, quantize
+from nvae_core.datasets import DATASETS, Batches, DatasetNotFoundError, load_dataset, quantize
 
 DOWNLOADABLE = ("mnist", "cifar10", "celeba64")
 CELEBA_LISTS = ("list_eval_partition.txt", "identity_CelebA.txt", "list_attr_celeba.txt",
@@ -57,19 +58,21 @@ def write_cifar10(root, per_batch=2):
 
 
 CELEBA_PARTITION = {"000001.jpg": 0, "000002.jpg": 0, "000003.jpg": 0, "000004.jpg": 1,
-                    "000005.jpg": 2, "000006.jpg": 2}
+                    "000005.jpg": 2, "000006.jpg": 2, "000007.jpg": 1}
 CELEBA_COLORS = {"000001.jpg": (200, 30, 30), "000002.jpg": (30, 200, 30), "000003.jpg": (120, 120, 120),
-                 "000004.jpg": (90, 90, 90), "000005.jpg": (220, 220, 40), "000006.jpg": (40, 220, 220)}
+                 "000004.jpg": (90, 90, 90), "000005.jpg": (220, 220, 40), "000006.jpg": (40, 220, 220),
+                 "000007.jpg": (60, 60, 200)}
 
 
 def write_celeba(root):
-    """celeba/img_align_celeba/*.jpg (178 x 218, a solid colour in a black 15/35-pixel frame; greys saved as L)
-    and the five list files torchvision reads."""
+    """celeba/img_align_celeba/*.jpg (178 x 218, a solid colour exactly in the authors' crop box
+    (left 15, top 40, right 163, bottom 188), black around it; greys saved as L) and the five list
+    files torchvision reads."""
     folder = root / "celeba"
     (folder / "img_align_celeba").mkdir(parents=True)
     for name, color in CELEBA_COLORS.items():
         image = np.zeros((218, 178, 3), np.uint8)
-        image[35:-35, 15:-15] = color  # exactly the central 148 x 148 square
+        image[40:188, 15:163] = color  # the box is 148 x 148, 5 pixels above the image's centre
         image = Image.fromarray(image)
         image = image.convert("L") if len(set(color)) == 1 else image
         image.save(folder / "img_align_celeba" / name, quality=100)
@@ -140,18 +143,63 @@ def test_cifar10_reads_python_batches_channel_major(tmp_path):
 
 # --- CelebA -------------------------------------------------------------------------------------
 
-def test_celeba64_centre_crops_148_resizes_to_64_and_splits(tmp_path):
-    """Each split holds its partition's jpgs as 3 x 64 x 64 RGB: the 148 centre crop, without the frame."""
+def test_celeba64_crops_the_authors_box_resizes_to_64_and_splits(tmp_path):
+    """Each split holds its partition's jpgs as 3 x 64 x 64 RGB: the (15, 40, 163, 188) box, no
+    black frame (a centre crop would keep 5 black rows at the top); validation is partition 1."""
     write_celeba(tmp_path)
     for split, names in (("train", ["000001.jpg", "000002.jpg", "000003.jpg"]),
-                         ("test", ["000005.jpg", "000006.jpg"])):
+                         ("validation", ["000004.jpg", "000007.jpg"]), ("test", ["000005.jpg", "000006.jpg"])):
         x = _all(load_dataset("celeba64", split, tmp_path))
         assert x.shape == (len(names), 3, 64, 64) and x.dtype == torch.float32
         assert 0.0 <= x.min() and x.max() <= 1.0
         for image, name in zip(x, names):
             color = torch.tensor(CELEBA_COLORS[name]).view(3, 1, 1) / 255
-            assert (image[:, 2:-2, 2:-2] - color).abs().max() < 0.03  # solid colour, no black frame
-            assert (image.mean(dim=(1, 2), keepdim=True) - color).abs().max() < 0.03
+            assert (image[:, 2:-2, 2:-2] - color).abs().max() < 0.03  # solid colour (JPEG rings at the edges)
+            for edge in (image[:, :2], image[:, -2:], image[:, :, :2], image[:, :, -2:]):  # no black frame
+                assert (edge.mean(dim=(1, 2)) - color.flatten()).abs().max() < 0.1  # black would be > 0.7
+
+
+def test_only_celeba64_has_a_validation_split(tmp_path):
+    """Asking another set for a validation split is a clear error, as is eval_split='validation'."""
+    with pytest.raises(ValueError, match="no validation split"):
+        load_dataset("digits", "validation")
+    with pytest.raises(ConfigError, match="eval_split"):
+        NVAEConfig(dataset="cifar10", eval_split="validation")
+    assert NVAEConfig(dataset="celeba64", image_size=64).evaluation_split == "validation"
+    assert NVAEConfig(dataset="celeba64", image_size=64, eval_split="test").evaluation_split == "test"
+    assert NVAEConfig(dataset="cifar10").evaluation_split == "test"
+
+
+# --- training augmentation ---------------------------------------------------------------------
+
+def _flipped_fraction(cfg, train, n=400):
+    """Share of n left-right asymmetric images that come out of Batches mirrored."""
+    x = torch.zeros(n, cfg.image_channels, cfg.image_size, cfg.image_size)
+    x[..., 0] = 1.0  # only the leftmost column is lit: a flip moves it to the right
+    out = Batches(cfg, "cpu", seed=3, train=train)(x)
+    mirrored = out[..., -1].flatten(1).amin(1) == 1.0
+    kept = out[..., 0].flatten(1).amin(1) == 1.0
+    assert bool((mirrored ^ kept).all()), "each image is either kept or exactly mirrored"
+    return mirrored.float().mean().item()
+
+
+@pytest.mark.parametrize("name", ["cifar10", "celeba64"])
+def test_training_images_of_colour_sets_flip_and_test_images_never(name):
+    """The authors' augmentation: a random horizontal flip of about half the training images of
+    CIFAR-10 and CelebA 64 (train_flip='auto'), none at evaluation; 'off' turns it off."""
+    cfg = preset(name)
+    assert cfg.train_flip == "auto" and cfg.flips_training_images
+    assert 0.4 < _flipped_fraction(cfg, train=True) < 0.6
+    assert _flipped_fraction(cfg, train=False) == 0.0
+    assert _flipped_fraction(cfg.replace(train_flip="off"), train=True) == 0.0
+
+
+def test_binarized_sets_do_not_flip_unless_asked():
+    """MNIST (and any 1-bit set) is not flipped under 'auto'; 'on' flips it."""
+    cfg = preset("mnist")
+    assert not cfg.flips_training_images
+    assert _flipped_fraction(cfg, train=True) == 0.0
+    assert 0.4 < _flipped_fraction(cfg.replace(train_flip="on"), train=True) < 0.6
 
 
 # --- image-folder -------------------------------------------------------------------------------

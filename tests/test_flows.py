@@ -1,21 +1,27 @@
-"""Inverse-autoregressive flow cells: masks, triangular Jacobians and log-determinants."""
+"""Inverse-autoregressive flow cells: masks, triangular Jacobians and log-determinants, for the
+authors' shift cell (the default) and our affine-with-context cell."""
+import math
+
 import pytest
 import torch
 
-from nvae_core.flows import Flow, IAFCell, autoregressive_mask
+from nvae_core import NVAE
+from nvae_core.flows import AffineCell, Flow, MaskedConv2d, ShiftCell, autoregressive_mask
+from tests.conftest import tiny_batch, tiny_config
 
 C, H, W, CONTEXT = 2, 3, 3, 3
 
 
 def _perturb(cell, seed):
-    """Move an IAF cell far from its near-identity init: unit output norm, random output bias."""
+    """Move a flow cell far from its near-identity init: unit output norm, random output bias."""
     g = torch.Generator().manual_seed(seed)
+    last = cell.conv_out if isinstance(cell, AffineCell) else cell.conv_mu
     with torch.no_grad():
-        cell.conv_out.log_weight_norm.zero_()
-        bias = cell.conv_out.bias
-        bias.copy_(torch.randn(bias.shape, generator=g, dtype=bias.dtype))
-        for module in (cell.conv_in, cell.depthwise, cell.conv_out, cell.context):
-            module.log_weight_norm.add_(0.5)
+        last.log_weight_norm.zero_()
+        last.bias.copy_(torch.randn(last.bias.shape, generator=g, dtype=last.bias.dtype))
+        for module in cell.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.log_weight_norm.add_(0.5)
 
 
 def _jacobian(module, z, context):
@@ -25,11 +31,13 @@ def _jacobian(module, z, context):
     return torch.autograd.functional.jacobian(f, z.flatten())
 
 
-def _order_key():
+def _order_key(reverse_pixels=False):
     """Position of each flattened (channel, pixel) index in the autoregressive order:
-    pixels in raster order, channels in index order within a pixel."""
+    pixels in raster order (or reversed), channels in index order within a pixel."""
     c = torch.arange(C).view(C, 1).expand(C, H * W)
     p = torch.arange(H * W).view(1, H * W).expand(C, H * W)
+    if reverse_pixels:
+        p = H * W - 1 - p
     return (p * C + c).flatten()
 
 
@@ -41,9 +49,9 @@ def _inputs(seed):
 
 
 @pytest.mark.parametrize("mirror", [False, True])
-def test_iaf_cell_jacobian_is_triangular_in_autoregressive_order(mirror):
+def test_affine_cell_jacobian_is_triangular_in_autoregressive_order(mirror):
     """Output (c, p) reads only inputs strictly earlier in the order (reversed for the mirror)."""
-    cell = IAFCell(C, CONTEXT, mirror=mirror).double()
+    cell = AffineCell(C, CONTEXT, mirror=mirror).double()
     _perturb(cell, seed=1)
     z, context = _inputs(seed=2)
     jac = _jacobian(cell, z, context)
@@ -61,9 +69,9 @@ def test_iaf_cell_jacobian_is_triangular_in_autoregressive_order(mirror):
 
 
 @pytest.mark.parametrize("mirror", [False, True])
-def test_iaf_cell_log_det_matches_numerical_jacobian(mirror):
+def test_affine_cell_log_det_matches_numerical_jacobian(mirror):
     """sum of the cell's log-determinant per dimension = log|det J| of the autograd Jacobian."""
-    cell = IAFCell(C, CONTEXT, mirror=mirror).double()
+    cell = AffineCell(C, CONTEXT, mirror=mirror).double()
     _perturb(cell, seed=3)
     z, context = _inputs(seed=4)
     _, log_det = cell(z, context)
@@ -75,9 +83,9 @@ def test_iaf_cell_log_det_matches_numerical_jacobian(mirror):
     assert torch.allclose(log_det.double().sum(), logabsdet, rtol=1e-5, atol=1e-5)
 
 
-def test_flow_log_det_matches_numerical_jacobian():
+def test_affine_flow_log_det_matches_numerical_jacobian():
     """A Flow (cell + mirrored cell) has a full Jacobian whose log|det| is its summed log-det."""
-    flow = Flow(C, CONTEXT).double()
+    flow = Flow(C, CONTEXT, cell="affine").double()
     for i, cell in enumerate(flow.cells):
         _perturb(cell, seed=10 + i)
     z, context = _inputs(seed=5)
@@ -117,3 +125,51 @@ def test_autoregressive_mask_uses_degrees_not_indices():
     centre = autoregressive_mask(5, 2, 5, deg_out, deg_in, strict=True)[:, :, 2, 2]
     expected = torch.tensor([[0, 0], [0, 0], [1, 0], [1, 0], [1, 1]], dtype=torch.float32)
     assert torch.equal(centre, expected)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_shift_cell_is_a_unit_triangular_shift_that_ignores_the_features(mirror):
+    """The authors' cell: z' = z - mu(z), mu strictly earlier in the order (raster order of
+    pixels, reversed for the mirror; channels in index order either way), log-det 0, and the
+    posterior's features change nothing."""
+    cell = ShiftCell(C, CONTEXT, mirror=mirror).double()
+    _perturb(cell, seed=6)
+    z, context = _inputs(seed=7)
+    new_z, log_det = cell(z, context)
+    assert torch.equal(log_det, torch.zeros_like(log_det))
+    assert torch.equal(new_z, cell(z, 100 * torch.randn_like(context))[0])
+    jac = _jacobian(cell, z, context)
+    key = _order_key(reverse_pixels=mirror)
+    forbidden = key.view(1, -1) >= key.view(-1, 1)
+    diagonal = torch.eye(C * H * W, dtype=torch.bool)
+    assert (jac[forbidden & ~diagonal] == 0).all(), "mu depends on an input not earlier in the order"
+    assert torch.equal(jac.diagonal(), torch.ones(C * H * W, dtype=jac.dtype))
+    assert (jac[~forbidden] != 0).float().mean() > 0.5  # not vacuous: mu reads the earlier inputs
+    assert torch.linalg.slogdet(jac).logabsdet.abs() < 1e-12
+
+
+def test_shift_cell_masks_and_initial_scale():
+    """As the authors build it: no bias but on the mu conv, no context conv, the mirror's masks
+    are the first cell's flipped in space only, and the mu conv starts at 0.1 x its default norm."""
+    torch.manual_seed(0)
+    plain, mirrored = ShiftCell(4, 8, mirror=False), ShiftCell(4, 8, mirror=True)
+    assert [n for n, _ in plain.named_parameters()] == [
+        "conv_in.weight", "conv_in.log_weight_norm", "depthwise.weight", "depthwise.log_weight_norm",
+        "conv_mu.weight", "conv_mu.bias", "conv_mu.log_weight_norm"]
+    for name in ("conv_in", "depthwise", "conv_mu"):
+        a, b = getattr(plain, name).mask, getattr(mirrored, name).mask
+        assert torch.equal(b, a.flip(2, 3))
+    masked = plain.conv_mu.weight * plain.conv_mu.mask
+    default = torch.log(torch.linalg.vector_norm(masked, dim=(1, 2, 3)) + 1e-2)
+    assert torch.allclose(plain.conv_mu.log_weight_norm.flatten(), default + math.log(0.1))
+    assert isinstance(plain.conv_mu, MaskedConv2d)
+
+
+def test_model_with_shift_flows_takes_kl_from_the_sample():
+    """With flows the KL is log q - log p of the flowed sample (and log q has no log-det term)."""
+    cfg = tiny_config(num_flows=1)
+    model = NVAE(cfg).eval()
+    result = model(tiny_batch(cfg))
+    assert torch.allclose(result.kl.sum(1), result.log_q - result.log_p, atol=1e-3)
+    assert len(model.latent_groups[0].flows) == 1
+    assert isinstance(model.latent_groups[0].flows[0].cells[0], ShiftCell)

@@ -63,7 +63,8 @@ def _perturb_weights(model, scale, seed):
     with torch.no_grad():
         for conv in _convs(model):
             conv.weight.add_(scale * conv.weight.abs().mean() * torch.randn(conv.weight.shape, generator=g))
-            conv.log_weight_norm.add_(scale * torch.randn(conv.log_weight_norm.shape, generator=g))
+            if conv.log_weight_norm is not None:  # the separable cells' convs are plain
+                conv.log_weight_norm.add_(scale * torch.randn(conv.log_weight_norm.shape, generator=g))
 
 
 # ---------------------------------------------------------------------------- spectral regularizer
@@ -91,13 +92,17 @@ def test_spectral_estimates_after_warmup(flow_model):
 
 
 def test_spectral_total_is_differentiable_in_conv_weights(flow_model):
-    """Gradients of the total reach every conv's direction and log-norm parameters."""
+    """Gradients of the total reach every conv's direction and log-norm parameters, the plain
+    convs of separable cells included (the authors regularize every conv)."""
     total = SpectralRegularizer(flow_model)()
     assert total.requires_grad
     total.backward()
-    for conv in _convs(flow_model):
+    convs = _convs(flow_model)
+    assert any(conv.log_weight_norm is None for conv in convs)
+    for conv in convs:
         assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0, tuple(conv.weight.shape)
-        assert conv.log_weight_norm.grad is not None and conv.log_weight_norm.grad.abs().sum() > 0
+        if conv.log_weight_norm is not None:
+            assert conv.log_weight_norm.grad is not None and conv.log_weight_norm.grad.abs().sum() > 0
 
 
 def test_spectral_tracks_weights_after_small_change(flow_model):
@@ -159,19 +164,24 @@ def test_batchnorm_regularization_without_bn_is_zero():
 # --------------------------------------------------------------------------------------- objective
 
 def test_kl_coefficient_schedule():
-    """kl_min_coeff at step 0, linear in step, 1 from kl_anneal_portion of training on."""
-    cfg = tiny_config(kl_anneal_portion=0.3, kl_min_coeff=1e-4)
-    total = 1000
+    """The authors' schedule: kl_min_coeff for the first kl_const_portion of training, then linear,
+    reaching 1 kl_anneal_portion of training later; never below kl_min_coeff."""
+    cfg = tiny_config(kl_anneal_portion=0.3, kl_min_coeff=1e-4, kl_const_portion=1e-4)
+    total = 100_000  # 10 constant steps, then 30,000 to rise
     assert kl_coefficient(0, total, cfg) == pytest.approx(1e-4)
-    assert kl_coefficient(30, total, cfg) == pytest.approx(0.1)
-    assert kl_coefficient(150, total, cfg) == pytest.approx(0.5)
-    assert kl_coefficient(240, total, cfg) == pytest.approx(0.8)
-    assert kl_coefficient(300, total, cfg) == pytest.approx(1.0)
-    assert kl_coefficient(999, total, cfg) == pytest.approx(1.0)
+    assert kl_coefficient(10, total, cfg) == pytest.approx(1e-4)
+    assert kl_coefficient(11, total, cfg) == pytest.approx(1e-4)  # 1/30000 is below the floor
+    assert kl_coefficient(3_010, total, cfg) == pytest.approx(0.1)
+    assert kl_coefficient(15_010, total, cfg) == pytest.approx(0.5)
+    assert kl_coefficient(30_009, total, cfg) < 1.0
+    assert kl_coefficient(30_010, total, cfg) == pytest.approx(1.0)
+    assert kl_coefficient(99_999, total, cfg) == pytest.approx(1.0)
     # Linear: equal steps give equal increments above the floor.
-    values = [kl_coefficient(s, total, cfg) for s in range(10, 300, 10)]
+    values = [kl_coefficient(s, total, cfg) for s in range(1_010, 30_000, 1_000)]
     increments = [b - a for a, b in zip(values, values[1:])]
     assert max(increments) - min(increments) < 1e-9
+    no_hold = cfg.replace(kl_const_portion=0.0)
+    assert kl_coefficient(3_000, total, no_hold) == pytest.approx(0.1)
     assert kl_coefficient(0, total, cfg.replace(kl_min_coeff=0.2)) == pytest.approx(0.2)
 
 
@@ -225,7 +235,7 @@ def _fake_result(batch, groups, seed):
     g = torch.Generator().manual_seed(seed)
     return ForwardResult(output=torch.zeros(batch, 1, 1, 1), recon_nll=100 + torch.rand(batch, generator=g),
                          kl=torch.rand(batch, groups, generator=g) * 3, log_q=torch.zeros(batch),
-                         log_p=torch.zeros(batch), posterior_means=[])
+                         kl_channels=[], log_p=torch.zeros(batch), posterior_means=[])
 
 
 def test_nvae_loss_without_regularizer():
