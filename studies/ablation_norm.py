@@ -1,6 +1,7 @@
 """Normalization and activation against hierarchy depth (NVAE Section 5): does BN + Swish beat
 WN + ELU as the number of latent groups L grows? WN + ELU diverged at L = 40 in the paper; a
-diverged trial is a result and is recorded as one.
+diverged trial is a result and is recorded as one. As in the authors' three models, every cell
+(both towers, pre- and post-process) is the regular residual cell, so WN rows hold no batch norm.
 
     python studies/ablation_norm.py                      # smoke: offline, minutes on a laptop
     python studies/ablation_norm.py --preset small --seeds 3
@@ -17,7 +18,7 @@ STUDY = Study(
                             "BN+Swish": dict(normalization="batch_norm", activation="swish")}),
         field_factor("groups", "num_groups_per_scale", [10, 20, 40], smoke_values=[2, 4, 8]),
     ),
-    fixed={"num_latent_scales": 1},
+    fixed={"num_latent_scales": 1, "encoder_cell": "regular", "decoder_cell": "regular"},
     across="groups",
     baseline={"norm_act": "BN+Swish"},  # NVAE's choice
 )
