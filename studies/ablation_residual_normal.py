@@ -1,6 +1,7 @@
 """Residual Normal distributions (NVAE Section 5): the encoder predicts the posterior relative to
 the prior (on) or absolutely (off), at L = 20 and 40 latent groups; judged by active latent units,
-training KL and test bpd.
+training KL and test bpd. Active units are counted both ways: the posterior mean's variance over
+the data (Burda et al., active_units) and the authors' per-channel KL > 0.1 (active_units_kl).
 
     python studies/ablation_residual_normal.py           # smoke: offline, minutes on a laptop
     python studies/ablation_residual_normal.py --preset small
@@ -16,7 +17,7 @@ STUDY = Study(
         field_factor("groups", "num_groups_per_scale", [20, 40], smoke_values=[4, 8]),
     ),
     fixed={"num_latent_scales": 1},
-    columns=("active_units", "train_kl", "test_bpd"),
+    columns=("active_units", "active_units_kl", "train_kl", "test_bpd"),
     baseline={"residual_normal": "True"},
 )
 
