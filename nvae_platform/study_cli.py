@@ -6,6 +6,7 @@ from nvae_core import ConfigError
 from nvae_core.datasets import DatasetNotFoundError
 
 from .defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path
+from .preflight import CommandLine, at_least
 from .presets import SCALES
 from .study_runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
 
@@ -25,7 +26,8 @@ def parse_value(text):
     return text
 
 
-def _pairs(parser, items, flag):
+def parse_pairs(parser, items, flag):
+    """{NAME: VALUE} of repeated NAME=VALUE flags; a malformed one is a parser error naming flag."""
     pairs = {}
     for item in items:
         if "=" not in item:
@@ -36,7 +38,7 @@ def _pairs(parser, items, flag):
 
 
 def build_parser(study):
-    parser = argparse.ArgumentParser(
+    parser = CommandLine(
         prog=f"{study.name}.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"{study.description}\n\nFactors: " + "; ".join(
             f"{f.name} in {{{', '.join(f.levels)}}}" + (f" (smoke: {{{', '.join(f.smoke_levels)}}})"
@@ -47,11 +49,12 @@ def build_parser(study):
     add("--preset", default="smoke", choices=SCALES,
         help="smoke: offline data, tiny model, minutes on a CPU; small: CIFAR-10, one GPU per trial; "
              "paper: the paper's settings, multi-GPU trials (default: smoke)")
-    add("--seeds", type=int, default=1, help="seeds per level combination (default: 1)")
-    add("--workers-per-trial", type=int, help="data-parallel workers of each trial (default: the preset's)")
-    add("--gpus-per-worker", type=float, help="0 trains on CPUs (default: the preset's)")
-    add("--cpus-per-worker", type=float, help="default: the preset's")
-    add("--max-concurrent", type=int, help="trials running at once (default: as many as the cluster holds)")
+    add("--seeds", type=at_least(1), default=1, help="seeds per level combination (default: 1)")
+    add("--workers-per-trial", type=at_least(1), help="data-parallel workers of each trial (default: the preset's)")
+    add("--gpus-per-worker", type=at_least(0, float), help="0 trains on CPUs (default: the preset's)")
+    add("--cpus-per-worker", type=at_least(0, float, strictly=True), help="default: the preset's")
+    add("--max-concurrent", type=at_least(1),
+        help="trials running at once, >= 1 (default: as many as the cluster holds)")
     add("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db)")
     add("--experiment", help=f"MLflow experiment name (default: {study.name})")
     add("--storage-path", default=default_storage_path(),
@@ -63,10 +66,10 @@ def build_parser(study):
         help="run only these levels of a factor, e.g. --levels groups=10,20")
     add("--set", action="append", default=[], metavar="FIELD=VALUE",
         help="override an NVAEConfig field in every trial, e.g. --set epochs=50")
-    add("--samples", type=int, help="trials of a search (default: the study's)")
+    add("--samples", type=at_least(1), help="trials of a search (default: the study's)")
     add("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a cluster started on this machine "
                           "with `ray start`, else a new local Ray)")
-    add("--num-cpus", type=int, help="CPUs of a new local Ray (default: all)")
+    add("--num-cpus", type=at_least(1), help="CPUs of a new local Ray (default: all)")
     add("--dry-run", action="store_true", help="print the trials and their resources; start nothing")
     return parser
 
@@ -75,8 +78,8 @@ def main(study, argv=None):
     """Parse the shared flags, then plan (--dry-run) or run the study. Returns the exit code."""
     parser = build_parser(study)
     args = parser.parse_args(argv)
-    levels = {k: [v for v in vs.split(",") if v] for k, vs in _pairs(parser, args.levels, "--levels").items()}
-    overrides = {k: parse_value(v) for k, v in _pairs(parser, args.set, "--set").items()}
+    levels = {k: [v for v in vs.split(",") if v] for k, vs in parse_pairs(parser, args.levels, "--levels").items()}
+    overrides = {k: parse_value(v) for k, v in parse_pairs(parser, args.set, "--set").items()}
     settings = StudySettings(
         scale=args.preset, seeds=args.seeds, workers_per_trial=args.workers_per_trial,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,

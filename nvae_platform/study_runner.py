@@ -17,7 +17,6 @@ import os
 import statistics
 from dataclasses import dataclass, field
 
-import pyarrow.fs
 import ray
 import ray.train
 from ray import tune
@@ -31,6 +30,7 @@ from nvae_core.datasets import check_available
 from .defaults import default_data_dir, default_storage_path
 from .outcomes import read_outcome, write_outcome
 from .pareto import non_dominated
+from .preflight import check_local_resources, check_resources, check_storage
 from .presets import run_options
 from .study import Study, factor_levels, grid, resolve, trial_key
 from .tracking import MlflowTracker, activate, check_tracking_uri, default_tracking_uri, status_of
@@ -149,8 +149,10 @@ class StudyPlan:
 def plan_study(study, settings, check_data=True):
     """Resolve and validate every trial and option (and that the dataset is there, if check_data);
     raise ConfigError/ValueError/DatasetNotFoundError naming the problem."""
-    if settings.seeds < 1:
-        raise ValueError(f"--seeds {settings.seeds}: expected an integer >= 1")
+    for flag, value in (("--seeds", settings.seeds), ("--max-concurrent", settings.max_concurrent),
+                        ("--samples", settings.samples), ("--num-cpus", settings.num_cpus)):
+        if value is not None and value < 1:
+            raise ValueError(f"argument {flag}: {value} is not allowed: expected an integer >= 1")
     if study.search is not None and settings.seeds != 1:
         raise ValueError("--seeds: a search trains one seed per trial; repeat its best trials as a grid study")
     seeds = list(range(settings.seeds))
@@ -189,20 +191,6 @@ def plan_study(study, settings, check_data=True):
                      f"{study.name}-{settings.scale}-{digest}", num_samples)
     plan.options = dataclasses.replace(options, storage_path=plan.trials_path)
     return plan
-
-
-def check_storage(storage_path):
-    """Raise ValueError unless the storage root can be created and written."""
-    try:
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(storage_path)
-        filesystem.create_dir(path, recursive=True)
-        probe = f"{path}/.write-probe"
-        with filesystem.open_output_stream(probe) as f:
-            f.write(b"ok")
-        filesystem.delete_file(probe)
-    except Exception as error:  # pyarrow raises OSError, ArrowInvalid, ... for the same causes
-        raise ValueError(f"--storage-path {storage_path} is not writable ({error}); choose a folder you can "
-                         "write (e.g. --storage-path ~/nvae-runs) or a reachable s3:// / gs:// URI") from None
 
 
 def run_trial(config, plan):
@@ -258,20 +246,12 @@ def trial_driver_resources():
     return dict(TRIAL_DRIVER_RESOURCES)
 
 
-def _check_resources(plan, settings, joined):
-    """Refuse a trial the local Ray can never schedule; return the default concurrency (on a
-    cluster, unlimited: pending trials are the demand its autoscaler grows from)."""
+def _default_concurrency(plan, settings, joined):
+    """Trials at once: as many as the local Ray holds; on a cluster, unlimited (pending trials are
+    the demand its autoscaler grows from); --max-concurrent wins."""
     opts, have = plan.options, ray.cluster_resources()
-    need = {"CPU": opts.workers * opts.cpus_per_worker, "GPU": opts.workers * opts.gpus_per_worker}
-    for kind, amount in need.items():
-        if amount > have.get(kind, 0):
-            message = (f"one trial needs {amount:g} {kind}(s) ({opts.workers} worker(s) x "
-                       f"{amount / opts.workers:g}) and the Ray cluster has {have.get(kind, 0):g}")
-            if not joined:  # a local Ray cannot grow
-                hint = ("add --gpus-per-worker 0 to train on CPUs" if kind == "GPU"
-                        else "lower --workers-per-trial or --cpus-per-worker")
-                raise ValueError(f"{message}: {hint}, or --address to join a larger cluster")
-            print(f"[study] warning: {message}; trials wait for the autoscaler", flush=True)
+    need = check_resources(opts.workers, opts.cpus_per_worker, opts.gpus_per_worker, have, "--workers-per-trial",
+                           on_cluster=joined, where="the Ray cluster" if joined else "the local Ray")
     if settings.max_concurrent or joined:
         return settings.max_concurrent
     fits = [have.get(kind, 0) // amount for kind, amount in need.items() if amount > 0]
@@ -353,15 +333,20 @@ class StudyOutcome:
 
 
 def prepare_study(study, settings):
-    """Every check that needs no trial: plan, storage, tracking store, Ray and its resources.
-    Raises ConfigError/ValueError/DatasetNotFoundError naming the problem; records nothing."""
+    """Every check that needs no trial, before Ray starts: plan (numbers, configs, data), storage,
+    the resources of a local Ray, and last the tracking store (a write probe). Raises
+    ConfigError/ValueError/DatasetNotFoundError naming the problem; records nothing."""
     plan = plan_study(study, settings)
-    cluster_address(settings.address, settings.num_cpus)
+    joining = cluster_address(settings.address, settings.num_cpus) is not None
     check_storage(plan.storage_path)
-    check_tracking_uri(settings.tracking_uri or default_tracking_uri())
+    if not joining:  # a local Ray cannot grow: refuse what it could never schedule, before starting it
+        opts = plan.options
+        check_local_resources(opts.workers, opts.cpus_per_worker, opts.gpus_per_worker, settings.num_cpus,
+                              "--workers-per-trial")
+    check_tracking_uri(settings.tracking_uri or default_tracking_uri(), settings.experiment or study.name)
     joined = init_ray(settings.address, num_cpus=settings.num_cpus)
     try:
-        return plan, _check_resources(plan, settings, joined)
+        return plan, _default_concurrency(plan, settings, joined)
     except ValueError:
         ray.shutdown()
         raise

@@ -9,17 +9,18 @@ and sample grid). A resumed study finds its parent and child runs by tag and con
 import json
 import os
 import platform
+import sqlite3
 import subprocess
 import tempfile
 import time
 
 import pyarrow.fs
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from .outcomes import read_outcome
+from .store import StoreClient, experiment_id, sqlite_path
 
 STUDY_KEY_TAG = "nvae.study_key"
 TRIAL_KEY_TAG = "nvae.trial_key"
@@ -43,17 +44,51 @@ def default_artifact_location(tracking_uri, experiment):
     return None
 
 
-def check_tracking_uri(tracking_uri):
-    """Raise ValueError naming the problem if the store cannot be opened or reached."""
-    if tracking_uri.startswith("sqlite:///"):
-        folder = os.path.dirname(tracking_uri[len("sqlite:///"):]) or "."
+WRITE_PROBE_TAG = "nvae.write_probe"
+
+
+def _probe_sqlite_write(path):
+    """Attempt a write inside a transaction and roll it back: the store is left as it was."""
+    connection = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("CREATE TABLE nvae_write_probe (x)")
+        connection.execute("ROLLBACK")
+    finally:
+        connection.close()
+
+
+def _probe_server_write(client, experiment):
+    """Set and delete a tag on the experiment the command will write to, if it exists yet."""
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        client.set_experiment_tag(found.experiment_id, WRITE_PROBE_TAG, "ok")
+        client.delete_experiment_tag(found.experiment_id, WRITE_PROBE_TAG)
+
+
+def check_tracking_uri(tracking_uri, experiment=None):
+    """Raise ValueError naming the problem unless the store can be reached and takes a write (a
+    SQLite file: a rolled-back write; a server: a tag set and deleted on `experiment` if it exists).
+    A SQLite file that does not exist yet is not created here: its folder must be writable."""
+    path = sqlite_path(tracking_uri)
+    if path is not None:
+        folder = os.path.dirname(path) or "."
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise ValueError(f"--tracking-uri {tracking_uri}: the folder {folder} does not exist or is not "
                              "writable; choose another path, or omit --tracking-uri for ./mlflow.db")
+        if not os.path.exists(path):
+            return
+        try:
+            _probe_sqlite_write(path)
+        except sqlite3.Error as error:
+            raise ValueError(f"--tracking-uri {tracking_uri} does not take a write ({error}); make the file "
+                             "writable, or choose another store") from None
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
     try:
-        MlflowClient(tracking_uri).search_experiments(max_results=1)
+        client = StoreClient(tracking_uri)  # reaches the store (and migrates an old SQLite schema)
+        if experiment and path is None:
+            _probe_server_write(client, experiment)
     except Exception as error:  # any failure here means no study can be recorded
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         if "error code 401" in str(error) or "error code 403" in str(error):  # a server with authentication
@@ -119,7 +154,7 @@ class MlflowTracker(tune.Callback):
 
     def __init__(self, plan, tracking_uri, experiment):
         self.plan, self.tracking_uri, self.experiment = plan, tracking_uri, experiment
-        self.client = MlflowClient(tracking_uri)
+        self.client = StoreClient(tracking_uri)
         self.parent_id = None
         self.runs = {}  # trial key -> MLflow run id
         self.logged_epochs = {}  # run id -> epochs already logged (a resumed trial re-reports none twice)
@@ -135,25 +170,20 @@ class MlflowTracker(tune.Callback):
 
     def open(self):
         """Find or create the experiment and this study's parent run; load its children."""
-        experiment = self.client.get_experiment_by_name(self.experiment)
-        if experiment is None:
-            experiment_id = self.client.create_experiment(
-                self.experiment, artifact_location=default_artifact_location(self.tracking_uri, self.experiment))
-        else:
-            experiment_id = experiment.experiment_id
-        self.experiment_id = experiment_id
-        found = self.client.search_runs([experiment_id], f"tags.`{STUDY_KEY_TAG}` = '{self.plan.study_key}'",
+        self.experiment_id = experiment_id(self.client, self.experiment,
+                                           default_artifact_location(self.tracking_uri, self.experiment))
+        found = self.client.search_runs([self.experiment_id], f"tags.`{STUDY_KEY_TAG}` = '{self.plan.study_key}'",
                                         max_results=1)
         if found:
             self.parent_id = found[0].info.run_id
             self.client.update_run(self.parent_id, status="RUNNING")
         else:
-            run = self.client.create_run(experiment_id, run_name=self.plan.experiment_dir,
+            run = self.client.create_run(self.experiment_id, run_name=self.plan.experiment_dir,
                                          tags={STUDY_KEY_TAG: self.plan.study_key, **self.plan.study_tags(),
                                                **self.provenance})
             self.parent_id = run.info.run_id
             self._log_batch(self.parent_id, params=self.plan.study_params())
-        children = self.client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
+        children = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
                                            max_results=10000)
         for run in children:
             key = run.data.tags.get(TRIAL_KEY_TAG)

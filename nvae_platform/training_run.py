@@ -49,6 +49,9 @@ class RunOptions:
             raise ValueError("gpus_per_worker must be >= 0 and cpus_per_worker > 0")
         if self.iw_samples < 1:
             raise ValueError(f"iw_samples={self.iw_samples} is not allowed: expected an integer >= 1")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures={self.max_failures} is not allowed: expected an integer >= 0 "
+                             "(Ray's -1, unlimited, would retry a failure that repeats forever)")
         check_precision(cfg.precision, "cuda" if self.gpus_per_worker > 0 else "cpu")
         if not self.download:  # a missing dataset fails here, in seconds, not in every worker
             check_available(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size)

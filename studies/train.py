@@ -18,66 +18,69 @@ import ray
 from nvae_core import ConfigError
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_platform.defaults import default_data_dir, default_storage_path
+from nvae_platform.preflight import CommandLine, at_least, check_local_resources, check_resources, check_storage
 from nvae_platform.presets import DATA_FIELDS, SCALES, run_config, run_options
-from nvae_platform.study_cli import parse_value
-from nvae_platform.training_run import init_ray, run_training
+from nvae_platform.study_cli import parse_pairs, parse_value
+from nvae_platform.training_run import cluster_address, init_ray, run_training, storage_uri
+
+
+def build_parser():
+    parser = CommandLine(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--dataset", default="digits", choices=sorted(DATA_FIELDS))
+    add("--preset", default="smoke", choices=SCALES)
+    add("--workers", type=at_least(1), help="data-parallel workers (default: the preset's)")
+    add("--gpus-per-worker", type=at_least(0, float), help="0 trains on CPUs")
+    add("--cpus-per-worker", type=at_least(0, float, strictly=True))
+    add("--data-dir", default=default_data_dir(),
+        help="where datasets live, or are downloaded to (default: $NVAE_DATA_DIR, else data)")
+    add("--download", action="store_true", help="download the dataset if it is missing")
+    add("--storage-path", default=default_storage_path(),
+        help="checkpoints and trial state, local or s3:// (default: $NVAE_STORAGE_PATH, else runs)")
+    add("--name", help="run name under the storage path (default: dataset-preset)")
+    add("--max-failures", type=at_least(0, note="; Ray's -1 (unlimited) is refused: a failure that repeats would "
+                                              "be retried forever"), default=2,
+        help="restarts of the worker group from the latest checkpoint after a lost worker (default: 2; "
+             "Ray's -1, unlimited, is refused)")
+    add("--iw-samples", type=at_least(1), help="K of the importance-weighted test NLL")
+    add("--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="override an NVAEConfig field, e.g. --set normalization=weight_norm")
+    add("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a cluster started "
+                          "on this machine with `ray start`, else a new local Ray)")
+    add("--num-cpus", type=at_least(1), help="CPUs of a new local Ray instance")
+    return parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="digits", choices=sorted(DATA_FIELDS))
-    parser.add_argument("--preset", default="smoke", choices=SCALES)
-    parser.add_argument("--workers", type=int, help="data-parallel workers (default: the preset's)")
-    parser.add_argument("--gpus-per-worker", type=float, help="0 trains on CPUs")
-    parser.add_argument("--cpus-per-worker", type=float)
-    parser.add_argument("--data-dir", default=default_data_dir(),
-                        help="where datasets live, or are downloaded to (default: $NVAE_DATA_DIR, else data)")
-    parser.add_argument("--download", action="store_true", help="download the dataset if it is missing")
-    parser.add_argument("--storage-path", default=default_storage_path(),
-                        help="checkpoints and trial state, local or s3:// (default: $NVAE_STORAGE_PATH, else runs)")
-    parser.add_argument("--name", help="run name under the storage path (default: dataset-preset)")
-    parser.add_argument("--max-failures", type=int, default=2)
-    parser.add_argument("--iw-samples", type=int, help="K of the importance-weighted test NLL")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override an NVAEConfig field, e.g. --set normalization=weight_norm")
-    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a cluster started "
-                                          "on this machine with `ray start`, else a new local Ray)")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of a new local Ray instance")
+    parser = build_parser()
     args = parser.parse_args(argv)
-
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key] = parse_value(value)
+    overrides = {k: parse_value(v) for k, v in parse_pairs(parser, args.set, "--set").items()}
     option_overrides = {k: v for k, v in dict(
         workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         iw_samples=args.iw_samples).items() if v is not None}
-    try:
+    try:  # every check before Ray starts
         cfg = run_config(args.dataset, args.preset, **overrides)
         data_dir = os.path.abspath(os.path.expanduser(args.data_dir))  # Ray workers start elsewhere
         options = run_options(args.dataset, args.preset, data_dir=data_dir, download=args.download,
                               storage_path=args.storage_path, name=args.name or f"{args.dataset}-{args.preset}",
                               max_failures=args.max_failures, **option_overrides)
         options.validate(cfg)
+        joining = cluster_address(args.address, args.num_cpus) is not None
+        check_storage(storage_uri(options.storage_path))
+        if not joining:  # a local Ray cannot grow: refuse what it could never schedule
+            check_local_resources(options.workers, options.cpus_per_worker, options.gpus_per_worker,
+                                  args.num_cpus, "--workers")
+        init_ray(args.address, num_cpus=args.num_cpus)
+        if joining:  # a cluster may autoscale: say what the run waits for
+            check_resources(options.workers, options.cpus_per_worker, options.gpus_per_worker,
+                            ray.cluster_resources(), "--workers", on_cluster=True, where="the Ray cluster")
     except (ConfigError, ValueError, DatasetNotFoundError) as error:
         parser.error(str(error))
-
-    try:
-        joined = init_ray(args.address, num_cpus=args.num_cpus)
-    except ValueError as error:
-        parser.error(str(error))
-    wanted, have = options.workers * options.gpus_per_worker, ray.cluster_resources().get("GPU", 0)
-    if not joined and wanted > have:  # a local Ray cannot grow; a cluster may autoscale
-        ray.shutdown()
-        parser.error(f"--preset {args.preset} asks for {wanted:g} GPU(s) and this machine has {have:g}: "
-                     "add --gpus-per-worker 0 to train on CPUs, or --address to join a GPU cluster")
     print(f"[nvae] training {args.dataset} at preset {args.preset} on {options.workers} worker(s); "
           f"checkpoints in {options.storage_path}/{options.name}", flush=True)
     result = run_training(cfg, options)
     figures = {k: result.metrics[k] for k in ("test_bpd", "test_nats", "val_bpd", "train_bpd", "active_units",
-                                               "epoch", "step") if k in result.metrics}
+                                               "active_units_kl", "epoch", "step") if k in result.metrics}
     print(json.dumps({"status": result.status, **figures, "samples": result.samples_path,
                       "checkpoint": result.checkpoint_path}, indent=2))
     return 0 if result.status == "finished" else 1

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_batch, tiny_config
+
 from nvae_core import NVAE, active_units, active_units_kl, preset
 from nvae_core.cells import Cell
 from nvae_core.distributions import LogisticMixture

@@ -106,7 +106,7 @@ def test_unwritable_storage_and_unreachable_tracking_are_named(tmp_path):
     (["--set", "colour=red"], r"unknown config field\(s\) \['colour'\]"),
     (["--tracking-uri", "http://127.0.0.1:9"], "cannot be reached"),
     (["--storage-path", "/proc/version/runs"], "is not writable"),
-    (["--seeds", "0"], "--seeds 0: expected an integer >= 1"),
+    (["--seeds", "0"], "argument --seeds: 0 is not allowed: expected an integer >= 1"),
     (["--preset", "small", "--data-dir", "/nonexistent-data"], "dataset 'cifar10' not found.*add --download"),
     (["--address", "auto"], r"--address auto: no running Ray cluster was found on this machine; start one"),
     (["--address", "10.0.0.1:6379", "--num-cpus", "2"], "--num-cpus 2 sizes a local Ray.*drop --num-cpus"),

@@ -147,5 +147,5 @@ def test_more_gpus_than_the_cluster_has_is_refused_before_any_trial(tmp_path, mo
     with pytest.raises(SystemExit) as exit_info:
         main(NORM, ["--gpus-per-worker", "1", "--num-cpus", "2"])
     assert exit_info.value.code == 2
-    assert "one trial needs 1 GPU(s)" in capsys.readouterr().err
+    assert "one run needs 1 GPU(s)" in capsys.readouterr().err
     assert not ray.is_initialized() and not (tmp_path / "runs" / "ablation_norm").exists()

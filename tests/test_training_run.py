@@ -125,4 +125,5 @@ def test_train_command_refuses_gpus_a_local_machine_lacks(tmp_path):
         pytest.skip("this machine has a GPU")
     result = _train_cli("--dataset", "cifar10", "--preset", "small", "--data-dir", str(tmp_path), "--num-cpus", "1")
     assert result.returncode == 2
-    assert "asks for 1 GPU(s) and this machine has 0" in result.stderr and "--gpus-per-worker 0" in result.stderr
+    assert "needs 1 GPU(s) (1 worker(s) x 1) and a local Ray of --num-cpus 1 has 0" in result.stderr
+    assert "--gpus-per-worker 0" in result.stderr

@@ -1,0 +1,86 @@
+"""Every entry point checks its input the same way, before Ray starts: each bad input below, run as a
+real command, exits 2 with one line on stderr that names the flag, starts no Ray session and
+writes nothing to the tracking store."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENTRY_POINTS = {"study": "studies/ablation_sr.py", "train": "studies/train.py"}
+NO_GPUS = ["--gpus-per-worker", "64"]  # more than any machine this runs on
+
+# (entry point, arguments, the flag the one line must name). {ro} is a read-only store file.
+CASES = [
+    ("study", ["--storage-path", "/proc/nvae-runs"], "--storage-path"),
+    ("train", ["--storage-path", "/proc/nvae-runs"], "--storage-path"),
+    ("study", ["--tracking-uri", "sqlite:///{ro}"], "--tracking-uri"),
+    ("study", ["--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri"),
+    ("study", ["--preset", "small", "--data-dir", "/nonexistent/nvae-data"], "--data-dir"),
+    ("train", ["--dataset", "cifar10", "--data-dir", "/nonexistent/nvae-data"], "--data-dir"),
+    ("study", ["--max-concurrent", "-3"], "--max-concurrent"),
+    ("study", ["--seeds", "0"], "--seeds"),
+    ("study", ["--workers-per-trial", "0"], "--workers-per-trial"),
+    ("study", ["--gpus-per-worker", "-1"], "--gpus-per-worker"),
+    ("study", ["--num-cpus", "-2"], "--num-cpus"),
+    ("train", ["--workers", "0"], "--workers"),
+    ("train", ["--max-failures", "-1"], "--max-failures"),
+    ("train", ["--iw-samples", "0"], "--iw-samples"),
+    ("train", ["--cpus-per-worker", "0"], "--cpus-per-worker"),
+    ("study", NO_GPUS, "--workers-per-trial x --gpus-per-worker"),
+    ("train", NO_GPUS, "--workers x --gpus-per-worker"),
+    ("study", ["--workers-per-trial", "64"], "--workers-per-trial x --cpus-per-worker"),  # more CPUs than here
+    ("train", ["--workers", "64"], "--workers x --cpus-per-worker"),
+]
+
+
+def _read_only_store(folder):
+    """A real MLflow SQLite store whose file refuses writes even to root (immutable), or None."""
+    from mlflow.tracking import MlflowClient
+
+    path = folder / "readonly.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False).returncode != 0:
+        if os.geteuid() == 0:
+            return None
+        path.chmod(0o444)
+    return path
+
+
+@pytest.fixture(scope="module")
+def read_only_store(tmp_path_factory):
+    path = _read_only_store(tmp_path_factory.mktemp("store"))
+    yield path
+    if path is not None:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize("entry, args, flag", CASES, ids=[f"{e}:{' '.join(a)}" for e, a, _ in CASES])
+def test_bad_input_is_one_line_naming_the_flag_before_ray_starts(entry, args, flag, tmp_path, read_only_store):
+    if "sqlite:///{ro}" in args and read_only_store is None:
+        pytest.skip("no way to make a file read-only for root here (chattr)")
+    args = [a.replace("{ro}", str(read_only_store)) for a in args]
+    before = read_only_store.read_bytes() if read_only_store is not None else None
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"), PYTHONPATH=str(ROOT))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, str(ROOT / ENTRY_POINTS[entry]), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert flag in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "ray").exists(), "a Ray session was started"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
+    if read_only_store is not None:
+        assert read_only_store.read_bytes() == before
+
+
+def test_max_failures_help_says_why_minus_one_is_refused():
+    result = subprocess.run([sys.executable, str(ROOT / "studies/train.py"), "--help"], capture_output=True,
+                            text=True, timeout=120, check=False, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0
+    assert "--max-failures" in result.stdout and "-1, unlimited, is refused" in " ".join(result.stdout.split())

@@ -1,0 +1,48 @@
+"""Commands started at the same instant in one folder share its ./mlflow.db: the store is created
+and migrated once, under a lock, and every run of every process is recorded."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUNDS, PROCESSES = 5, 3
+# What a study's driver does with its store: check it, open it, find or create its experiment,
+# record a run. Two of the three processes share an experiment (the same study started twice).
+COMMAND = """
+import sys, time
+from nvae_platform.store import StoreClient, experiment_id
+from nvae_platform.tracking import check_tracking_uri
+uri, name, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))
+check_tracking_uri(uri, name)
+client = StoreClient(uri)
+run = client.create_run(experiment_id(client, name), run_name=sys.argv[4])
+for step in range(5):
+    client.log_metric(run.info.run_id, "train_bpd", 1.0 / (step + 1), step=step)
+client.set_terminated(run.info.run_id)
+"""
+
+
+def test_processes_starting_at_once_on_a_fresh_store_all_record(tmp_path):
+    folders = [tmp_path / f"round{r}" for r in range(ROUNDS)]
+    for folder in folders:
+        folder.mkdir()
+    start = time.time() + 20  # every process imports MLflow first, then all begin together
+    procs = [(folder, subprocess.Popen(
+        [sys.executable, "-c", COMMAND, f"sqlite:///{folder}/mlflow.db", f"study_{i % 2}", str(start), f"run{i}"],
+        cwd=folder, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))))
+        for folder in folders for i in range(PROCESSES)]
+    failures = [(folder.name, p.stderr.read()[-2000:]) for folder, p in procs if p.wait(timeout=180) != 0]
+    assert not failures, failures
+    for folder in folders:
+        client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert sorted(r.info.run_name for r in runs) == [f"run{i}" for i in range(PROCESSES)], folder.name
+        assert all(r.info.status == "FINISHED" for r in runs)
+        for run in runs:
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "train_bpd")] == list(range(5))
+        assert len(client.search_experiments(filter_string="name LIKE 'study_%'")) == 2
