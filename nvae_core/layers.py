@@ -219,9 +219,9 @@ class NormActConv(nn.Module):
     """BN -> activation -> (nearest x2 upsampling) -> conv: the unit the cells are made of.
 
     Without batch norm (weight-norm cells) it is act -> conv, the conv weight-normalized and
-    initialized from data; with batch norm, weight_norm=False makes the conv plain. Upsampling comes after the
-    elementwise BN and activation, which commute with it, so those run at the low resolution;
-    only BN's running-variance update sees the smaller count (Bessel factor n/(n-1)).
+    initialized from data; with batch norm, weight_norm=False makes the conv plain. Upsampling
+    comes after the elementwise BN and activation, which commute with it, so those run at the low
+    resolution; only BN's running-variance update sees the smaller count (Bessel factor n/(n-1)).
     """
 
     def __init__(self, c_in, c_out, kernel_size, cfg, stride=1, groups=1, bias=True, activate=True,
