@@ -6,7 +6,22 @@ from .objective import bits_per_dim, kl_coefficient, nvae_loss
 from .presets import PRESETS, preset
 from .training import TrainStep, autocast, learning_rate
 
-__all__ = ["ConfigError", "NVAEConfig", "NVAE", "ForwardResult", "PRESETS", "preset", "TrainStep",
-           "autocast", "learning_rate", "nvae_loss", "kl_coefficient", "bits_per_dim",
-           "importance_weighted_nll", "test_bits_per_dim", "active_units",
-           "active_units_kl", "sample_images"]
+__all__ = [
+           "NVAE",
+           "PRESETS",
+           "ConfigError",
+           "ForwardResult",
+           "NVAEConfig",
+           "TrainStep",
+           "active_units",
+           "active_units_kl",
+           "autocast",
+           "bits_per_dim",
+           "importance_weighted_nll",
+           "kl_coefficient",
+           "learning_rate",
+           "nvae_loss",
+           "preset",
+           "sample_images",
+           "test_bits_per_dim",
+]

@@ -5,7 +5,7 @@ A cell maps x to skip(x) + 0.1 * branch(x). stride is 1 (same size), 2 (down, ch
 initialized from the first batch. The pre-process cells take the encoder's cell type and the
 post-process cells the decoder's, with expansion 3 when separable (the authors' arch table).
 """
-import torch.nn as nn
+from torch import nn
 
 from .layers import FactorizedReduce, NormActConv, SqueezeExcite, UpsampleSkip, norm
 

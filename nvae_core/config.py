@@ -8,6 +8,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from .dataset_registry import DATASETS
+
 CELLS = ("regular", "separable")
 NORMALIZATIONS = ("weight_norm", "batch_norm")
 ACTIVATIONS = ("elu", "swish")
@@ -18,15 +20,6 @@ TOP_BINS = ("exact", "authors")
 SWITCHES = ("auto", "on", "off")  # auto: what the authors do for the dataset
 EVAL_SPLITS = ("auto", "test", "validation")
 
-# (channels, size, bits) of the datasets whose shape is fixed; "image-folder" takes any.
-DATASET_SHAPES = {
-    "mnist": (1, 32, 1),
-    "cifar10": (3, 32, 8),
-    "celeba64": (3, 64, 8),
-    "digits": (1, 8, 1),
-    "photo-patches": (3, 32, 8),
-    "image-folder": None,
-}
 
 
 class ConfigError(ValueError):
@@ -171,7 +164,7 @@ def validate(cfg):
     for field, choices in [("encoder_cell", CELLS), ("decoder_cell", CELLS),
                            ("normalization", NORMALIZATIONS), ("activation", ACTIVATIONS),
                            ("likelihood", LIKELIHOODS), ("precision", PRECISIONS),
-                           ("dataset", tuple(DATASET_SHAPES)), ("flow_cell", FLOW_CELLS),
+                           ("dataset", tuple(DATASETS)), ("flow_cell", FLOW_CELLS),
                            ("logistic_top_bin", TOP_BINS), ("train_flip", SWITCHES), ("eval_split", EVAL_SPLITS)]:
         _one_of(cfg, field, choices)
     for field in ("image_channels", "image_size", "num_x_bits", "num_mixtures", "num_channels_enc",
@@ -216,12 +209,11 @@ def validate(cfg):
     else:
         _require(cfg.num_x_bits >= 2, "num_x_bits", cfg.num_x_bits,
                  "2..8 with likelihood='logistic_mixture'; use likelihood='bernoulli' for binarized data")
-    shape = DATASET_SHAPES[cfg.dataset]
-    if shape is not None:
-        channels, size, bits = shape
-        _require(cfg.image_channels == channels, "image_channels", cfg.image_channels,
-                 f"{channels} for dataset {cfg.dataset!r}")
-        _require(cfg.image_size == size, "image_size", cfg.image_size, f"{size} for dataset {cfg.dataset!r}")
-        if bits == 1:
-            _require(cfg.likelihood == "bernoulli", "likelihood", cfg.likelihood,
-                     f"'bernoulli' for the binarized dataset {cfg.dataset!r}")
+    spec = DATASETS[cfg.dataset]
+    _require(cfg.image_channels == spec.channels, "image_channels", cfg.image_channels,
+             f"{spec.channels} for dataset {cfg.dataset!r}")
+    if spec.size is not None:
+        _require(cfg.image_size == spec.size, "image_size", cfg.image_size, f"{spec.size} for dataset {cfg.dataset!r}")
+    if spec.binarized:
+        _require(cfg.likelihood == "bernoulli", "likelihood", cfg.likelihood,
+                 f"'bernoulli' for the binarized dataset {cfg.dataset!r}")

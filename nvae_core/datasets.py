@@ -1,6 +1,6 @@
 """Datasets whose items are float32 tensors C x H x W in [0, 1] (no labels), and their preprocessing.
 
-`load_dataset(name, split, ...)` opens every set of config.DATASET_SHAPES. Two need no files at all,
+`load_dataset(name, split, ...)` opens every set of dataset_registry.DATASETS. Two need no files at all,
 so tests and smoke runs train on real images offline: "digits" (scikit-learn's bundled 8x8
 handwritten digits) and "photo-patches" (32x32 tiles of scikit-learn's two bundled photographs).
 "mnist", "cifar10" and "celeba64" read torchvision's on-disk layouts under data_dir (downloaded on
@@ -9,8 +9,8 @@ DatasetNotFoundError says where they were looked for and the ways out.
 """
 import functools
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -20,11 +20,11 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, MNIST, CelebA
 
-from .config import DATASET_SHAPES
+from .dataset_registry import DATASETS, dataset_spec
+from .paths import absolute
 
 SPLITS = ("train", "test", "validation")  # validation: CelebA's own split; the other sets have none
 DIGITS_LEVELS = 16  # load_digits intensities are integers 0..16
-OFFLINE = ("digits", "photo-patches")  # bundled with scikit-learn: no data_dir, no download
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MNIST_PAD = 2  # 28x28 -> 32x32; the likelihood is taken on the 28x28 crop (config.likelihood_crop)
 PATCH = 32  # photo-patches tile side
@@ -32,27 +32,6 @@ PATCH_TEST_FRACTION = 0.2
 FOLDER_TEST_FRACTION = 0.1  # image-folder split when data_dir has no train/ and test/ subfolders
 CELEBA_BOX = (15, 40, 163, 188)  # the authors' crop (left, top, right, bottom) of the 178x218 image
 CELEBA_SPLITS = {"train": "train", "validation": "valid", "test": "test"}  # ours -> torchvision's
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Shape of one dataset's images; size None means any (set by image_size)."""
-
-    channels: int
-    size: int | None
-    binarized: bool  # 1-bit data: the model binarizes the intensities dynamically
-    offline: bool  # bundled with scikit-learn: needs no files and no download
-
-
-def _dataset_info(name):
-    shape = DATASET_SHAPES[name]
-    if shape is None:  # image-folder: any folder of images, read as RGB
-        return DatasetInfo(channels=3, size=None, binarized=False, offline=False)
-    channels, size, bits = shape
-    return DatasetInfo(channels=channels, size=size, binarized=bits == 1, offline=name in OFFLINE)
-
-
-DATASETS = {name: _dataset_info(name) for name in DATASET_SHAPES}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -140,7 +119,7 @@ def digits(split, seed=0, test_fraction=0.2):
         raise ValueError(f"test_fraction={test_fraction!r} is not allowed: expected a number in (0, 1)")
     images = _digits_array()
     n = images.shape[0]
-    index = _seeded_split(n, int(round(test_fraction * n)), split, seed)
+    index = _seeded_split(n, round(test_fraction * n), split, seed)
     return torch.from_numpy(images[index]).reshape(-1, 1, 8, 8)  # fancy indexing copies
 
 
@@ -168,7 +147,7 @@ def photo_patches(split, seed=0):
     _check_split(split, "photo-patches")
     tiles = _photo_tiles()
     n = tiles.shape[0]
-    index = _seeded_split(n, int(round(PATCH_TEST_FRACTION * n)), split, seed)
+    index = _seeded_split(n, round(PATCH_TEST_FRACTION * n), split, seed)
     return torch.from_numpy(tiles[index]).float().div_(255)
 
 
@@ -222,8 +201,8 @@ _ON_DISK = {
     "mnist": ("MNIST/raw", _MNIST_FILES,
               "MNIST/raw/ with the four uncompressed IDX files " + ", ".join(_MNIST_FILES)),
     "cifar10": ("cifar-10-batches-py", _CIFAR_FILES,
-                "cifar-10-batches-py/ with data_batch_1 .. data_batch_5, test_batch and batches.meta, as "
-                "extracted from cifar-10-python.tar.gz"),
+                ("cifar-10-batches-py/ with data_batch_1 .. data_batch_5, test_batch and batches.meta, as "
+                "extracted from cifar-10-python.tar.gz")),
     "celeba64": ("celeba", ("img_align_celeba",) + _CELEBA_LISTS,
                  "celeba/ with img_align_celeba/ (the aligned jpgs) and " + ", ".join(_CELEBA_LISTS)),
 }
@@ -278,9 +257,9 @@ def _open_on_disk(name, root, download, build):
 # write tiny ones) counts as absent and would be downloaded again. Here the files only have to
 # exist; a download is still verified, by the md5 of the archive (CIFAR-10) or of each file (CelebA).
 class _CIFAR10Files(CIFAR10):
-    train_list = [[filename, None] for filename, _ in CIFAR10.train_list]
-    test_list = [[filename, None] for filename, _ in CIFAR10.test_list]
-    meta = {**CIFAR10.meta, "md5": None}
+    train_list: ClassVar = [[filename, None] for filename, _ in CIFAR10.train_list]
+    test_list: ClassVar = [[filename, None] for filename, _ in CIFAR10.test_list]
+    meta: ClassVar = {**CIFAR10.meta, "md5": None}
 
 
 class _CelebAFiles(CelebA):
@@ -334,14 +313,14 @@ def _image_folder(split, root, seed, image_size):
     if len(paths) < 2:
         reason = f"{len(paths)} image file(s), at least 2 needed" if root.is_dir() else "no such folder"
         raise _not_found("image-folder", root, reason, layout)
-    index = _seeded_split(len(paths), max(1, int(round(FOLDER_TEST_FRACTION * len(paths)))), split, seed)
+    index = _seeded_split(len(paths), max(1, round(FOLDER_TEST_FRACTION * len(paths))), split, seed)
     return ImageFiles([paths[i] for i in index], image_size)
 
 
 def check_available(name, data_dir="data", seed=0, image_size=None):
     """Raise now what load_dataset(download=False) would raise for a missing dataset, without
     reading any images (a driver calls this before it starts workers)."""
-    root = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+    root = absolute(data_dir)
     if name in _ON_DISK:
         _require_on_disk(name, root)
     elif name == "image-folder":  # lists the files of both splits; opens none
@@ -357,10 +336,8 @@ def load_dataset(name, split, data_dir="data", download=False, seed=0, image_siz
     the split of the sets split here (digits, photo-patches, a flat image-folder). image_size is
     required for image-folder and must match the fixed size of any other set.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(map(repr, DATASETS))}")
+    size = dataset_spec(name).size
     _check_split(split, name)
-    size = DATASETS[name].size
     if name == "image-folder":
         if not (isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0):
             raise ValueError(f"image_size={image_size!r}: dataset 'image-folder' needs image_size, a positive "
@@ -368,12 +345,12 @@ def load_dataset(name, split, data_dir="data", download=False, seed=0, image_siz
     elif image_size is not None and image_size != size:
         raise ValueError(f"image_size={image_size!r} is not allowed for dataset {name!r}: its images are "
                          f"{size} x {size}")
-    root = os.path.expanduser(os.fspath(data_dir))
+    root = absolute(data_dir)
     if name == "digits":
         return TensorImages(digits(split, seed))
     if name == "photo-patches":
         return TensorImages(photo_patches(split, seed))
     if name == "image-folder":
-        return _image_folder(split, os.path.abspath(root), seed, image_size)
+        return _image_folder(split, root, seed, image_size)
     open_set = {"mnist": _mnist, "cifar10": _cifar10, "celeba64": _celeba64}[name]
-    return open_set(split, os.path.abspath(root), download)
+    return open_set(split, root, download)

@@ -4,7 +4,7 @@ import math
 import warnings
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .objective import bits_per_dim
 

@@ -14,7 +14,7 @@ Two cells (config field flow_cell):
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .layers import Conv2d, elu
 

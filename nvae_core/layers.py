@@ -1,8 +1,8 @@
 """Building blocks: the weight-normalized convolution, norm/activation factories, SE and skips."""
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 BN_MOMENTUM = 0.05
 BN_EPS = 1e-5

@@ -2,11 +2,18 @@
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .cells import Cell
-from .distributions import Normal, crop, likelihood, num_likelihood_params, reconstruction_nll, split_params, \
-    standard_normal_like
+from .distributions import (
+    Normal,
+    crop,
+    likelihood,
+    num_likelihood_params,
+    reconstruction_nll,
+    split_params,
+    standard_normal_like,
+)
 from .flows import Flow
 from .layers import ELU, Conv2d
 

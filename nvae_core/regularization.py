@@ -7,8 +7,8 @@ them. Convs whose matrices share a shape are iterated together in one batched ma
 from collections import defaultdict
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .layers import Conv2d
 

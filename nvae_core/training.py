@@ -3,7 +3,7 @@ import contextlib
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .config import ConfigError
 from .layers import request_data_init

@@ -1,5 +1,5 @@
-"""Where commands keep data and checkpoints unless told: folders in the working directory on one
-machine; on a cluster, what its nodes export (cluster.yaml sets both, beside MLFLOW_TRACKING_URI)."""
+"""Where commands keep data, checkpoints and records unless told: the working directory on one
+machine; on a cluster, what its nodes export (cluster.yaml sets all three). No Ray, no MLflow here."""
 import os
 
 STORAGE_ENV = "NVAE_STORAGE_PATH"  # checkpoints and trial state: shared storage (s3://, NFS) on a cluster
@@ -14,3 +14,9 @@ def default_storage_path():
 def default_data_dir():
     """$NVAE_DATA_DIR, else ./data."""
     return os.environ.get(DATA_ENV) or "data"
+
+
+def default_tracking_uri(folder="."):
+    """$MLFLOW_TRACKING_URI if set (as in MLflow itself, and on a cluster), else a SQLite store in
+    folder (the working directory)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath(os.path.join(folder, "mlflow.db"))

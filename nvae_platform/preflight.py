@@ -56,7 +56,7 @@ def check_storage(storage_path, flag="--storage-path"):
         with filesystem.open_output_stream(probe) as f:
             f.write(b"ok")
         filesystem.delete_file(probe)
-    except Exception as error:  # pyarrow raises OSError, ArrowInvalid, ... for the same causes
+    except Exception as error:  # noqa: BLE001  pyarrow raises OSError, ArrowInvalid, ... for the same causes
         raise ValueError(f"{flag} {storage_path} is not writable ({error}); choose a folder you can "
                          "write (e.g. --storage-path ~/nvae-runs) or a reachable s3:// / gs:// URI") from None
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from nvae_core import ConfigError, NVAEConfig
 
-from .presets import run_config
+from .scales import run_config
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,14 @@ def factor_levels(study, scale, only=None):
         wanted = [str(v) for v in only.get(f.name, levels)]
         unknown = [v for v in wanted if v not in levels]
         if unknown:
-            raise ConfigError(f"unknown level(s) {unknown} of factor {f.name!r} at preset {scale}: "
+            raise ConfigError(f"unknown level(s) {unknown} of factor {f.name!r} at scale {scale}: "
                               f"expected some of {', '.join(levels)}")
         chosen[f.name] = wanted
     return chosen
 
 
 def resolve(study, scale, levels, seed, overrides=None):
-    """The NVAEConfig of one trial: scale preset, the study's fixed fields, each factor's level,
+    """The NVAEConfig of one trial: the scale, the study's fixed fields, each factor's level,
     then the user's overrides (which may not touch a field a factor varies)."""
     changes = dict(study.fixed)
     varied = set()

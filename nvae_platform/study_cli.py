@@ -7,10 +7,10 @@ from nvae_core.datasets import DatasetNotFoundError
 
 from .defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path
 from .preflight import CommandLine, at_least
-from .presets import SCALES
+from .scales import SCALES
 from .study_runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
 
-STUDY_DATA_HINT = " In a study: add --download, or run --preset smoke, which needs no files."
+STUDY_DATA_HINT = " In a study: add --download, or run --scale smoke, which needs no files."
 
 
 def parse_value(text):
@@ -46,13 +46,13 @@ def build_parser(study):
         epilog="Re-running the same command resumes an interrupted study. Results: MLflow (./mlflow.db unless "
                "--tracking-uri or $MLFLOW_TRACKING_URI) and checkpoints under --storage-path.")
     add = parser.add_argument
-    add("--preset", default="smoke", choices=SCALES,
+    add("--scale", default="smoke", choices=SCALES,
         help="smoke: offline data, tiny model, minutes on a CPU; small: CIFAR-10, one GPU per trial; "
              "paper: the paper's settings, multi-GPU trials (default: smoke)")
     add("--seeds", type=at_least(1), default=1, help="seeds per level combination (default: 1)")
-    add("--workers-per-trial", type=at_least(1), help="data-parallel workers of each trial (default: the preset's)")
-    add("--gpus-per-worker", type=at_least(0, float), help="0 trains on CPUs (default: the preset's)")
-    add("--cpus-per-worker", type=at_least(0, float, strictly=True), help="default: the preset's")
+    add("--workers-per-trial", type=at_least(1), help="data-parallel workers of each trial (default: the scale's)")
+    add("--gpus-per-worker", type=at_least(0, float), help="0 trains on CPUs (default: the scale's)")
+    add("--cpus-per-worker", type=at_least(0, float, strictly=True), help="default: the scale's")
     add("--max-concurrent", type=at_least(1),
         help="trials running at once, >= 1 (default: as many as the cluster holds)")
     add("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db)")
@@ -81,7 +81,7 @@ def main(study, argv=None):
     levels = {k: [v for v in vs.split(",") if v] for k, vs in parse_pairs(parser, args.levels, "--levels").items()}
     overrides = {k: parse_value(v) for k, v in parse_pairs(parser, args.set, "--set").items()}
     settings = StudySettings(
-        scale=args.preset, seeds=args.seeds, workers_per_trial=args.workers_per_trial,
+        scale=args.scale, seeds=args.seeds, workers_per_trial=args.workers_per_trial,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         max_concurrent=args.max_concurrent, tracking_uri=args.tracking_uri, experiment=args.experiment,
         storage_path=args.storage_path, data_dir=args.data_dir, download=args.download, levels=levels,

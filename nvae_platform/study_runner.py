@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import statistics
 from dataclasses import dataclass, field
 
 import ray
@@ -26,15 +25,17 @@ from ray.tune.search.optuna import OptunaSearch
 
 from nvae_core import ConfigError
 from nvae_core.datasets import check_available
+from nvae_core.paths import absolute
 
-from .defaults import default_data_dir, default_storage_path
+from .defaults import default_data_dir, default_storage_path, default_tracking_uri
+from .figures import mean_sd_of
 from .outcomes import read_outcome, write_outcome
 from .pareto import non_dominated
 from .preflight import check_local_resources, check_resources, check_storage
-from .presets import run_options
+from .scales import run_options
 from .study import Study, factor_levels, grid, resolve, trial_key
-from .tracking import MlflowTracker, activate, check_tracking_uri, default_tracking_uri, status_of
-from .training_run import RunOptions, RunResult, cluster_address, init_ray, make_trainer, storage_uri, summarize
+from .tracking import MlflowTracker, check_tracking_uri, status_of
+from .training_run import RunOptions, RunResult, cluster_address, init_ray, make_trainer, summarize
 
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
 # workers, and reserves the memory it does use (Ray rejects an empty request).
@@ -129,13 +130,13 @@ class StudyPlan:
         return {f"run.{k}": v for k, v in opts.items() if k not in ("name", "storage_path") and "debug" not in k}
 
     def study_tags(self):
-        return {"nvae.study": self.study.name, "nvae.preset": self.scale,
+        return {"nvae.study": self.study.name, "nvae.scale": self.scale,
                 "nvae.dataset": self.study.dataset_at(self.scale), "nvae.kind": "search" if self.is_search else "grid",
                 "nvae.storage": self.study_key, "mlflow.note.content": self.study.description}
 
     def study_params(self):
         params = {f"levels.{name}": ",".join(levels) for name, levels in self.levels.items()}
-        params.update({"seeds": ",".join(map(str, self.seeds)), "preset": self.scale,
+        params.update({"seeds": ",".join(map(str, self.seeds)), "scale": self.scale,
                        "trials": self.trial_count})
         params.update({f"set.{k}": v for k, v in self.overrides.items()})
         params.update({"factors": ",".join(self.levels), "table.columns": ",".join(self.study.columns),
@@ -161,10 +162,7 @@ def plan_study(study, settings, check_data=True):
     dataset = study.dataset_at(settings.scale)
     resources = {k: v for k, v in dict(workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_worker,
                                        cpus_per_worker=settings.cpus_per_worker).items() if v is not None}
-    data_dir = settings.data_dir  # absolute: Ray workers do not start in this directory
-    if "://" not in data_dir:
-        data_dir = os.path.abspath(os.path.expanduser(data_dir))
-    options = run_options(dataset, settings.scale, data_dir=data_dir, download=settings.download,
+    options = run_options(dataset, settings.scale, data_dir=absolute(settings.data_dir), download=settings.download,
                           storage_path="", **resources)
     for trial in trials:  # precision against device; the dataset's files are checked once below
         dataclasses.replace(options, download=True).validate(trial.config)
@@ -183,7 +181,7 @@ def plan_study(study, settings, check_data=True):
         if len(study.search.objectives) > 1 and study.search.early_stopping:
             raise ValueError(f"study {study.name}: early stopping (ASHA) ranks trials by one metric; "
                              "use one objective or early_stopping=False")
-    storage = storage_uri(settings.storage_path)
+    storage = absolute(settings.storage_path)
     identity = json.dumps({"levels": levels, "seeds": seeds, "configs": [t.config.to_dict() for t in trials],
                            "workers": options.workers, "samples": num_samples}, sort_keys=True)
     digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
@@ -261,10 +259,10 @@ def _default_concurrency(plan, settings, joined):
 def describe_plan(plan, max_concurrent=None):
     """The trials and their resources, as printed by --dry-run."""
     o = plan.options
-    lines = [f"study {plan.study.name} at preset {plan.scale}: {plan.study.description}".rstrip(": "),
-             f"  dataset {plan.study.dataset_at(plan.scale)}; each trial: {o.workers} worker(s) x "
+    lines = [f"study {plan.study.name} at scale {plan.scale}: {plan.study.description}".rstrip(": "),
+             (f"  dataset {plan.study.dataset_at(plan.scale)}; each trial: {o.workers} worker(s) x "
              f"{o.cpus_per_worker:g} CPU, {o.gpus_per_worker:g} GPU; "
-             f"max concurrent trials: {max_concurrent or 'as many as the cluster holds'}",
+             f"max concurrent trials: {max_concurrent or 'as many as the cluster holds'}"),
              f"  checkpoints: {plan.trials_path}"]
     if plan.is_search:
         s = plan.study.search
@@ -301,18 +299,10 @@ def summary_table(plan, results):
     names = (["trial"] if plan.is_search else []) + list(plan.levels)
     lines = ["| " + " | ".join(names + columns + ["trials"]) + " |", "|" + "---|" * (len(names) + len(columns) + 1)]
     for label, row in rows.items():
-        cells = [_mean_sd(row[c]) for c in columns]
+        cells = [mean_sd_of(row[c]) for c in columns]
         counts = {s: row["statuses"].count(s) for s in dict.fromkeys(row["statuses"])}
         lines.append("| " + " | ".join(list(label) + cells + [", ".join(f"{n} {s}" for s, n in counts.items())]) + " |")
     return "\n".join(lines)
-
-
-def _mean_sd(values):
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.4g}"
-    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
 def pareto_front(results, objectives):
@@ -329,7 +319,6 @@ class StudyOutcome:
     tracking_uri: str
     parent_run_id: str
     interrupted: bool
-    tracker_points: int  # metric points written to MLflow by this invocation
 
 
 def prepare_study(study, settings):
@@ -359,7 +348,8 @@ def run_study(study, settings, prepared=None):
     tracking_uri = settings.tracking_uri or default_tracking_uri()
     print(describe_plan(plan, max_concurrent), flush=True)
 
-    tracker = activate(MlflowTracker(plan, tracking_uri, settings.experiment or study.name).open())
+    experiment = settings.experiment or study.name
+    tracker = MlflowTracker(plan, tracking_uri, experiment)  # Tune opens it (its setup hook), also on a restore
     # A trial reports test_bpd only with its last epoch; Tune otherwise rejects a search's earlier reports.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_driver_resources())
@@ -375,22 +365,23 @@ def run_study(study, settings, prepared=None):
     try:
         grid_results = tuner.fit()
     except BaseException:
-        tracker.close()  # no MLflow run stays RUNNING; the parent is KILLED and the study resumable
+        MlflowTracker(plan, tracking_uri, experiment).open().close()  # no run stays RUNNING; resumable
         raise
     results = [grid_results[i] for i in range(len(grid_results))]
     results = [r for r in results if r.config]  # a trial never started has no config
-    interrupted = tracker.interrupted
-    tracker.close()
+    record = MlflowTracker(plan, tracking_uri, experiment).open()  # what the store holds now
+    interrupted = record.interrupted
+    record.close()
     table = summary_table(plan, results)
-    print(f"\n{study.name} at preset {settings.scale}: bits/dim of the finished trials\n{table}")
+    print(f"\n{study.name} at scale {settings.scale}: bits/dim of the finished trials\n{table}")
     if study.search is not None and len(study.search.objectives) > 1:
         front = pareto_front(results, study.search.objectives)
         print("\nPareto front (" + " vs ".join(study.search.objectives) + "):")
-        for r in sorted(front, key=lambda r: r.metrics[list(study.search.objectives)[0]]):
+        for r in sorted(front, key=lambda r: r.metrics[next(iter(study.search.objectives))]):
             print("  " + ", ".join(f"{k} {r.metrics[k]:.4g}" for k in study.search.objectives) + "  "
                   + trial_key({n: r.config[n] for n in plan.levels}, plan.seeds[0]))
     if interrupted:
         print("\nThe study was interrupted: re-run the same command to resume it.")
-    print(f"\nMLflow: experiment {settings.experiment or study.name!r}, parent run {tracker.parent_id}; browse with\n"
+    print(f"\nMLflow: experiment {experiment!r}, parent run {record.parent_id}; browse with\n"
           f"  mlflow ui --backend-store-uri {tracking_uri}", flush=True)
-    return StudyOutcome(plan, results, table, tracking_uri, tracker.parent_id, interrupted, tracker.metric_points)
+    return StudyOutcome(plan, results, table, tracking_uri, record.parent_id, interrupted)

@@ -5,6 +5,10 @@ SQLite file lose writes or lock it, so workers report to Ray and this Tune callb
 writes MLflow: a parent run per study, a nested child run per trial (params = the resolved config,
 tags = factor levels, status and provenance, one metric point per epoch, artifacts = config JSON
 and sample grid). A resumed study finds its parent and child runs by tag and continues them.
+
+The tracker's state is the store itself: it holds only plain data until Tune calls its `setup`
+hook (at the start of every fit, a restored one included), which opens the store and reads what
+earlier invocations recorded. So Tune may pickle it with the experiment and restore it as it is.
 """
 import json
 import os
@@ -17,9 +21,9 @@ import time
 import pyarrow.fs
 from mlflow.entities import Metric, Param, RunTag
 from ray import tune
-from ray.tune.result import AUTO_RESULT_KEYS
 
 from .outcomes import read_outcome
+from .ray_internals import TUNE_RESULT_KEYS
 from .store import StoreClient, experiment_id, sqlite_path
 
 STUDY_KEY_TAG = "nvae.study_key"
@@ -27,13 +31,7 @@ TRIAL_KEY_TAG = "nvae.trial_key"
 STATUS_TAG = "nvae.status"
 NODES_TAG = "nvae.nodes"
 PARENT_TAG = "mlflow.parentRunId"
-NOT_METRICS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "epoch", "should_checkpoint"}
-
-
-def default_tracking_uri(folder="."):
-    """$MLFLOW_TRACKING_URI if set (as in MLflow itself, and on a cluster), else a SQLite store in
-    the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath(os.path.join(folder, "mlflow.db"))
+NOT_METRICS = set(TUNE_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "epoch", "should_checkpoint"}
 
 
 def default_artifact_location(tracking_uri, experiment):
@@ -89,7 +87,7 @@ def check_tracking_uri(tracking_uri, experiment=None):
         client = StoreClient(tracking_uri)  # reaches the store (and migrates an old SQLite schema)
         if experiment and path is None:
             _probe_server_write(client, experiment)
-    except Exception as error:  # any failure here means no study can be recorded
+    except Exception as error:  # noqa: BLE001  any failure here means no study can be recorded
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         if "error code 401" in str(error) or "error code 403" in str(error):  # a server with authentication
             user = os.environ.get("MLFLOW_TRACKING_USERNAME")
@@ -118,9 +116,9 @@ def provenance_tags():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
+                                timeout=10, check=False).stdout.strip()
         dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         if commit:
             tags["mlflow.source.git.commit"] = commit
             tags["nvae.git_dirty"] = str(bool(dirty)).lower()
@@ -154,22 +152,21 @@ class MlflowTracker(tune.Callback):
 
     def __init__(self, plan, tracking_uri, experiment):
         self.plan, self.tracking_uri, self.experiment = plan, tracking_uri, experiment
-        self.client = StoreClient(tracking_uri)
+        self.client = None  # opened by setup(): until then the tracker is plain, picklable data
+
+    def setup(self, **info):
+        """Tune's hook at the start of every fit: open the store and read what is recorded."""
+        self.open()
+
+    def open(self):
+        """Find or create the experiment and this study's parent run; load its children."""
+        self.client = StoreClient(self.tracking_uri)
+        self.provenance = provenance_tags()
         self.parent_id = None
         self.runs = {}  # trial key -> MLflow run id
         self.logged_epochs = {}  # run id -> epochs already logged (a resumed trial re-reports none twice)
         self.closed = set()  # run ids already terminal (done in an earlier invocation)
         self.nodes = {}  # run id -> Ray node ids its workers ran on (a recovered trial may move)
-        self.metric_points = 0
-        self.provenance = provenance_tags()
-
-    def __reduce__(self):
-        # Tune pickles its callbacks with the experiment and unpickles them on Tuner.restore; the
-        # tracker is per invocation (its store, its parent run), so a restore gets the live one.
-        return (active_tracker, ())
-
-    def open(self):
-        """Find or create the experiment and this study's parent run; load its children."""
         self.experiment_id = experiment_id(self.client, self.experiment,
                                            default_artifact_location(self.tracking_uri, self.experiment))
         found = self.client.search_runs([self.experiment_id], f"tags.`{STUDY_KEY_TAG}` = '{self.plan.study_key}'",
@@ -204,7 +201,6 @@ class MlflowTracker(tune.Callback):
             chunk = items[start:start + 100]
             self.client.log_batch(run_id, **{kind: [x for k, x in chunk if k == kind]
                                              for kind in ("metrics", "params", "tags")})
-        self.metric_points += len(metrics)
 
     def _child(self, trial):
         key = self.plan.key_of(trial)
@@ -305,16 +301,3 @@ class MlflowTracker(tune.Callback):
         self.client.set_terminated(self.parent_id, "KILLED" if self.interrupted else "FINISHED")
 
 
-_ACTIVE = []
-
-
-def activate(tracker):
-    """Make tracker the one a restored Tuner receives (see MlflowTracker.__reduce__)."""
-    _ACTIVE[:] = [tracker]
-    return tracker
-
-
-def active_tracker():
-    if not _ACTIVE:
-        raise RuntimeError("no MLflow tracker is active: a study's Tune state is restored only by run_study")
-    return _ACTIVE[0]

@@ -32,7 +32,7 @@ def check_database(uri, flag):
     try:
         with sqlalchemy.create_engine(uri).connect():
             pass
-    except Exception as error:  # the driver's errors (refused, bad password, no database) all end here
+    except Exception as error:  # noqa: BLE001  the driver's errors (refused, bad password, no database) all end here
         first = str(error).strip().splitlines()[0][:300]
         raise ValueError(f"{flag} {sqlalchemy.engine.make_url(uri).render_as_string(hide_password=True)}: "
                          f"cannot connect ({first}); start the database or fix the URI") from None

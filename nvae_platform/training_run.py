@@ -1,60 +1,17 @@
 """One NVAE configuration trained by Ray Train's TorchTrainer on N workers, with recovery."""
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from nvae_core import NVAEConfig
-from nvae_core.datasets import check_available
-from nvae_core.training import check_precision
+from nvae_core.paths import absolute
 
+from .ray_internals import find_cluster
+from .run_options import RunOptions
 from .worker_loop import CHECKPOINT_FILE, SAMPLES_FILE, train_loop_per_worker
-
-
-@dataclass
-class RunOptions:
-    """How a configuration is run (resources, storage, evaluation); not part of the model."""
-
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    threads_per_worker: int = 1
-    data_dir: str = "data"
-    download: bool = False
-    storage_path: str = "runs"
-    name: str = "nvae"
-    max_failures: int = 2  # worker-group restarts from the latest checkpoint
-    checkpoints_to_keep: int = 0  # 0 keeps every epoch's checkpoint
-    iw_samples: int = 100  # K of the importance-weighted test NLL (1000 in the paper)
-    iw_max_batch: int = 256
-    eval_batch_size: int = 64
-    max_test_images: int = 0  # 0 = the whole test split
-    sample_count: int = 8
-    sample_temperatures: tuple = (1.0, 0.8, 0.6)
-    bn_readjust_batches: int = 0
-    loader_workers: int = 0
-    train_log_level: str = "WARNING"  # Ray Train's own console logs (its per-report INFO lines are noise here)
-    # Fault injection, for tests of the recovery paths (-1 = off).
-    debug_nan_at_step: int = -1  # the loss becomes NaN at this step
-    debug_kill_at_step: int = -1  # the last rank SIGKILLs itself at this step (first attempt only)
-    debug_crash_after_epoch: int = -1  # the workers raise after this epoch's checkpoint (first attempt only)
-
-    def validate(self, cfg):
-        """Raise ValueError naming the bad option, before anything starts."""
-        if self.workers < 1:
-            raise ValueError(f"workers={self.workers} is not allowed: expected an integer >= 1")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
-            raise ValueError("gpus_per_worker must be >= 0 and cpus_per_worker > 0")
-        if self.iw_samples < 1:
-            raise ValueError(f"iw_samples={self.iw_samples} is not allowed: expected an integer >= 1")
-        if self.max_failures < 0:
-            raise ValueError(f"max_failures={self.max_failures} is not allowed: expected an integer >= 0 "
-                             "(Ray's -1, unlimited, would retry a failure that repeats forever)")
-        check_precision(cfg.precision, "cuda" if self.gpus_per_worker > 0 else "cpu")
-        if not self.download:  # a missing dataset fails here, in seconds, not in every worker
-            check_available(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size)
 
 
 @dataclass
@@ -73,23 +30,16 @@ def make_trainer(cfg, options, callbacks=()):
     resources = {"CPU": options.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = options.gpus_per_worker
-    opts = asdict(options)
-    opts["sample_temperatures"] = list(options.sample_temperatures)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"nvae": cfg.to_dict(), "options": opts},
+        train_loop_config={"nvae": cfg.to_dict(), "options": options.to_dict()},
         scaling_config=ray.train.ScalingConfig(num_workers=options.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=options.name, storage_path=storage_uri(options.storage_path), callbacks=list(callbacks),
+            name=options.name, storage_path=absolute(options.storage_path), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=options.checkpoints_to_keep or None),
             logging_config=ray.train.LoggingConfig(log_level=options.train_log_level)))
-
-
-def storage_uri(path):
-    """A local folder as an absolute path; a URI (s3://, gs://, ...) as it is."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def summarize(result):
@@ -113,10 +63,8 @@ def cluster_address(address=None, num_cpus=None):
     cluster started with `ray start` on this machine (the head, under `ray submit`); None when there
     is none, and a local Ray (of num_cpus CPUs) is started instead. Raises ValueError for an address
     that finds no cluster, or num_cpus given for a cluster whose nodes declare their own."""
-    from ray._private.services import canonicalize_bootstrap_address  # Ray's own resolution, as ray.init
-
     try:
-        found = canonicalize_bootstrap_address(address)
+        found = find_cluster(address)
     except ConnectionError:  # "auto" with no cluster on this machine
         raise ValueError(f"--address {address}: no running Ray cluster was found on this machine; start one "
                          "(`ray start --head`, or `ray up cluster.yaml`), or omit --address for a local Ray") from None
@@ -162,4 +110,4 @@ def run_training(cfg: NVAEConfig, options: RunOptions) -> RunResult:
 
 
 __all__ = ["CHECKPOINT_FILE", "RunOptions", "RunResult", "cluster_address", "init_ray", "make_trainer", "run_training",
-           "storage_uri", "summarize"]
+           "summarize"]

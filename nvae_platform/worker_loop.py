@@ -1,5 +1,8 @@
 """The training loop each Ray Train worker runs: one NVAE configuration, data-parallel.
 
+It reads as its steps: set_up, restore, then per epoch train_epoch, validate and
+report_and_checkpoint, and final_evaluation with the last epoch.
+
 Per epoch every worker reports the same metrics (Ray keeps rank 0's) and rank 0 writes a checkpoint
 (model, optimizer, scaler, step, epoch, every rank's RNG state). A restarted worker group resumes
 from the latest checkpoint. A non-finite loss on any rank stops all ranks within the step with the
@@ -8,21 +11,24 @@ status "diverged at step S"; the last good checkpoint stays.
 import math
 import os
 import resource
-import signal
 import tempfile
 import time
+from dataclasses import dataclass
 
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from nvae_core import NVAE, NVAEConfig, TrainStep, active_units, active_units_kl, autocast, bits_per_dim, sample_images
 from nvae_core.datasets import Batches, load_dataset
 from nvae_core.evaluation import importance_weighted_nll
 from nvae_core.layers import synchronize_batchnorm
+
+from . import fault_injection
+from .run_options import RunOptions
 
 CHECKPOINT_FILE = "state.pt"
 SAMPLES_FILE = "samples.png"
@@ -82,13 +88,13 @@ def _evaluate_nelbo(model, loader, cfg, device, seed):
     return bits_per_dim(nats, cfg.num_dims)
 
 
-def _final_evaluation(model, loader, cfg, device, options, seed):
+def _final_evaluation(model, loader, cfg, device, options: RunOptions, seed):
     """Importance-weighted test bits/dim over all ranks' shards, and active units (posterior-mean
     variance, Burda et al.; and the authors' per-channel KL count) on this rank's."""
     model.eval()
     with autocast(cfg.precision, device):
         nats = _mean_over_ranks(
-            lambda x: importance_weighted_nll(model, x, options["iw_samples"], options["iw_max_batch"]),
+            lambda x: importance_weighted_nll(model, x, options.iw_samples, options.iw_max_batch),
             loader, Batches(cfg, device, seed))
         prepare = Batches(cfg, device, seed)
         units = active_units(model, (prepare(x) for x in loader))
@@ -103,13 +109,13 @@ def _final_evaluation(model, loader, cfg, device, options, seed):
 def _save_samples(model, cfg, path, options):
     import torchvision.utils
 
-    rows = [sample_images(model, options["sample_count"], t, options["bn_readjust_batches"])
-            for t in options["sample_temperatures"]]
-    torchvision.utils.save_image(torch.cat(rows).float().cpu(), path, nrow=options["sample_count"])
+    rows = [sample_images(model, options.sample_count, t, options.bn_readjust_batches)
+            for t in options.sample_temperatures]
+    torchvision.utils.save_image(torch.cat(rows).float().cpu(), path, nrow=options.sample_count)
 
 
 def _checkpoint_state(model, step, epoch):
-    rank, world = _world()
+    _rank, world = _world()
     rng = [None] * world
     state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     if world > 1:
@@ -145,107 +151,162 @@ def _report(metrics, checkpoint_state=None, files=()):
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def train_loop_per_worker(config):
-    """Ray Train entry point. config: {"nvae": NVAEConfig dict, "options": run options dict}."""
-    cfg = NVAEConfig.from_dict(config["nvae"])
-    options = config["options"]
+@dataclass
+class Worker:
+    """What one worker holds through its run (set_up makes it; restore fills in model and start)."""
+
+    cfg: NVAEConfig
+    options: RunOptions
+    rank: int
+    world: int
+    device: torch.device
+    sampler: DistributedSampler
+    loader: DataLoader
+    test_loader: DataLoader
+    model: nn.Module  # DistributedDataParallel around core when world > 1
+    step: TrainStep
+    start_epoch: int = 0
+    nodes: str = ""  # the Ray nodes this attempt's workers run on
+
+    @property
+    def core(self):
+        return self.step.core
+
+    @property
+    def resumed(self):
+        return self.start_epoch > 0
+
+
+def set_up(cfg, options):
+    """Data loaders (this rank's shards), the model and its train step, on this worker's device."""
     rank, world = _world()
     device = ray.train.torch.get_device()
-    torch.set_num_threads(options["threads_per_worker"])
+    torch.set_num_threads(options.threads_per_worker)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-
-    common = dict(data_dir=options["data_dir"], download=options["download"], seed=cfg.seed,
-                  image_size=cfg.image_size)
+    common = dict(data_dir=options.data_dir, download=options.download, seed=cfg.seed, image_size=cfg.image_size)
     train_set = load_dataset(cfg.dataset, "train", **common)
     test_set = load_dataset(cfg.dataset, cfg.evaluation_split, **common)
-    if options["max_test_images"]:
-        test_set = Subset(test_set, range(min(len(test_set), options["max_test_images"])))
+    if options.max_test_images:
+        test_set = Subset(test_set, range(min(len(test_set), options.max_test_images)))
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=options["loader_workers"], pin_memory=device.type == "cuda")
+                        num_workers=options.loader_workers, pin_memory=device.type == "cuda")
     test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world)),
-                             batch_size=options["eval_batch_size"], num_workers=options["loader_workers"])
+                             batch_size=options.eval_batch_size, num_workers=options.loader_workers)
     if len(loader) == 0:
         raise ValueError(f"batch_size={cfg.batch_size} x {world} workers is more than the "
                          f"{len(train_set)} training images of {cfg.dataset}; lower the batch size")
-
     model = NVAE(cfg).to(device)
     step = TrainStep(model, steps_per_epoch=len(loader), device=device)
-    start_epoch = 0
+    return Worker(cfg, options, rank, world, device, sampler, loader, test_loader, model, step)
+
+
+def restore(w):
+    """Resume from Ray's latest checkpoint, or initialize weight norm from data; then wrap the model
+    for data parallelism and learn which nodes this attempt runs on."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        start_epoch = _restore(model, step, checkpoint)
-    elif step.needs_data_init:  # every rank inits from its own batch; DDP then broadcasts rank 0's
-        sampler.set_epoch(0)
-        step.data_init(Batches(cfg, device, cfg.seed, train=True)(next(iter(loader))))
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            synchronize_batchnorm(model), device_ids=[device.index] if device.type == "cuda" else None)
-        step.model = model
-    core = step.core
-    num_params = sum(p.numel() for p in core.parameters())
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    resumed = start_epoch > 0
-    nodes = [ray.get_runtime_context().get_node_id()] * world
-    if world > 1:
+        w.start_epoch = _restore(w.model, w.step, checkpoint)
+    elif w.step.needs_data_init:  # every rank inits from its own batch; DDP then broadcasts rank 0's
+        w.sampler.set_epoch(0)
+        w.step.data_init(Batches(w.cfg, w.device, w.cfg.seed, train=True)(next(iter(w.loader))))
+    if w.world > 1:
+        w.model = nn.parallel.DistributedDataParallel(
+            synchronize_batchnorm(w.model), device_ids=[w.device.index] if w.device.type == "cuda" else None)
+        w.step.model = w.model
+    nodes = [ray.get_runtime_context().get_node_id()] * w.world
+    if w.world > 1:
         dist.all_gather_object(nodes, nodes[0])
-    nodes = sorted(set(nodes))  # the Ray nodes this attempt's workers run on
+    w.nodes = ",".join(sorted(set(nodes)))
 
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        prepare = Batches(cfg, device, seed=cfg.seed * 100003 + epoch * 1009 + rank, train=True)
-        sums = {"loss": 0.0, "nelbo": 0.0, "recon": 0.0, "kl": 0.0, "grad_norm": 0.0}
-        kl_groups = torch.zeros(cfg.num_groups, dtype=torch.float64)
-        steps, start = 0, time.perf_counter()
-        for x in loader:
-            stats = step(prepare(x), measure_grad_norm=True)
-            if options["debug_nan_at_step"] == step.step:
-                stats["loss"] = stats["loss"] * float("nan")
-            if options["debug_kill_at_step"] == step.step and rank == world - 1 and not resumed:
-                os.kill(os.getpid(), signal.SIGKILL)  # fault injection: this worker dies mid-epoch
-            finite = math.isfinite(stats["loss"].item())
-            if step.precision != "fp16":  # fp16's gradient scaler expects, and skips, overflowing steps
-                finite = finite and math.isfinite(float(stats["grad_norm"]))
-            if _all_reduce([0.0 if finite else 1.0], op=dist.ReduceOp.MAX)[0] > 0:
-                status = f"diverged at step {step.step}"
-                if rank == 0:
-                    print(f"[nvae] {status} (epoch {epoch}); last good checkpoint kept", flush=True)
-                outcome = {"epoch": epoch, "step": step.step, "status": status, "diverged": 1.0}
-                _report(outcome)
-                return outcome
-            for key in sums:
-                sums[key] += float(stats[key])
-            kl_groups += stats["kl_per_group"].double().cpu()
-            steps += 1
-        seconds = time.perf_counter() - start
-        means = [v / steps for v in sums.values()]
-        reduced = _all_reduce(means + [steps * cfg.batch_size / seconds])
-        metrics = {f"train_{k}": v / world for k, v in zip(sums, reduced)}
-        metrics["train_bpd"] = bits_per_dim(metrics["train_nelbo"], cfg.num_dims)
-        metrics.update({f"train_kl_group_{i}": v / steps for i, v in enumerate(kl_groups.tolist())})
-        metrics.update(epoch=epoch, step=step.step, lr=stats["lr"], kl_coeff=stats["kl_coeff"],
-                       images_per_s=reduced[-1], epoch_seconds=seconds, step_seconds=seconds / steps,
-                       num_params=num_params, device=device_name, status="running", diverged=0.0,
-                       peak_memory_gb=_peak_memory_gb(device),
-                       val_bpd=_evaluate_nelbo(model, test_loader, cfg, device, seed=cfg.seed + 7))
-        metrics["replica_param_spread"], metrics["replica_bn_spread"] = _replica_spread(core)
-        metrics.update(worker_nodes=len(nodes), nodes=",".join(nodes), start_epoch=start_epoch)
-        last = epoch == cfg.epochs - 1
-        files = []
+
+def _finite_everywhere(w, stats):
+    """Whether this step's loss (and, outside fp16, gradient norm) is finite on every rank."""
+    finite = math.isfinite(stats["loss"].item())
+    if w.step.precision != "fp16":  # fp16's gradient scaler expects, and skips, overflowing steps
+        finite = finite and math.isfinite(float(stats["grad_norm"]))
+    return _all_reduce([0.0 if finite else 1.0], op=dist.ReduceOp.MAX)[0] == 0
+
+
+def train_epoch(w, epoch):
+    """One pass over this rank's shard: the epoch's mean training metrics over all ranks, or, at the
+    first non-finite step on any rank, the divergence outcome {"status": "diverged at step S", ...}."""
+    cfg, step = w.cfg, w.step
+    w.sampler.set_epoch(epoch)
+    prepare = Batches(cfg, w.device, seed=cfg.seed * 100003 + epoch * 1009 + w.rank, train=True)
+    sums = {"loss": 0.0, "nelbo": 0.0, "recon": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    kl_groups = torch.zeros(cfg.num_groups, dtype=torch.float64)
+    steps, start = 0, time.perf_counter()
+    for x in w.loader:
+        stats = step(prepare(x), measure_grad_norm=True)
+        fault_injection.poison_loss(w.options, step.step, stats)
+        fault_injection.kill_worker(w.options, step.step, w.rank, w.world, w.resumed)
+        if not _finite_everywhere(w, stats):
+            return {"epoch": epoch, "step": step.step, "status": f"diverged at step {step.step}", "diverged": 1.0}
+        for key in sums:
+            sums[key] += float(stats[key])
+        kl_groups += stats["kl_per_group"].double().cpu()
+        steps += 1
+    seconds = time.perf_counter() - start
+    reduced = _all_reduce([v / steps for v in sums.values()] + [steps * cfg.batch_size / seconds])
+    metrics = {f"train_{k}": v / w.world for k, v in zip(sums, reduced)}
+    metrics["train_bpd"] = bits_per_dim(metrics["train_nelbo"], cfg.num_dims)
+    metrics.update({f"train_kl_group_{i}": v / steps for i, v in enumerate(kl_groups.tolist())})
+    metrics.update(epoch=epoch, step=step.step, lr=stats["lr"], kl_coeff=stats["kl_coeff"],
+                   images_per_s=reduced[-1], epoch_seconds=seconds, step_seconds=seconds / steps, status="running",
+                   diverged=0.0)
+    return metrics
+
+
+def validate(w):
+    """Validation bits/dim, and what describes the run: size, device, memory, replica agreement."""
+    num_params = sum(p.numel() for p in w.core.parameters())
+    device_name = torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else "cpu"
+    param_spread, bn_spread = _replica_spread(w.core)
+    return dict(val_bpd=_evaluate_nelbo(w.model, w.test_loader, w.cfg, w.device, seed=w.cfg.seed + 7),
+                num_params=num_params, device=device_name, peak_memory_gb=_peak_memory_gb(w.device),
+                replica_param_spread=param_spread, replica_bn_spread=bn_spread,
+                worker_nodes=len(w.nodes.split(",")), nodes=w.nodes, start_epoch=w.start_epoch)
+
+
+def final_evaluation(w):
+    """The last epoch's test figures (importance-weighted bits/dim, active units), status finished."""
+    return {**_final_evaluation(w.core, w.test_loader, w.cfg, w.device, w.options, seed=w.cfg.seed + 7),
+            "status": "finished"}
+
+
+def report_and_checkpoint(w, epoch, metrics, last):
+    """Print the epoch (rank 0), report it with its checkpoint (and the sample grid after the last
+    epoch), and wait until Ray has committed that checkpoint."""
+    files = []
+    if w.rank == 0:
         if last:
-            metrics.update(_final_evaluation(core, test_loader, cfg, device, options, seed=cfg.seed + 7))
-            metrics["status"] = "finished"
-            if rank == 0:
-                files.append(lambda folder: _save_samples(core, cfg, os.path.join(folder, SAMPLES_FILE), options))
-        if rank == 0:
-            shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in ("train_bpd", "val_bpd", "images_per_s")
-                              if k in metrics)
-            tail = f"  test_bpd {metrics['test_bpd']:.4f}" if last else ""
-            print(f"[nvae] epoch {epoch + 1}/{cfg.epochs}  {shown}{tail}", flush=True)
-        _report(metrics, _checkpoint_state(core, step, epoch), files)
-        # Wait until Ray has committed this epoch's checkpoint: a worker lost from here on costs
-        # at most the epoch in flight (reports are otherwise registered asynchronously).
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        if options["debug_crash_after_epoch"] == epoch and not resumed:
-            raise RuntimeError(f"fault injection: crash after epoch {epoch}")
-    return {"status": "finished", "epoch": cfg.epochs - 1, "step": step.step}
+            files.append(lambda folder: _save_samples(w.core, w.cfg, os.path.join(folder, SAMPLES_FILE), w.options))
+        shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in ("train_bpd", "val_bpd", "images_per_s") if k in metrics)
+        tail = f"  test_bpd {metrics['test_bpd']:.4f}" if last else ""
+        print(f"[nvae] epoch {epoch + 1}/{w.cfg.epochs}  {shown}{tail}", flush=True)
+    _report(metrics, _checkpoint_state(w.core, w.step, epoch), files)
+    # A worker lost from here on costs at most the epoch in flight (reports are otherwise
+    # registered asynchronously).
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def train_loop_per_worker(config):
+    """Ray Train entry point. config: {"nvae": NVAEConfig dict, "options": RunOptions dict}."""
+    cfg, options = NVAEConfig.from_dict(config["nvae"]), RunOptions.from_dict(config["options"])
+    w = set_up(cfg, options)
+    restore(w)
+    for epoch in range(w.start_epoch, cfg.epochs):
+        metrics = train_epoch(w, epoch)
+        if metrics["status"] != "running":  # diverged: every rank stops; the last good checkpoint stays
+            if w.rank == 0:
+                print(f"[nvae] {metrics['status']} (epoch {epoch}); last good checkpoint kept", flush=True)
+            _report(metrics)
+            return metrics
+        metrics.update(validate(w))
+        last = epoch == cfg.epochs - 1
+        if last:
+            metrics.update(final_evaluation(w))
+        report_and_checkpoint(w, epoch, metrics, last)
+        fault_injection.crash_after_epoch(options, epoch, w.resumed)
+    return {"status": "finished", "epoch": cfg.epochs - 1, "step": w.step.step}

@@ -3,7 +3,7 @@ import argparse
 import os
 import sys
 
-from nvae_platform.tracking import default_tracking_uri
+from nvae_platform.defaults import default_tracking_uri
 
 from .build import build_report
 from .runs import ReportError

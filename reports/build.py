@@ -30,7 +30,7 @@ def _sample_grids(client, study):
         with tempfile.TemporaryDirectory() as folder:
             try:
                 path = client.download_artifacts(first["run_id"], "samples.png", folder)
-            except Exception:  # noqa: BLE001  a run without its grid still has its numbers
+            except Exception:  # noqa: BLE001, S112  a run without its grid still has its numbers
                 continue
             with open(path, "rb") as f:
                 grids.append((f"samples of {first['run_name']} (temperatures 1.0, 0.8, 0.6)", f.read(), "grid"))
@@ -40,7 +40,7 @@ def _sample_grids(client, study):
 def study_report(client, study, reference):
     """Everything of one study invocation, in memory: {file name: bytes or str}."""
     table = build_table(study, reference)
-    caption = f"{study.name} ({study.preset}): " + ", ".join(study.columns) + "; mean ± sd over finished seeds"
+    caption = f"{study.name} ({study.scale}): " + ", ".join(study.columns) + "; mean ± sd over finished seeds"
     figures = {"val_bpd_per_epoch.png": plots.validation_curves(_histories(client, study.trials)),
                "kl_per_group.png": plots.kl_per_group(study)}
     if study.across:
@@ -55,7 +55,7 @@ def study_report(client, study, reference):
              f"Δ: difference to the baseline row {study.baseline or '(none)'}. "
              f"'{PAPER}': the paper's value as recalled, from reports/paper_reference.csv.")
     images = [(name[:-4].replace("_", " "), png) for name, png in figures.items()] + _sample_grids(client, study)
-    note = "" if table.long["paper"].notna().any() else " The paper's values are known at preset paper only."
+    note = "" if table.long["paper"].notna().any() else " The paper's values are known at scale paper only."
     files = {"table.md": f"{caption}.{note}\n\n" + to_markdown(table.display), "table.csv": to_csv(table.long),
              "table.tex": to_latex(table.display, caption),
              "report.html": to_html(f"{study.name}: {study.run_name}", [(caption, intro, table.display, images)])}

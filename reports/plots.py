@@ -6,10 +6,10 @@ import re
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from nvae_platform.pareto import non_dominated  # noqa: E402
+from nvae_platform.pareto import non_dominated
 
 
 def _png(figure):

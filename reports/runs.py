@@ -19,7 +19,7 @@ class StudyRuns:
     name: str  # the study's name, e.g. ablation_norm
     run_name: str  # the parent run's name, e.g. ablation_norm-smoke-cd3630ce
     parent_id: str
-    preset: str
+    scale: str
     kind: str  # grid or search
     levels: dict  # factor -> level names, in the study's order
     columns: list  # metrics of the table
@@ -90,7 +90,7 @@ def _study(parent, children):
     trials = pd.concat([trials, children[[c for c in children.columns if c.startswith("metrics.")]]], axis=1)
     return StudyRuns(
         name=parent["tags.nvae.study"], run_name=parent.get("tags.mlflow.runName", parent["run_id"]),
-        parent_id=parent["run_id"], preset=parent.get("tags.nvae.preset", ""),
+        parent_id=parent["run_id"], scale=parent.get("tags.nvae.scale") or parent.get("tags.nvae.preset", ""),
         kind=parent.get("tags.nvae.kind", "grid"),
         levels=levels, columns=[c for c in _param(parent, "table.columns", "test_bpd").split(",") if c],
         across=_param(parent, "table.across"), baseline=json.loads(_param(parent, "table.baseline", "{}")),

@@ -8,6 +8,8 @@ from itertools import product
 
 import pandas as pd
 
+from nvae_platform.figures import mean_sd
+
 PAPER = "paper (unverified)"
 
 
@@ -72,7 +74,7 @@ def format_cell(row):
     notes = [f"{row[k]} {k}" for k in ("diverged", "failed") if row[k]]
     if row["n"] == 0:
         return "- (" + ", ".join(notes or ["no finished trial"]) + ")"
-    text = f"{row['mean']:.4g}" + (f" ± {row['std']:.2g}" if row["n"] > 1 else "") + f" (n={row['n']})"
+    text = mean_sd(row["mean"], row["std"], row["n"]) + f" (n={row['n']})"
     return text + "".join(f"; {note}" for note in notes)
 
 

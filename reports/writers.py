@@ -53,9 +53,9 @@ def to_html(title, sections):
     """One page; sections: (heading, intro text, display table or None, [(caption, png bytes[, css class])]);
     class "grid" draws small images (sample grids) large with sharp pixels."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
+             ("<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border-bottom:1px solid #ccc;padding:4px 8px;text-align:left}figure{display:inline-block;"
-             "margin:8px}img.plot{max-width:560px}img.grid{width:400px;image-rendering:pixelated}</style>",
+             "margin:8px}img.plot{max-width:560px}img.grid{width:400px;image-rendering:pixelated}</style>"),
              f"</head><body><h1>{html.escape(title)}</h1>"]
     for heading, intro, display, images in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2><p>{html.escape(intro)}</p>")

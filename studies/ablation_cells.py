@@ -2,7 +2,7 @@
 (encoder) and top-down (decoder) towers, judged by test bpd, training time and peak memory.
 
     python studies/ablation_cells.py                     # smoke: offline, minutes on a laptop
-    python studies/ablation_cells.py --preset small
+    python studies/ablation_cells.py --scale small
 """
 from nvae_platform.study import Study, field_factor
 from nvae_platform.study_cli import run

@@ -4,7 +4,7 @@ diverged trial is a result and is recorded as one. As in the authors' three mode
 (both towers, pre- and post-process) is the regular residual cell, so WN rows hold no batch norm.
 
     python studies/ablation_norm.py                      # smoke: offline, minutes on a laptop
-    python studies/ablation_norm.py --preset small --seeds 3
+    python studies/ablation_norm.py --scale small --seeds 3
 """
 from nvae_platform.study import Factor, Study, field_factor
 from nvae_platform.study_cli import run

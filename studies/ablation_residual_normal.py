@@ -4,7 +4,7 @@ training KL and test bpd. Active units are counted both ways: the posterior mean
 the data (Burda et al., active_units) and the authors' per-channel KL > 0.1 (active_units_kl).
 
     python studies/ablation_residual_normal.py           # smoke: offline, minutes on a laptop
-    python studies/ablation_residual_normal.py --preset small
+    python studies/ablation_residual_normal.py --scale small
 """
 from nvae_platform.study import Study, field_factor
 from nvae_platform.study_cli import run

@@ -2,7 +2,7 @@
 BN-scale penalty) off; judged by test bpd and whether training stayed finite.
 
     python studies/ablation_sr.py                        # smoke: offline, minutes on a laptop
-    python studies/ablation_sr.py --preset small --seeds 3
+    python studies/ablation_sr.py --scale small --seeds 3
 """
 from nvae_platform.study import Study, field_factor
 from nvae_platform.study_cli import run

@@ -17,7 +17,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from nvae_platform.presets import run_config, run_options
+from nvae_platform.scales import run_config, run_options
 from nvae_platform.training_run import init_ray, make_trainer, summarize
 from nvae_platform.worker_loop import train_loop_per_worker
 

@@ -21,7 +21,7 @@ def make_store(folder, runs, epochs):
     client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
     experiment = client.create_experiment("bench", artifact_location=f"file://{folder}/art")
     parent = client.create_run(experiment, run_name="bench-small-00000000",
-                               tags={"nvae.study": "ablation_norm", "nvae.preset": "small", "nvae.kind": "grid"})
+                               tags={"nvae.study": "ablation_norm", "nvae.scale": "small", "nvae.kind": "grid"})
     pid = parent.info.run_id
     params = {"levels.norm_act": "WN+ELU,BN+ELU,BN+Swish", "levels.groups": "10,20,40", "factors": "norm_act,groups",
               "table.columns": "test_bpd", "table.across": "groups",

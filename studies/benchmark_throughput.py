@@ -86,7 +86,7 @@ def measure(config, device, precision, compiled, batch, warmup, steps, threads):
 def _child(queue, kwargs):
     try:
         queue.put(measure(**kwargs))
-    except Exception as error:  # reported as a row, so one failing combination keeps the others
+    except Exception as error:  # noqa: BLE001  reported as a row, so one failing combination keeps the others
         queue.put({**kwargs, "error": f"{type(error).__name__}: {error}"})
 
 
@@ -127,10 +127,10 @@ def main(argv=None):
                            batch=args.batch, warmup=args.warmup, steps=args.steps, threads=args.threads)
         rows.append(row)
         if "error" in row:
-            print(f"{config:<18}{precision:<6}{str(comp):<9} failed: {row['error']}")
+            print(f"{config:<18}{precision:<6}{comp!s:<9} failed: {row['error']}")
             continue
         peak = row.get("peak_rss_gb", row.get("peak_cuda_allocated_gb"))
-        print(f"{config:<18}{precision:<6}{str(comp):<9}{row['batch_size']:>6}{row['train_images_per_s']:>13.1f}"
+        print(f"{config:<18}{precision:<6}{comp!s:<9}{row['batch_size']:>6}{row['train_images_per_s']:>13.1f}"
               f"{row['eval_images_per_s']:>12.1f}{peak:>9.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

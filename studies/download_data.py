@@ -7,10 +7,10 @@ Each set is downloaded by torchvision (archives checked by their md5) unless its
 there, then opened once. Exits 1, naming the set and the way out, if one cannot be had.
 """
 import argparse
-import os
 import sys
 
 from nvae_core.datasets import DOWNLOADABLE, DatasetNotFoundError, load_dataset
+from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir
 
 
@@ -20,7 +20,7 @@ def main(argv=None):
                         help=f"one or more of {', '.join(DOWNLOADABLE)}")
     parser.add_argument("--data-dir", default=default_data_dir(), help="default: $NVAE_DATA_DIR, else data")
     args = parser.parse_args(argv)
-    root = os.path.abspath(os.path.expanduser(args.data_dir))
+    root = absolute(args.data_dir)
     failed = 0
     for name in args.datasets:
         try:

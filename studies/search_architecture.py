@@ -3,7 +3,7 @@ cell types per tower, squeeze-and-excitation, width, number of latent groups and
 study prints the Pareto front of test bpd against parameter count.
 
     python studies/search_architecture.py                # smoke: 4 trials, offline
-    python studies/search_architecture.py --preset small --samples 40
+    python studies/search_architecture.py --scale small --samples 40
 
 A trial stopped early has no test bpd, so this two-objective search trains every trial to the end;
 a single-objective Search(early_stopping=True) prunes with ASHA on the per-epoch val_bpd.

@@ -10,12 +10,12 @@ import time
 
 import pytest
 import ray
+from conftest import free_port
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors
 
-from conftest import free_port
 from nvae_platform.defaults import STORAGE_ENV
 from nvae_platform.study_runner import TRIAL_DRIVER_RESOURCE
 
@@ -49,6 +49,10 @@ def cluster(tracking_server, tmp_path_factory):
             cluster.shutdown()
 
 
+# The `ray` command of the Python running the tests: no activated environment needed.
+RAY_CLI = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
 def _running_trial_with_a_checkpoint(client, experiment_name, worker_ids):
     """(run, node id, epochs done) of a trial past its first checkpoint, with epochs to go, on a worker node."""
     experiment = client.get_experiment_by_name(experiment_name)
@@ -68,7 +72,7 @@ def test_a_study_submitted_as_a_ray_job_spreads_over_nodes_and_survives_losing_o
     cluster_, workers, dashboard, url = cluster
     started = time.time()
     job_id = f"ablation-sr-{int(started)}"
-    submit = subprocess.run(["ray", "job", "submit", "--address", dashboard, "--submission-id", job_id, "--no-wait",
+    submit = subprocess.run([RAY_CLI, "job", "submit", "--address", dashboard, "--submission-id", job_id, "--no-wait",
                              "--", sys.executable, os.path.join(REPO, "studies/ablation_sr.py"),
                              "--set", f"epochs={EPOCHS}"], capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stderr

@@ -3,9 +3,9 @@ import dataclasses
 import json
 
 import pytest
+from conftest import tiny_config
 
 import nvae_core
-from conftest import tiny_config
 from nvae_core import NVAE, ConfigError, NVAEConfig, TrainStep
 from nvae_core.training import check_precision
 

@@ -11,7 +11,6 @@ import torchvision.datasets.celeba
 from PIL import Image
 
 from nvae_core import ConfigError, NVAEConfig, preset
-from nvae_core.config import DATASET_SHAPES
 from nvae_core.datasets import DATASETS, Batches, DatasetNotFoundError, load_dataset, quantize
 
 DOWNLOADABLE = ("mnist", "cifar10", "celeba64")
@@ -77,7 +76,7 @@ def write_celeba(root):
         image = image.convert("L") if len(set(color)) == 1 else image
         image.save(folder / "img_align_celeba" / name, quality=100)
     names = sorted(CELEBA_PARTITION)
-    rows = lambda values: "".join(f"{n} {' '.join(map(str, v))}\n" for n, v in zip(names, values))  # noqa: E731
+    rows = lambda values: "".join(f"{n} {' '.join(map(str, v))}\n" for n, v in zip(names, values))
     (folder / "list_eval_partition.txt").write_text(rows([[CELEBA_PARTITION[n]] for n in names]))
     (folder / "identity_CelebA.txt").write_text(rows([[i + 1] for i in range(len(names))]))
     (folder / "list_attr_celeba.txt").write_text(
@@ -283,7 +282,7 @@ def test_photo_patches_shapes_split_and_disjoint_tiles():
     assert train.shape == (416, 3, 32, 32) and test.shape == (104, 3, 32, 32)
     assert train.dtype == torch.float32 and 0.0 <= train.min() and train.max() <= 1.0
     assert torch.equal(train * 255, torch.round(train * 255))
-    keys = lambda x: {row.tobytes() for row in x.mul(255).round().to(torch.uint8).flatten(1).numpy()}  # noqa: E731
+    keys = lambda x: {row.tobytes() for row in x.mul(255).round().to(torch.uint8).flatten(1).numpy()}
     train_keys, test_keys = keys(train), keys(test)
     assert len(train_keys) == 416 and len(test_keys) == 104 and not train_keys & test_keys
 
@@ -303,16 +302,19 @@ def test_digits_through_load_dataset():
 
 # --- the table and argument checks --------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(DATASET_SHAPES))
-def test_table_matches_config(name):
-    """DATASETS lists every config dataset with its channels, size and 1-bit flag."""
-    info, shape = DATASETS[name], DATASET_SHAPES[name]
-    if shape is None:
-        assert (info.channels, info.size, info.binarized) == (3, None, False)
-    else:
-        assert (info.channels, info.size, info.binarized) == (shape[0], shape[1], shape[2] == 1)
-    assert info.offline == (name in ("digits", "photo-patches"))
-    assert set(DATASETS) == set(DATASET_SHAPES)
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_one_registry_describes_every_dataset(name):
+    """The registry's data fields make a valid config, the smoke scale takes them as they are, and a
+    config that contradicts them is refused."""
+    from nvae_platform.scales import run_config
+
+    spec = DATASETS[name]
+    cfg = NVAEConfig().replace(**spec.data_fields())
+    assert (cfg.image_channels, cfg.num_x_bits, cfg.likelihood) == (spec.channels, spec.bits, spec.likelihood)
+    assert run_config(name, "smoke").to_dict().items() >= spec.data_fields().items()
+    assert spec.offline == (name in ("digits", "photo-patches"))
+    with pytest.raises(ConfigError, match="image_channels"):
+        cfg.replace(image_channels=4 - spec.channels if spec.channels != 2 else 1)
 
 
 @pytest.mark.parametrize("name", ["digits", "photo-patches"])

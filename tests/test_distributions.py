@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from nvae_core.distributions import Bernoulli, LogisticMixture, Normal, reconstruction_nll, soft_clamp5
 
+from nvae_core.distributions import Bernoulli, LogisticMixture, Normal, reconstruction_nll, soft_clamp5
 
 # --------------------------------------------------------------------------------------------- Normal
 

@@ -1,9 +1,9 @@
 """Test-time measures: importance-weighted NLL, active units, prior samples; training determinism."""
 import pytest
 import torch
-import torch.nn as nn
-
 from conftest import tiny_batch, tiny_config
+from torch import nn
+
 from nvae_core import NVAE, TrainStep, active_units, importance_weighted_nll, sample_images
 from nvae_core.distributions import Normal
 

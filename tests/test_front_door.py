@@ -18,7 +18,7 @@ CASES = [
     ("train", ["--storage-path", "/proc/nvae-runs"], "--storage-path"),
     ("study", ["--tracking-uri", "sqlite:///{ro}"], "--tracking-uri"),
     ("study", ["--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri"),
-    ("study", ["--preset", "small", "--data-dir", "/nonexistent/nvae-data"], "--data-dir"),
+    ("study", ["--scale", "small", "--data-dir", "/nonexistent/nvae-data"], "--data-dir"),
     ("train", ["--dataset", "cifar10", "--data-dir", "/nonexistent/nvae-data"], "--data-dir"),
     ("study", ["--max-concurrent", "-3"], "--max-concurrent"),
     ("study", ["--seeds", "0"], "--seeds"),

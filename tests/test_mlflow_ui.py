@@ -10,9 +10,8 @@ import sys
 import time
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import free_port, wait_for_http
+from mlflow.tracking import MlflowClient
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason=(
@@ -62,7 +61,7 @@ def _show_column(browser, name):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Columns"][0].click()
+    next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Columns").click()
     search = _wait_element(browser, By.CSS_SELECTOR, "input[placeholder='Search columns']")
     search.send_keys(name)
     # an item of the menu's tree whose whole title is the name (learning_rate, not learning_rate_min)

@@ -28,8 +28,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_batch, tiny_config
+
 from nvae_core import NVAE, TrainStep, bits_per_dim, importance_weighted_nll
 from nvae_core.config import NVAEConfig
 from nvae_core.datasets import digits, dynamic_binarize

@@ -1,12 +1,13 @@
 """Spectral and BN-scale regularization, and the objective's schedules and weights."""
+import itertools
 import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import tiny_batch, tiny_config
+from torch import nn
+
 from nvae_core import NVAE, bits_per_dim, kl_coefficient, nvae_loss
 from nvae_core.layers import Conv2d
 from nvae_core.model import ForwardResult
@@ -178,7 +179,7 @@ def test_kl_coefficient_schedule():
     assert kl_coefficient(99_999, total, cfg) == pytest.approx(1.0)
     # Linear: equal steps give equal increments above the floor.
     values = [kl_coefficient(s, total, cfg) for s in range(1_010, 30_000, 1_000)]
-    increments = [b - a for a, b in zip(values, values[1:])]
+    increments = [b - a for a, b in itertools.pairwise(values)]
     assert max(increments) - min(increments) < 1e-9
     no_hold = cfg.replace(kl_const_portion=0.0)
     assert kl_coefficient(3_000, total, no_hold) == pytest.approx(0.1)

@@ -27,7 +27,7 @@ def store(tmp_path):
     client = MlflowClient(uri)
     experiment = client.create_experiment("ablation_norm", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(experiment, run_name="ablation_norm-paper-0123abcd",
-                               tags={"nvae.study": "ablation_norm", "nvae.preset": "paper", "nvae.kind": "grid"})
+                               tags={"nvae.study": "ablation_norm", "nvae.scale": "paper", "nvae.kind": "grid"})
     pid = parent.info.run_id
     for key, value in {"levels.norm_act": "WN+ELU,BN+Swish", "levels.groups": "10,40", "factors": "norm_act,groups",
                        "table.columns": "test_bpd", "table.across": "groups",

@@ -99,7 +99,7 @@ def test_unwritable_storage_and_unreachable_tracking_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--scale", "huge"], "invalid choice: 'huge'"),
     (["--levels", "norm_act=BN+ReLU"], r"unknown level\(s\) \['BN\+ReLU'\] of factor 'norm_act'"),
     (["--levels", "groups"], "--levels 'groups': expected NAME=VALUE"),
     (["--set", "num_groups_per_scale=3"], "the study varies this field"),
@@ -107,7 +107,7 @@ def test_unwritable_storage_and_unreachable_tracking_are_named(tmp_path):
     (["--tracking-uri", "http://127.0.0.1:9"], "cannot be reached"),
     (["--storage-path", "/proc/version/runs"], "is not writable"),
     (["--seeds", "0"], "argument --seeds: 0 is not allowed: expected an integer >= 1"),
-    (["--preset", "small", "--data-dir", "/nonexistent-data"], "dataset 'cifar10' not found.*add --download"),
+    (["--scale", "small", "--data-dir", "/nonexistent-data"], "dataset 'cifar10' not found.*add --download"),
     (["--address", "auto"], r"--address auto: no running Ray cluster was found on this machine; start one"),
     (["--address", "10.0.0.1:6379", "--num-cpus", "2"], "--num-cpus 2 sizes a local Ray.*drop --num-cpus"),
 ])
@@ -124,7 +124,7 @@ def test_on_a_cluster_storage_and_data_default_to_what_the_nodes_export(tmp_path
     """cluster.yaml exports NVAE_STORAGE_PATH and NVAE_DATA_DIR; flags still win."""
     monkeypatch.setenv("NVAE_STORAGE_PATH", "s3://lab-bucket/nvae")
     monkeypatch.setenv("NVAE_DATA_DIR", str(tmp_path / "datasets"))
-    assert main(NORM, ["--dry-run", "--preset", "small"]) == 0
+    assert main(NORM, ["--dry-run", "--scale", "small"]) == 0
     out = capsys.readouterr().out
     assert "checkpoints: s3://lab-bucket/nvae/ablation_norm-small-" in out
     assert f"looked in {tmp_path / 'datasets'}" in out
@@ -180,7 +180,7 @@ def test_a_baseline_or_across_that_is_not_a_level_or_factor_is_named():
 
 
 def test_the_default_store_is_mlflows_environment_variable_else_a_sqlite_file_here(monkeypatch, tmp_path):
-    from nvae_platform.tracking import default_tracking_uri
+    from nvae_platform.defaults import default_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -8,9 +8,8 @@ import sys
 import urllib.error
 import urllib.request
 
-from mlflow.tracking import MlflowClient
-
 from conftest import free_port
+from mlflow.tracking import MlflowClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

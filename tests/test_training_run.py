@@ -12,7 +12,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from nvae_platform.presets import run_config, run_options
+from nvae_platform.scales import run_config, run_options
 from nvae_platform.training_run import CHECKPOINT_FILE, run_training
 
 EPOCHS = 4
@@ -96,7 +96,7 @@ def _train_cli(*args):
 
 def test_train_command_help_and_bad_input_fail_fast():
     """--help works; a bad field or value is a clear error before Ray starts."""
-    assert "--preset" in _train_cli("--help").stdout
+    assert "--scale" in _train_cli("--help").stdout
     bad = _train_cli("--set", "normalization=layer_norm")
     assert bad.returncode == 2 and "normalization='layer_norm' is not allowed" in bad.stderr
     unknown = _train_cli("--set", "colour=blue")
@@ -109,7 +109,7 @@ def test_train_command_help_and_bad_input_fail_fast():
 
 
 def test_train_command_refuses_gpus_a_local_machine_lacks(tmp_path):
-    """--preset small wants a GPU per worker: on a CPU-only machine, a clear error, not a wait."""
+    """--scale small wants a GPU per worker: on a CPU-only machine, a clear error, not a wait."""
     import pickle
 
     import numpy as np
@@ -123,7 +123,7 @@ def test_train_command_refuses_gpus_a_local_machine_lacks(tmp_path):
         pickle.dump({"label_names": ["x"] * 10}, f)
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = _train_cli("--dataset", "cifar10", "--preset", "small", "--data-dir", str(tmp_path), "--num-cpus", "1")
+    result = _train_cli("--dataset", "cifar10", "--scale", "small", "--data-dir", str(tmp_path), "--num-cpus", "1")
     assert result.returncode == 2
     assert "needs 1 GPU(s) (1 worker(s) x 1) and a local Ray of --num-cpus 1 has 0" in result.stderr
     assert "--gpus-per-worker 0" in result.stderr

@@ -5,22 +5,11 @@ overrides the fields it varies.
 """
 from nvae_core import NVAEConfig, preset
 from nvae_core.config import ConfigError
+from nvae_core.dataset_registry import DATASETS
 
-from .training_run import RunOptions
+from .run_options import RunOptions
 
 SCALES = ("smoke", "small", "paper")
-
-# The data fields each dataset fixes (channels, size, bits, likelihood, crop).
-DATA_FIELDS = {
-    "mnist": dict(image_channels=1, image_size=32, num_x_bits=1, likelihood="bernoulli", likelihood_crop=2),
-    "digits": dict(image_channels=1, image_size=8, num_x_bits=1, likelihood="bernoulli", likelihood_crop=0),
-    "cifar10": dict(image_channels=3, image_size=32, num_x_bits=8, likelihood="logistic_mixture", likelihood_crop=0),
-    "photo-patches": dict(image_channels=3, image_size=32, num_x_bits=8, likelihood="logistic_mixture",
-                          likelihood_crop=0),
-    "celeba64": dict(image_channels=3, image_size=64, num_x_bits=8, likelihood="logistic_mixture", likelihood_crop=0),
-    "image-folder": dict(image_channels=3, image_size=32, num_x_bits=8, likelihood="logistic_mixture",
-                         likelihood_crop=0),
-}
 
 SMOKE_MODEL = dict(num_channels_enc=16, num_channels_dec=16, num_latent_scales=1, num_groups_per_scale=4,
                    num_latent_per_group=8, num_cell_per_cond_enc=1, num_cell_per_cond_dec=1,
@@ -36,15 +25,15 @@ def run_config(dataset, scale, model=None, **overrides):
     """The NVAEConfig of a dataset at a scale, with overrides (validated). model names the
     nvae_core preset used at the small and paper scales (default: the dataset's paper model)."""
     if scale not in SCALES:
-        raise ConfigError(f"unknown preset {scale!r}: expected one of {', '.join(SCALES)}")
-    if dataset not in DATA_FIELDS:
-        raise ConfigError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATA_FIELDS)}")
-    data = dict(DATA_FIELDS[dataset], dataset=dataset)
+        raise ConfigError(f"unknown scale {scale!r}: expected one of {', '.join(SCALES)}")
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    data = DATASETS[dataset].data_fields()
     if scale == "smoke":
         return NVAEConfig().replace(**{**SMOKE_MODEL, **data, **overrides})
     if dataset not in PAPER_PRESET:
-        raise ConfigError(f"preset {scale!r} is defined for {', '.join(PAPER_PRESET)}; "
-                          f"use --preset smoke with {dataset!r}")
+        raise ConfigError(f"scale {scale!r} is defined for {', '.join(PAPER_PRESET)}; "
+                          f"use --scale smoke with {dataset!r}")
     if scale == "small":
         name = model or ("cifar10-ablation" if dataset == "cifar10" else PAPER_PRESET[dataset])
         return preset(name, **{"epochs": SMALL_EPOCHS[dataset], **overrides})

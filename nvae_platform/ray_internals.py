@@ -1,0 +1,18 @@
+"""The only two things the platform takes from Ray's non-public modules, for want of a public way.
+
+tests/test_ray_internals.py fails loudly, naming the symbol, when an upgrade of Ray moves either.
+"""
+from ray._private.services import canonicalize_bootstrap_address
+from ray.tune.result import AUTO_RESULT_KEYS
+
+
+def find_cluster(address):
+    """The GCS address of the Ray cluster ray.init(address) would join (address, else $RAY_ADDRESS,
+    else a cluster started on this machine by `ray start`), or None when there is none. Raises
+    ConnectionError for "auto" with no cluster running. ray.init resolves addresses the same way,
+    but only by connecting."""
+    return canonicalize_bootstrap_address(address)
+
+
+# The keys Tune adds to every reported result (training_iteration, time_total_s, pid, ...): not metrics.
+TUNE_RESULT_KEYS = frozenset(AUTO_RESULT_KEYS)

@@ -1,0 +1,58 @@
+"""How one configuration is run: resources, storage, evaluation (not part of the model). No Ray here:
+declaring a study or a scale builds these without starting anything."""
+from dataclasses import asdict, dataclass
+
+from nvae_core.datasets import check_available
+from nvae_core.training import check_precision
+
+
+@dataclass
+class RunOptions:
+    """How a configuration is run (resources, storage, evaluation); not part of the model."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int = 1
+    data_dir: str = "data"
+    download: bool = False
+    storage_path: str = "runs"
+    name: str = "nvae"
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    checkpoints_to_keep: int = 0  # 0 keeps every epoch's checkpoint
+    iw_samples: int = 100  # K of the importance-weighted test NLL (1000 in the paper)
+    iw_max_batch: int = 256
+    eval_batch_size: int = 64
+    max_test_images: int = 0  # 0 = the whole test split
+    sample_count: int = 8
+    sample_temperatures: tuple = (1.0, 0.8, 0.6)
+    bn_readjust_batches: int = 0
+    loader_workers: int = 0
+    train_log_level: str = "WARNING"  # Ray Train's own console logs (its per-report INFO lines are noise here)
+    # Fault injection, for tests of the recovery paths (-1 = off).
+    debug_nan_at_step: int = -1  # the loss becomes NaN at this step
+    debug_kill_at_step: int = -1  # the last rank SIGKILLs itself at this step (first attempt only)
+    debug_crash_after_epoch: int = -1  # the workers raise after this epoch's checkpoint (first attempt only)
+
+    def validate(self, cfg):
+        """Raise ValueError naming the bad option, before anything starts."""
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} is not allowed: expected an integer >= 1")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ValueError("gpus_per_worker must be >= 0 and cpus_per_worker > 0")
+        if self.iw_samples < 1:
+            raise ValueError(f"iw_samples={self.iw_samples} is not allowed: expected an integer >= 1")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures={self.max_failures} is not allowed: expected an integer >= 0 "
+                             "(Ray's -1, unlimited, would retry a failure that repeats forever)")
+        check_precision(cfg.precision, "cuda" if self.gpus_per_worker > 0 else "cpu")
+        if not self.download:  # a missing dataset fails here, in seconds, not in every worker
+            check_available(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size)
+
+    def to_dict(self):
+        """Plain values, as a Ray Train loop config carries them."""
+        return {**asdict(self), "sample_temperatures": list(self.sample_temperatures)}
+
+    @classmethod
+    def from_dict(cls, values):
+        return cls(**{**values, "sample_temperatures": tuple(values["sample_temperatures"])})

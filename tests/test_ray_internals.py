@@ -1,0 +1,30 @@
+"""The non-public Ray symbols the platform relies on (nvae_platform/ray_internals.py) still exist and
+behave as it expects: this fails, naming the symbol, when a Ray upgrade moves one."""
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("module, name", [("ray._private.services", "canonicalize_bootstrap_address"),
+                                          ("ray.tune.result", "AUTO_RESULT_KEYS")])
+def test_the_private_ray_symbol_still_exists(module, name):
+    assert hasattr(importlib.import_module(module), name), (
+        f"Ray {importlib.import_module('ray').__version__} no longer has {module}.{name}: "
+        "update nvae_platform/ray_internals.py")
+
+
+def test_tune_result_keys_are_the_ones_tune_adds():
+    from nvae_platform.ray_internals import TUNE_RESULT_KEYS
+
+    assert {"training_iteration", "time_total_s", "timestamp", "pid", "hostname"} <= TUNE_RESULT_KEYS
+    assert not {"train_bpd", "val_bpd", "test_bpd", "lr", "epoch"} & TUNE_RESULT_KEYS
+
+
+def test_find_cluster_resolves_addresses_without_connecting(monkeypatch):
+    from nvae_platform.ray_internals import find_cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # Resolving only parses (a loopback host becomes this node's address): nothing is contacted.
+    assert find_cluster("127.0.0.1:6379").endswith(":6379")  # an explicit address
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6380")
+    assert find_cluster(None).endswith(":6380")  # $RAY_ADDRESS, as ray.init reads it
