@@ -187,3 +187,21 @@ def test_the_default_store_is_mlflows_environment_variable_else_a_sqlite_file_he
     assert default_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert default_tracking_uri() == "http://mlflow.internal:5000"
+
+
+def test_the_tracker_is_plain_data_until_tunes_setup_hook_opens_the_store(tmp_path):
+    """Tune pickles its callbacks with the experiment and restores them as they are: the tracker
+    pickles without a store connection, and setup() (Tune's hook, on every fit) opens and reads it."""
+    import pickle
+
+    from nvae_platform.tracking import MlflowTracker
+
+    plan = plan_study(NORM, StudySettings(storage_path=str(tmp_path / "runs")))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = pickle.loads(pickle.dumps(MlflowTracker(plan, uri, "pickled")))
+    assert tracker.client is None
+    tracker.setup(stop=None, num_samples=1, total_num_samples=1)
+    parent = tracker.parent_id
+    again = MlflowTracker(plan, uri, "pickled")
+    again.setup()
+    assert again.parent_id == parent and again.interrupted  # the same parent run, found in the store
