@@ -210,9 +210,9 @@ def validate(cfg):
         _require(cfg.num_x_bits >= 2, "num_x_bits", cfg.num_x_bits,
                  "2..8 with likelihood='logistic_mixture'; use likelihood='bernoulli' for binarized data")
     spec = DATASETS[cfg.dataset]
-    _require(cfg.image_channels == spec.channels, "image_channels", cfg.image_channels,
-             f"{spec.channels} for dataset {cfg.dataset!r}")
-    if spec.size is not None:
+    if spec.size is not None:  # a dataset of fixed shape; image-folder takes any
+        _require(cfg.image_channels == spec.channels, "image_channels", cfg.image_channels,
+                 f"{spec.channels} for dataset {cfg.dataset!r}")
         _require(cfg.image_size == spec.size, "image_size", cfg.image_size, f"{spec.size} for dataset {cfg.dataset!r}")
     if spec.binarized:
         _require(cfg.likelihood == "bernoulli", "likelihood", cfg.likelihood,
