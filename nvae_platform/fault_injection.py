@@ -1,5 +1,6 @@
 """Test-only fault injection for the recovery paths. Each hook does nothing unless its
-RunOptions.debug_* field is set (>= 0); no study or command sets them."""
+RunOptions.debug_* field is set (>= 0), or, on the study driver, KILL_DRIVER_ENV is set; no study or
+command sets them."""
 import os
 import signal
 
@@ -21,3 +22,13 @@ def crash_after_epoch(options, epoch, resumed):
     """debug_crash_after_epoch: every rank raises after that epoch's checkpoint, first attempt only."""
     if options.debug_crash_after_epoch == epoch and not resumed:
         raise RuntimeError(f"fault injection: crash after epoch {epoch}")
+
+
+KILL_DRIVER_ENV = "NVAE_DEBUG_KILL_DRIVER_BEFORE_RECORDING"  # "TRIAL_KEY@EPOCH"
+
+
+def kill_driver_before_recording(key, epoch):
+    """$NVAE_DEBUG_KILL_DRIVER_BEFORE_RECORDING=KEY@EPOCH: the study driver SIGKILLs itself when that
+    trial's epoch reaches it, after the checkpoint's commit and before MLflow records it."""
+    if os.environ.get(KILL_DRIVER_ENV) == f"{key}@{epoch}":
+        os.kill(os.getpid(), signal.SIGKILL)

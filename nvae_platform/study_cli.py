@@ -9,6 +9,7 @@ from .defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_p
 from .preflight import CommandLine, at_least
 from .scales import SCALES
 from .study_runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
+from .tracking import StoreWriteError
 
 STUDY_DATA_HINT = " In a study: add --download, or run --scale smoke, which needs no files."
 
@@ -100,7 +101,11 @@ def main(study, argv=None):
         parser.error(f"{error}{STUDY_DATA_HINT}")
     except (ConfigError, ValueError) as error:
         parser.error(str(error))
-    outcome = run_study(study, settings, prepared)
+    try:
+        outcome = run_study(study, settings, prepared)
+    except StoreWriteError as error:
+        print(f"[study] stopped: {error}", file=sys.stderr, flush=True)
+        return 1
     return 130 if outcome.interrupted else 0
 
 

@@ -34,7 +34,7 @@ from .pareto import non_dominated
 from .preflight import check_local_resources, check_resources, check_storage
 from .scales import run_options
 from .study import Study, factor_levels, grid, resolve, trial_key
-from .tracking import MlflowTracker, check_tracking_uri, status_of
+from .tracking import STORE_ERRORS, MlflowTracker, check_tracking_uri, status_of
 from .training_run import RunOptions, RunResult, cluster_address, init_ray, make_trainer, summarize
 
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
@@ -207,6 +207,7 @@ def run_trial(config, plan):
     except ray.train.TrainingFailedError as error:
         run = RunResult(status=f"failed: {error}", metrics={})
     outcome = {**run.metrics, "status": run.status, "samples_path": run.samples_path, "trial_key": key,
+               "checkpoint_path": run.checkpoint_path,
                "training_hours": sum(m.get("epoch_seconds", 0.0) for m in run.history) / 3600}
     write_outcome(plan.trials_path, key, outcome)
     tune.report(outcome)
@@ -365,7 +366,10 @@ def run_study(study, settings, prepared=None):
     try:
         grid_results = tuner.fit()
     except BaseException:
-        MlflowTracker(plan, tracking_uri, experiment).open().close()  # no run stays RUNNING; resumable
+        try:
+            MlflowTracker(plan, tracking_uri, experiment).open().close()  # no run stays RUNNING; resumable
+        except STORE_ERRORS:
+            pass  # the store still refuses writes: the next invocation's tracker completes the record
         raise
     results = [grid_results[i] for i in range(len(grid_results))]
     results = [r for r in results if r.config]  # a trial never started has no config

@@ -10,6 +10,7 @@ The tracker's state is the store itself: it holds only plain data until Tune cal
 hook (at the start of every fit, a restored one included), which opens the store and reads what
 earlier invocations recorded. So Tune may pickle it with the experiment and restore it as it is.
 """
+import functools
 import json
 import os
 import platform
@@ -19,9 +20,14 @@ import tempfile
 import time
 
 import pyarrow.fs
+import requests
+import sqlalchemy.exc
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from ray import tune
 
+from . import fault_injection
+from .checkpoints import epoch_checkpoints
 from .outcomes import read_outcome
 from .ray_internals import TUNE_RESULT_KEYS
 from .store import StoreClient, experiment_id, sqlite_path
@@ -30,6 +36,8 @@ STUDY_KEY_TAG = "nvae.study_key"
 TRIAL_KEY_TAG = "nvae.trial_key"
 STATUS_TAG = "nvae.status"
 NODES_TAG = "nvae.nodes"
+CHECKPOINT_TAG = "nvae.checkpoint"  # the final checkpoint folder: what loads the trained model
+CONFIG_ARTIFACT = "config.json"
 PARENT_TAG = "mlflow.parentRunId"
 NOT_METRICS = set(TUNE_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "epoch", "should_checkpoint"}
 
@@ -146,6 +154,31 @@ def fetch_file(path, storage_path, folder):
     return local
 
 
+class StoreWriteError(RuntimeError):
+    """The tracking store stopped taking writes (disk full, read-only file, server gone)."""
+
+    def __init__(self, tracking_uri, error):
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        super().__init__(f"the MLflow store {tracking_uri} stopped taking writes ({first}). Nothing trained is "
+                         "lost: free space or make the store writable, then run the same command again; it "
+                         "resumes from the checkpoints and completes the record")
+
+
+STORE_ERRORS = (MlflowException, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, OSError,
+                requests.exceptions.RequestException)
+
+
+def _writes_store(hook):
+    """A Tune hook of the tracker: a store error in it becomes a StoreWriteError, which ends the study."""
+    @functools.wraps(hook)
+    def guarded(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except STORE_ERRORS as error:
+            raise StoreWriteError(self.tracking_uri, error) from error
+    return guarded
+
+
 class MlflowTracker(tune.Callback):
     """Tune callback writing a study to MLflow from the driver. `plan` describes each trial
     (StudyPlan: key, levels, seed and resolved config of a Tune trial config)."""
@@ -154,12 +187,14 @@ class MlflowTracker(tune.Callback):
         self.plan, self.tracking_uri, self.experiment = plan, tracking_uri, experiment
         self.client = None  # opened by setup(): until then the tracker is plain, picklable data
 
+    @_writes_store
     def setup(self, **info):
         """Tune's hook at the start of every fit: open the store and read what is recorded."""
         self.open()
 
     def open(self):
-        """Find or create the experiment and this study's parent run; load its children."""
+        """Find or create the experiment and this study's parent run; load its children, complete any
+        that a failed write left half-made, and log every epoch their checkpoints hold that MLflow lacks."""
         self.client = StoreClient(self.tracking_uri)
         self.provenance = provenance_tags()
         self.parent_id = None
@@ -167,6 +202,7 @@ class MlflowTracker(tune.Callback):
         self.logged_epochs = {}  # run id -> epochs already logged (a resumed trial re-reports none twice)
         self.closed = set()  # run ids already terminal (done in an earlier invocation)
         self.nodes = {}  # run id -> Ray node ids its workers ran on (a recovered trial may move)
+        self.incomplete = set()  # trial keys whose run lacks its params or config.json
         self.experiment_id = experiment_id(self.client, self.experiment,
                                            default_artifact_location(self.tracking_uri, self.experiment))
         found = self.client.search_runs([self.experiment_id], f"tags.`{STUDY_KEY_TAG}` = '{self.plan.study_key}'",
@@ -179,6 +215,7 @@ class MlflowTracker(tune.Callback):
                                          tags={STUDY_KEY_TAG: self.plan.study_key, **self.plan.study_tags(),
                                                **self.provenance})
             self.parent_id = run.info.run_id
+        if not found or not found[0].data.params:  # new, or a write failed right after its creation
             self._log_batch(self.parent_id, params=self.plan.study_params())
         children = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
                                            max_results=10000)
@@ -190,7 +227,31 @@ class MlflowTracker(tune.Callback):
             self.nodes[run.info.run_id] = set(filter(None, run.data.tags.get(NODES_TAG, "").split(",")))
             if run.info.status == "FINISHED" or run.info.status == "FAILED":
                 self.closed.add(run.info.run_id)
+            artifacts = {a.path for a in self.client.list_artifacts(run.info.run_id)}
+            if not run.data.params or CONFIG_ARTIFACT not in artifacts:
+                self.incomplete.add(key)
+            self._backfill(run.info.run_id, key)
+        configs = {t.key: t.config for t in self.plan.trials} if not self.plan.is_search else {}
+        for key in sorted(self.incomplete & set(configs)):  # a search's trial is completed when it reports
+            self._complete(key, configs[key])
         return self
+
+    def _backfill(self, run_id, key):
+        """Log each epoch the trial's checkpoints hold and MLflow lacks: a driver killed between a
+        checkpoint's commit and its record loses no epoch."""
+        for checkpoint in epoch_checkpoints(f"{self.plan.trials_path}/{key}"):
+            self._log_epoch(run_id, checkpoint.metrics)
+
+    def _complete(self, key, cfg):
+        """Params and config.json of a child run (again, if a failed write left them out)."""
+        run_id = self.runs[key]
+        self._log_batch(run_id, params={**cfg.to_dict(), **self.plan.option_params()})
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, CONFIG_ARTIFACT)
+            with open(path, "w") as f:
+                json.dump({"nvae": cfg.to_dict(), "options": self.plan.option_params()}, f, indent=2)
+            self.client.log_artifact(run_id, path)
+        self.incomplete.discard(key)
 
     def _log_batch(self, run_id, metrics=(), params=None, tags=None):
         """One or more MLflow log_batch calls, each within MLflow's limits (100 params or tags)."""
@@ -204,8 +265,9 @@ class MlflowTracker(tune.Callback):
 
     def _child(self, trial):
         key = self.plan.key_of(trial)
-        if key not in self.runs:
+        if key not in self.runs or key in self.incomplete:
             levels, seed, cfg = self.plan.describe(trial)
+        if key not in self.runs:
             tags = {PARENT_TAG: self.parent_id, TRIAL_KEY_TAG: key, "nvae.seed": seed, STATUS_TAG: "running",
                     "nvae.tune_trial_id": trial.trial_id, **{f"factor.{k}": v for k, v in levels.items()},
                     **self.provenance}
@@ -213,24 +275,29 @@ class MlflowTracker(tune.Callback):
             run = self.client.create_run(self.experiment_id, run_name=key, tags={k: str(v) for k, v in tags.items()})
             run_id = run.info.run_id
             self.runs[key], self.logged_epochs[run_id], self.nodes[run_id] = run_id, set(), set()
-            self._log_batch(run_id, params={**cfg.to_dict(), **self.plan.option_params()})
-            with tempfile.TemporaryDirectory() as folder:
-                path = os.path.join(folder, "config.json")
-                with open(path, "w") as f:
-                    json.dump({"nvae": cfg.to_dict(), "options": self.plan.option_params()}, f, indent=2)
-                self.client.log_artifact(run_id, path)
+            self.incomplete.add(key)
+        if key in self.incomplete:
+            self._complete(key, cfg)
         return self.runs[key]
 
+    @_writes_store
     def on_trial_start(self, iteration, trials, trial, **info):
         run_id = self._child(trial)
         if run_id not in self.closed:
             self.client.update_run(run_id, status="RUNNING")
             print(f"[study] started {self.plan.key_of(trial)}", flush=True)
 
+    @_writes_store
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._child(trial)
+        if run_id not in self.closed:
+            fault_injection.kill_driver_before_recording(self.plan.key_of(trial), result.get("epoch"))
+            self._log_epoch(run_id, result)
+
+    def _log_epoch(self, run_id, result):
+        """One point per numeric metric of an epoch's report at step = epoch, once per epoch."""
         epoch = result.get("epoch")
-        if run_id in self.closed or epoch is None or epoch in self.logged_epochs[run_id]:
+        if epoch is None or epoch in self.logged_epochs[run_id]:
             return
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(epoch)) for k, v in result.items()
@@ -244,7 +311,10 @@ class MlflowTracker(tune.Callback):
 
     def _finish(self, run_id, key, result, status, error=""):
         """Final tags, metrics and sample grid of an ended trial; its run ends FINISHED (FAILED if it failed)."""
+        self._backfill(run_id, key)
         tags = {STATUS_TAG: status}
+        if result.get("checkpoint_path"):
+            tags[CHECKPOINT_TAG] = result["checkpoint_path"]
         if result.get("status") and result["status"] not in ("finished", "running"):
             tags["nvae.status_detail"] = result["status"]
         if error:
@@ -266,12 +336,14 @@ class MlflowTracker(tune.Callback):
         print(f"[study] {key}: {result.get('status') or status}{figure}  "
               f"({len(self.closed)}/{self.plan.trial_count} done)", flush=True)
 
+    @_writes_store
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._child(trial)
         if run_id not in self.closed:
             result = trial.last_result or {}
             self._finish(run_id, self.plan.key_of(trial), result, status_of(result, "TERMINATED"))
 
+    @_writes_store
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._child(trial)
         error = ""

@@ -9,9 +9,10 @@ from ray.train.torch import TorchTrainer
 from nvae_core import NVAEConfig
 from nvae_core.paths import absolute
 
+from .checkpoints import CHECKPOINT_FILE, SAMPLES_FILE
 from .ray_internals import find_cluster
 from .run_options import RunOptions
-from .worker_loop import CHECKPOINT_FILE, SAMPLES_FILE, train_loop_per_worker
+from .worker_loop import train_loop_per_worker
 
 
 @dataclass

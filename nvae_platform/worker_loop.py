@@ -4,10 +4,12 @@ It reads as its steps: set_up, restore, then per epoch train_epoch, validate and
 report_and_checkpoint, and final_evaluation with the last epoch.
 
 Per epoch every worker reports the same metrics (Ray keeps rank 0's) and rank 0 writes a checkpoint
-(model, optimizer, scaler, step, epoch, every rank's RNG state). A restarted worker group resumes
+(model, optimizer, scaler, step, epoch, every rank's RNG state, the config, and the epoch's metrics
+beside it: see checkpoints.py). A restarted worker group resumes
 from the latest checkpoint. A non-finite loss on any rank stops all ranks within the step with the
 status "diverged at step S"; the last good checkpoint stays.
 """
+import json
 import math
 import os
 import resource
@@ -28,10 +30,8 @@ from nvae_core.evaluation import importance_weighted_nll
 from nvae_core.layers import synchronize_batchnorm
 
 from . import fault_injection
+from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, SAMPLES_FILE
 from .run_options import RunOptions
-
-CHECKPOINT_FILE = "state.pt"
-SAMPLES_FILE = "samples.png"
 
 
 def _world():
@@ -114,7 +114,12 @@ def _save_samples(model, cfg, path, options):
     torchvision.utils.save_image(torch.cat(rows).float().cpu(), path, nrow=options.sample_count)
 
 
-def _checkpoint_state(model, step, epoch):
+def _write_json(values, path):
+    with open(path, "w") as f:
+        json.dump(values, f)
+
+
+def _checkpoint_state(model, step, epoch, cfg):
     _rank, world = _world()
     rng = [None] * world
     state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -122,7 +127,8 @@ def _checkpoint_state(model, step, epoch):
         dist.all_gather_object(rng, state)
     else:
         rng = [state]
-    return {"model": model.state_dict(), "train_step": step.state_dict(), "epoch": epoch, "rng": rng}
+    return {"model": model.state_dict(), "train_step": step.state_dict(), "epoch": epoch, "rng": rng,
+            "config": cfg.to_dict()}
 
 
 def _restore(model, step, checkpoint):
@@ -280,12 +286,13 @@ def report_and_checkpoint(w, epoch, metrics, last):
     epoch), and wait until Ray has committed that checkpoint."""
     files = []
     if w.rank == 0:
+        files.append(lambda folder: _write_json(metrics, os.path.join(folder, METRICS_FILE)))
         if last:
             files.append(lambda folder: _save_samples(w.core, w.cfg, os.path.join(folder, SAMPLES_FILE), w.options))
         shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in ("train_bpd", "val_bpd", "images_per_s") if k in metrics)
         tail = f"  test_bpd {metrics['test_bpd']:.4f}" if last else ""
         print(f"[nvae] epoch {epoch + 1}/{w.cfg.epochs}  {shown}{tail}", flush=True)
-    _report(metrics, _checkpoint_state(w.core, w.step, epoch), files)
+    _report(metrics, _checkpoint_state(w.core, w.step, epoch, w.cfg), files)
     # A worker lost from here on costs at most the epoch in flight (reports are otherwise
     # registered asynchronously).
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)

@@ -1,19 +1,14 @@
 """Studies end to end on a real local Ray and a real MLflow SQLite store (digits smoke model).
 
-The module's study runs four trials at once on two cores (one diverges on purpose); the resume test
-kills a study script's driver with SIGKILL and runs the same command again.
+The module's study runs four trials at once on two cores (one diverges on purpose). The driver-kill
+resume test is in test_record_repair.py.
 """
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from nvae_platform.outcomes import OUTCOME_FILE
 from nvae_platform.study import Factor, Search, Study
 from nvae_platform.study_cli import main
 from nvae_platform.study_runner import StudySettings, run_study
@@ -109,36 +104,6 @@ def test_an_optuna_search_with_asha_records_every_sampled_trial(local_ray, tmp_p
     assert "finished" in {r.data.tags["nvae.status"] for r in children.values()}
     for run in children.values():
         assert run.data.tags["factor.width"] in ("8", "16") and run.data.params["num_channels_enc"] in ("8", "16")
-
-
-def test_resume_after_the_driver_is_killed_reruns_no_finished_trial_and_duplicates_no_run(tmp_path):
-    """SIGKILL the study driver once its first trial has finished, then run the same command again."""
-    ray.shutdown()
-    command = [sys.executable, os.path.join(ROOT, "studies", "ablation_norm.py"), "--levels", "groups=2",
-               "--set", f"epochs={EPOCHS}", "--max-concurrent", "1", "--num-cpus", "2"]
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while "(1/3 done)" not in (tmp_path / "first.log").read_text() and time.time() < deadline:
-        time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started
-    first.wait()
-    trials = next((tmp_path / "runs").glob("ablation_norm-smoke-*")) / "trials"
-    finished = [p.name for p in trials.iterdir() if (p / OUTCOME_FILE).exists()]
-    assert len(finished) == 1
-    checkpoints_before = sorted(os.listdir(trials / finished[0]))
-
-    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming" in second.stdout and f"started {finished[0]}" not in second.stdout
-    assert sorted(os.listdir(trials / finished[0])) == checkpoints_before  # not retrained
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("ablation_norm").experiment_id])
-    children = _children(runs)
-    assert len(runs) == 4 and len(children) == 3
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    for run in children.values():
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_bpd")] == list(range(EPOCHS))
 
 
 def test_more_gpus_than_the_cluster_has_is_refused_before_any_trial(tmp_path, monkeypatch, capsys):

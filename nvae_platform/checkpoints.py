@@ -1,0 +1,49 @@
+"""A run's checkpoints in its storage folder (a local folder or a URI such as s3://).
+
+Ray Train writes one folder per reported epoch, `<run folder>/checkpoint_<time>/`; rank 0 puts in it
+the training state (state.pt: model, optimizer, step, epoch, RNG states and the NVAEConfig) and the
+metrics reported with it (metrics.json). So the storage alone says which epochs exist and what they
+measured: the MLflow record is reconciled against it after any crash.
+"""
+import json
+from dataclasses import dataclass
+
+import pyarrow.fs
+
+CHECKPOINT_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
+SAMPLES_FILE = "samples.png"
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+@dataclass
+class EpochCheckpoint:
+    epoch: int
+    path: str  # the checkpoint folder, in the storage's own terms (a URI stays a URI)
+    metrics: dict  # what the epoch reported
+
+
+def _join(root, name):
+    return f"{root.rstrip('/')}/{name}"
+
+
+def epoch_checkpoints(run_folder):
+    """The run's checkpoints that carry their metrics, one per epoch (the newest folder wins when an
+    epoch was written twice), by epoch; [] when the folder does not exist."""
+    filesystem, base = pyarrow.fs.FileSystem.from_uri(run_folder)
+    try:
+        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+    except (FileNotFoundError, OSError):
+        return []
+    names = sorted(e.base_name for e in entries
+                   if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX))
+    by_epoch = {}
+    for name in names:  # names sort by time, so a later folder of the same epoch replaces an earlier one
+        try:
+            with filesystem.open_input_stream(_join(base, f"{name}/{METRICS_FILE}")) as f:
+                metrics = json.loads(f.read())
+        except (FileNotFoundError, OSError, ValueError):
+            continue  # an upload cut short, or a checkpoint from before metrics were stored
+        if isinstance(metrics.get("epoch"), int):
+            by_epoch[metrics["epoch"]] = EpochCheckpoint(metrics["epoch"], _join(run_folder, name), metrics)
+    return [by_epoch[e] for e in sorted(by_epoch)]

@@ -1,0 +1,110 @@
+"""The MLflow record after a crash (real local Ray, real SQLite store, real study scripts): every
+epoch a checkpoint holds is recorded exactly once, and a child run a failed write left half-made is
+completed on the next run."""
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+
+from mlflow.tracking import MlflowClient
+
+from nvae_platform.fault_injection import KILL_DRIVER_ENV
+from nvae_platform.outcomes import OUTCOME_FILE
+from nvae_platform.study_runner import StudySettings, plan_study
+from nvae_platform.tracking import PARENT_TAG
+from studies.ablation_norm import STUDY as NORM
+
+EPOCHS = 2
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PER_EPOCH = ("train_bpd", "val_bpd", "lr", "epoch_seconds", "train_kl_group_0")
+
+
+def _study_command(*flags):
+    return [sys.executable, os.path.join(ROOT, "studies", "ablation_norm.py"), "--levels", "groups=2",
+            "--set", f"epochs={EPOCHS}", "--num-cpus", "2", *flags]
+
+
+def _run(command, folder, env=None):
+    """Run a study script in its own process group; whatever it leaves running is killed after."""
+    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, **(env or {})})
+    try:
+        out, err = process.communicate(timeout=600)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return process.returncode, out, err
+
+
+def _children(folder):
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("ablation_norm").experiment_id])
+    return client, runs, {r.data.tags["nvae.trial_key"]: r for r in runs if PARENT_TAG in r.data.tags}
+
+
+def _assert_every_epoch_once(client, children):
+    for key, run in children.items():
+        for name in PER_EPOCH:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+            assert steps == list(range(EPOCHS)), (key, name, steps)
+
+
+def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_path):
+    """SIGKILL of the driver when trial 2's epoch 0 reaches it (its checkpoint committed, MLflow not
+    yet written); the rerun back-fills that epoch from the checkpoint and retrains no finished trial."""
+    plan = plan_study(NORM, StudySettings(levels={"groups": ["2"]}, overrides={"epochs": EPOCHS}))
+    second_trial = plan.trials[1].key
+    command = _study_command("--max-concurrent", "1")
+    code, out, _ = _run(command, tmp_path, {KILL_DRIVER_ENV: f"{second_trial}@0"})
+    assert code == -signal.SIGKILL and "(1/3 done)" in out
+    trials = next((tmp_path / "runs").glob("ablation_norm-smoke-*")) / "trials"
+    finished = [p.name for p in trials.iterdir() if (p / OUTCOME_FILE).exists()]
+    assert finished == [plan.trials[0].key]
+    assert any(p.name.startswith("checkpoint_") for p in (trials / second_trial).iterdir())
+    client, _, children = _children(tmp_path)
+    assert client.get_metric_history(children[second_trial].info.run_id, "train_bpd") == []  # the lost epoch
+    checkpoints_before = sorted(os.listdir(trials / finished[0]))
+
+    code, out, err = _run(command, tmp_path)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "resuming" in out and f"started {finished[0]}" not in out
+    assert sorted(os.listdir(trials / finished[0])) == checkpoints_before  # not retrained
+    client, runs, children = _children(tmp_path)
+    assert len(runs) == 4 and len(children) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    _assert_every_epoch_once(client, children)
+    for run in children.values():
+        assert os.path.exists(os.path.join(run.data.tags["nvae.checkpoint"], "state.pt"))
+
+
+def test_a_store_that_stops_taking_writes_stops_the_study_in_one_line_and_the_rerun_completes_it(tmp_path):
+    """The store refuses the second child's params (as a full disk does): the study stops with one
+    clear line; once the store takes writes again, the same command completes every child run."""
+    store = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{store}").search_experiments()  # create the store's schema
+    with sqlite3.connect(store) as db:  # parent and first child get their params, the second child not
+        db.execute("CREATE TRIGGER full_disk BEFORE INSERT ON params WHEN (SELECT count(*) FROM runs) >= 3 "
+                   "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    command = _study_command("--levels", "norm_act=BN+ELU,BN+Swish", "--max-concurrent", "2")
+    code, out, err = _run(command, tmp_path)
+    assert code == 1, out[-3000:] + err[-3000:]
+    stopped = [line for line in err.splitlines() if line.startswith("[study] stopped:")]
+    assert len(stopped) == 1 and "database or disk is full" in stopped[0]
+    assert "run the same command again" in stopped[0]
+    _, _, children = _children(tmp_path)
+    assert sorted(len(r.data.params) > 0 for r in children.values()) == [False, True]  # one half-made child
+
+    with sqlite3.connect(store) as db:
+        db.execute("DROP TRIGGER full_disk")
+    code, out, err = _run(command, tmp_path)
+    assert code == 0, out[-3000:] + err[-3000:]
+    client, runs, children = _children(tmp_path)
+    assert len(runs) == 3 and len(children) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:
+        assert run.data.params, run.info.run_name
+    for run in children.values():
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "samples.png"}
+        assert run.data.params["normalization"] == "batch_norm"
+    _assert_every_epoch_once(client, children)
