@@ -51,14 +51,15 @@ def study_report(client, study, reference):
         figures["pareto_front.png"] = plots.pareto_front(study.trials, study.objectives)
     figures = {name: png for name, png in figures.items() if png is not None}
     intro = (f"Run {study.run_name} (MLflow parent run {study.parent_id}), {len(study.trials)} trials. "
-             f"Cells: mean ± sd over finished seeds (n); diverged and failed trials are counted in the cell. "
-             f"Δ: difference to the baseline row {study.baseline or '(none)'}. "
+             f"Cells: mean ± sd over finished seeds (n), each finished seed's value in grey beside it; diverged and "
+             f"failed trials are counted in the cell. "
+             f"Δ: difference to the baseline row {study.baseline or '(none)'}, with its 95% interval over seeds. "
              f"'{PAPER}': the paper's value as recalled, from reports/paper_reference.csv.")
     images = [(name[:-4].replace("_", " "), png) for name, png in figures.items()] + _sample_grids(client, study)
     note = "" if table.long["paper"].notna().any() else " The paper's values are known at scale paper only."
-    files = {"table.md": f"{caption}.{note}\n\n" + to_markdown(table.display), "table.csv": to_csv(table.long),
-             "table.tex": to_latex(table.display, caption),
-             "report.html": to_html(f"{study.name}: {study.run_name}", [(caption, intro, table.display, images)])}
+    files = {"table.md": f"{caption}.{note}\n\n" + to_markdown(table.display, table.notes),
+             "table.csv": to_csv(table.long, table.notes), "table.tex": to_latex(table.display, caption, table.notes),
+             "report.html": to_html(f"{study.name}: {study.run_name}", [(caption, intro, table, images)])}
     return {**files, **figures}
 
 

@@ -1,16 +1,21 @@
 """Reports from a store of known runs, written through MLflow's real API: exact numbers, counts,
 diverged and failed marking, the paper's values, every output format, and the errors."""
+import html
+import io
 import json
 import math
 import os
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from reports.__main__ import main
 from reports.build import build_report
+from reports.intervals import welch_interval
 from reports.runs import ReportError, load_studies
-from reports.tables import build_table, load_reference
+from reports.tables import LEGEND, ONE_SEED, build_table, load_reference
 
 # (norm_act, groups, seed, status, test_bpd)
 TRIALS = [("WN+ELU", "10", 0, "finished", 3.30), ("WN+ELU", "10", 1, "finished", 3.40),
@@ -20,32 +25,42 @@ TRIALS = [("WN+ELU", "10", 0, "finished", 3.30), ("WN+ELU", "10", 1, "finished",
           ("BN+Swish", "40", 2, "failed", None)]
 
 
-@pytest.fixture()
-def store(tmp_path):
-    """An ablation_norm study at paper scale as the platform records it: a parent and nine trials."""
+def record_study(tmp_path, levels, trials, baseline, across=""):
+    """An ablation_norm study at paper scale as the platform records it: a parent run with levels
+    {factor: [level, ...]} and one trial run per (level..., seed, status, test_bpd or None)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment = client.create_experiment("ablation_norm", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(experiment, run_name="ablation_norm-paper-0123abcd",
                                tags={"nvae.study": "ablation_norm", "nvae.scale": "paper", "nvae.kind": "grid"})
     pid = parent.info.run_id
-    for key, value in {"levels.norm_act": "WN+ELU,BN+Swish", "levels.groups": "10,40", "factors": "norm_act,groups",
-                       "table.columns": "test_bpd", "table.across": "groups",
-                       "table.baseline": json.dumps({"norm_act": "BN+Swish"})}.items():
-        client.log_param(pid, key, value)
-    for act, groups, seed, status, bpd in TRIALS:
-        run = client.create_run(experiment, run_name=f"norm_act={act},groups={groups},seed={seed}",
-                                tags={"mlflow.parentRunId": pid, "factor.norm_act": act, "factor.groups": groups,
-                                      "nvae.seed": str(seed), "nvae.status": status})
+    params = {f"levels.{f}": ",".join(names) for f, names in levels.items()}
+    params.update({"factors": ",".join(levels), "table.columns": "test_bpd", "table.across": across,
+                   "table.baseline": json.dumps(baseline)})
+    for key, value in params.items():
+        if value:
+            client.log_param(pid, key, value)
+    for *names, seed, status, bpd in trials:
+        factors = dict(zip(levels, names))
+        run = client.create_run(experiment, run_name=",".join(f"{f}={v}" for f, v in factors.items()) + f",seed={seed}",
+                                tags={"mlflow.parentRunId": pid, "nvae.seed": str(seed), "nvae.status": status,
+                                      **{f"factor.{f}": v for f, v in factors.items()}})
         for epoch in range(3):
             client.log_metric(run.info.run_id, "val_bpd", 4.0 - 0.2 * epoch, step=epoch)
-        for group in range(int(groups) // 10):
+        for group in range(int(factors.get("groups", 0)) // 10):
             client.log_metric(run.info.run_id, f"train_kl_group_{group}", 0.5 * group, step=2)
         if bpd is not None:
             client.log_metric(run.info.run_id, "test_bpd", bpd, step=2)
         client.set_terminated(run.info.run_id)
     client.set_terminated(pid)
     return uri, tmp_path
+
+
+@pytest.fixture()
+def store(tmp_path):
+    """An ablation_norm study at paper scale as the platform records it: a parent and nine trials."""
+    return record_study(tmp_path, {"norm_act": ["WN+ELU", "BN+Swish"], "groups": ["10", "40"]}, TRIALS,
+                        {"norm_act": "BN+Swish"}, across="groups")
 
 
 def test_cells_are_mean_sd_over_finished_seeds_with_diverged_and_failed_counted(store):
@@ -56,7 +71,8 @@ def test_cells_are_mean_sd_over_finished_seeds_with_diverged_and_failed_counted(
     cells = table.display
     assert list(cells.columns) == ["groups=10", "Δ groups=10", "paper (unverified) groups=10",
                                    "groups=40", "Δ groups=40", "paper (unverified) groups=40"]
-    assert cells.loc["WN+ELU"].tolist() == ["3.35 ± 0.071 (n=2)", "+0", "3.36", "- (2 diverged)", "", "3.31"]
+    assert cells.loc["WN+ELU"].tolist() == ["3.35 ± 0.071 (n=2)", "+0.00 [-0.54, +0.54] ~", "3.36",
+                                            "- (2 diverged)", "", "3.31"]
     assert cells.loc["BN+Swish"].tolist() == ["3.35 ± 0.014 (n=2)", "baseline", "3.34",
                                               "3.15 ± 0.071 (n=2); 1 failed", "baseline", "3.16"]
 
@@ -137,11 +153,98 @@ def test_a_report_of_a_real_smoke_study_embeds_its_sample_grids(finished_study, 
 
 
 def test_the_pareto_plot_takes_finished_trials_only():
-    import pandas as pd
-
     from reports.plots import pareto_front
 
     trials = pd.DataFrame({"status": ["finished", "finished", "diverged"], "metrics.test_bpd": [0.6, 0.7, None],
                            "metrics.num_params": [2e5, 1e5, None]})
     assert pareto_front(trials, {"test_bpd": "min", "num_params": "min"})[:4] == b"\x89PNG"
     assert pareto_front(trials.iloc[2:], {"test_bpd": "min", "num_params": "min"}) is None
+
+
+# (norm_act, seed, status, test_bpd): a baseline of three seeds; BN+ELU clearly worse; WN+ELU within
+# seed noise; WN+Swish with a single finished seed.
+KNOWN = [("BN+Swish", 0, "finished", 3.10), ("BN+Swish", 1, "finished", 3.12), ("BN+Swish", 2, "finished", 3.14),
+         ("BN+ELU", 0, "finished", 3.19), ("BN+ELU", 1, "finished", 3.22), ("BN+ELU", 2, "finished", 3.25),
+         ("WN+ELU", 0, "finished", 3.05), ("WN+ELU", 1, "finished", 3.25),
+         ("WN+Swish", 0, "finished", 3.30), ("WN+Swish", 1, "diverged", None)]
+
+
+@pytest.fixture()
+def known(tmp_path):
+    return record_study(tmp_path, {"norm_act": ["BN+Swish", "BN+ELU", "WN+ELU", "WN+Swish"]}, KNOWN,
+                        {"norm_act": "BN+Swish"})
+
+
+def test_the_delta_carries_welch_interval_by_hand(known):
+    uri, _ = known
+    table = build_table(load_studies("ablation_norm", uri)[0], load_reference())
+    row = table.long.set_index("norm_act").loc["BN+ELU"]
+    # BN+ELU 3.19, 3.22, 3.25 against BN+Swish 3.10, 3.12, 3.14: means 3.22 and 3.12, variances 0.0009, 0.0004
+    se2 = 0.0009 / 3 + 0.0004 / 3
+    df = se2**2 / ((0.0009 / 3) ** 2 / (3 - 1) + (0.0004 / 3) ** 2 / (3 - 1))
+    half = stats.t.ppf(0.975, df) * math.sqrt(se2)
+    assert df == pytest.approx(3.48454, abs=1e-5) and half == pytest.approx(0.0613295, abs=1e-7)
+    assert row["delta"] == pytest.approx(0.10) and row["delta_df"] == pytest.approx(df)
+    assert (row["delta_low"], row["delta_high"]) == (pytest.approx(0.10 - half), pytest.approx(0.10 + half))
+    assert row["judgement"] == "differs" and row["values"] == [3.19, 3.22, 3.25]
+    assert table.display.loc["BN+ELU", "Δ test_bpd"] == "+0.100 [+0.039, +0.161]"
+    assert table.display.loc["BN+Swish", "Δ test_bpd"] == "baseline"
+
+
+def test_an_interval_holding_zero_and_too_few_seeds_are_marked(known):
+    uri, _ = known
+    table = build_table(load_studies("ablation_norm", uri)[0], load_reference())
+    long = table.long.set_index("norm_act")
+    assert long.loc["WN+ELU", "delta_low"] < 0 < long.loc["WN+ELU", "delta_high"]
+    assert long.loc["WN+ELU", "judgement"] == "seed noise"
+    assert table.display.loc["WN+ELU", "Δ test_bpd"] == "+0.0 [-1.2, +1.2] ~"
+    few = long.loc["WN+Swish"]  # one finished seed: a difference, but no variance to judge it by
+    assert few["judgement"] == "too few seeds" and few["delta"] == pytest.approx(0.18)
+    assert math.isnan(few["delta_low"]) and math.isnan(few["delta_high"]) and math.isnan(few["delta_df"])
+    assert table.display.loc["WN+Swish", "Δ test_bpd"] == "+0.18 ?"
+    assert table.notes == [LEGEND]  # three seeds: no one-seed warning
+
+
+def test_every_format_carries_the_legend_the_csv_the_numbers_the_page_the_seeds(known):
+    uri, folder = known
+    files = {os.path.basename(p): open(p).read() for p in build_report("ablation_norm", uri, out=str(folder / "o"))
+             if not p.endswith(".png")}
+    assert "| BN+ELU | 3.22 ± 0.03 (n=3) | +0.100 [+0.039, +0.161] |" in files["table.md"]
+    assert "| WN+ELU | 3.15 ± 0.14 (n=2) | +0.0 [-1.2, +1.2] ~ |" in files["table.md"]
+    assert f"\n{LEGEND}\n" in files["table.md"] and "[low, high] its 95% Welch t interval" in LEGEND
+    assert "~ marks an interval that contains 0" in LEGEND and "? marks too few seeds" in LEGEND
+    assert r"\textasciitilde{} marks an interval that contains 0" in files["table.tex"]
+    assert r"its 95\% Welch" in files["table.tex"] and r"+0.0 [-1.2, +1.2] \textasciitilde{}" in files["table.tex"]
+    assert files["table.csv"].startswith(f"# {LEGEND}\n")
+    csv = pd.read_csv(io.StringIO(files["table.csv"]), comment="#").set_index("norm_act")
+    for column in ("mean", "std", "delta", "delta_low", "delta_high", "delta_df"):
+        assert csv[column].dtype == float, column
+    assert csv.loc["BN+ELU", "delta_df"] == pytest.approx(3.48454, abs=1e-5)
+    assert csv["judgement"].fillna("").tolist() == ["baseline", "differs", "seed noise", "too few seeds"]
+    assert csv.loc["BN+ELU", "values"] == "3.19 3.22 3.25" and csv.loc["WN+Swish", "values"] == "3.3"
+    page = files["report.html"]
+    assert ('<td>3.22 ± 0.03 (n=3) <span class="seeds" title="finished seeds">3.19 3.22 3.25</span></td>'
+            '<td>+0.100 [+0.039, +0.161]</td>') in page
+    assert '<td>3.3 (n=1); 1 diverged <span class="seeds" title="finished seeds">3.3</span></td>' in page
+    assert f'<p class="note">{html.escape(LEGEND)}</p>' in page
+    assert ONE_SEED not in page
+
+
+def test_a_one_seed_study_says_no_difference_can_be_judged(tmp_path):
+    uri, folder = record_study(tmp_path, {"norm_act": ["BN+Swish", "WN+ELU"]},
+                               [("BN+Swish", 0, "finished", 3.10), ("WN+ELU", 0, "finished", 3.20)],
+                               {"norm_act": "BN+Swish"})
+    files = {os.path.basename(p): open(p).read() for p in build_report("ablation_norm", uri, out=str(folder / "o"))
+             if not p.endswith(".png")}
+    assert ONE_SEED == ("One seed per configuration: no difference can be judged against seed noise; "
+                        "run with --seeds 3 or more.")
+    assert "| WN+ELU | 3.2 (n=1) | +0.1 ? |" in files["table.md"] and f"\n{ONE_SEED}\n" in files["table.md"]
+    assert f"# {ONE_SEED}\n" in files["table.csv"] and html.escape(ONE_SEED) in files["report.html"]
+    assert "run with -{}-seeds 3 or more." in files["table.tex"]
+
+
+def test_welch_interval_without_variance():
+    assert all(math.isnan(x) for x in welch_interval([], [1.0, 2.0]))
+    delta, *rest = welch_interval([3.3], [3.1, 3.2])
+    assert delta == pytest.approx(0.15) and all(math.isnan(x) for x in rest)
+    assert welch_interval([2.0, 2.0], [1.0, 1.0])[:3] == (1.0, 1.0, 1.0)
