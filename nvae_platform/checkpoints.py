@@ -6,6 +6,7 @@ metrics reported with it (metrics.json). So the storage alone says which epochs 
 measured: the MLflow record is reconciled against it after any crash.
 """
 import json
+import os
 from dataclasses import dataclass
 
 import pyarrow.fs
@@ -47,3 +48,17 @@ def epoch_checkpoints(run_folder):
         if isinstance(metrics.get("epoch"), int):
             by_epoch[metrics["epoch"]] = EpochCheckpoint(metrics["epoch"], _join(run_folder, name), metrics)
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def checkpoint_uri(checkpoint):
+    """Where a Ray Checkpoint is, as a local path or a URI (its .path alone drops s3:// and gs://)."""
+    filesystem = checkpoint.filesystem
+    if filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return f"{filesystem.type_name}://{checkpoint.path}"
+
+
+def storage_file_exists(path):
+    """Whether a file exists at a local path or URI."""
+    filesystem, base = pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+    return filesystem.get_file_info(base).type == pyarrow.fs.FileType.File

@@ -49,6 +49,10 @@ class RunOptions:
         if not self.download:  # a missing dataset fails here, in seconds, not in every worker
             check_available(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size)
 
+    def params(self):
+        """The options as MLflow params (run.<field>), without the run's name, storage and test hooks."""
+        return {f"run.{k}": v for k, v in asdict(self).items() if k not in ("name", "storage_path") and "debug" not in k}
+
     def to_dict(self):
         """Plain values, as a Ray Train loop config carries them."""
         return {**asdict(self), "sample_temperatures": list(self.sample_temperatures)}

@@ -126,8 +126,7 @@ class StudyPlan:
         return self.key_for(trial.config, trial.trial_id)
 
     def option_params(self):
-        opts = dataclasses.asdict(self.options)
-        return {f"run.{k}": v for k, v in opts.items() if k not in ("name", "storage_path") and "debug" not in k}
+        return self.options.params()
 
     def study_tags(self):
         return {"nvae.study": self.study.name, "nvae.scale": self.scale,

@@ -11,35 +11,26 @@ hook (at the start of every fit, a restored one included), which opens the store
 earlier invocations recorded. So Tune may pickle it with the experiment and restore it as it is.
 """
 import functools
-import json
 import os
 import platform
 import sqlite3
 import subprocess
-import tempfile
-import time
 
-import pyarrow.fs
 import requests
 import sqlalchemy.exc
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from ray import tune
 
 from . import fault_injection
-from .checkpoints import epoch_checkpoints
 from .outcomes import read_outcome
-from .ray_internals import TUNE_RESULT_KEYS
+from .run_writer import CHECKPOINT_TAG, CONFIG_ARTIFACT, NODES_TAG, STATUS_TAG, RunWriter
 from .store import StoreClient, experiment_id, sqlite_path
 
 STUDY_KEY_TAG = "nvae.study_key"
 TRIAL_KEY_TAG = "nvae.trial_key"
-STATUS_TAG = "nvae.status"
-NODES_TAG = "nvae.nodes"
-CHECKPOINT_TAG = "nvae.checkpoint"  # the final checkpoint folder: what loads the trained model
-CONFIG_ARTIFACT = "config.json"
 PARENT_TAG = "mlflow.parentRunId"
-NOT_METRICS = set(TUNE_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "epoch", "should_checkpoint"}
+__all__ = ["CHECKPOINT_TAG", "CONFIG_ARTIFACT", "NODES_TAG", "PARENT_TAG", "STATUS_TAG", "STUDY_KEY_TAG",
+           "TRIAL_KEY_TAG", "MlflowTracker", "StoreWriteError", "check_tracking_uri", "provenance_tags", "status_of"]
 
 
 def default_artifact_location(tracking_uri, experiment):
@@ -145,15 +136,6 @@ def status_of(result, trial_status):
     return "stopped early" if trial_status == "TERMINATED" else "interrupted"
 
 
-def fetch_file(path, storage_path, folder):
-    """Copy a file from the study's storage (local folder or URI) into folder; return its local path."""
-    filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage_path)
-    local = os.path.join(folder, os.path.basename(path))
-    pyarrow.fs.copy_files(path, local, source_filesystem=filesystem,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
-    return local
-
-
 class StoreWriteError(RuntimeError):
     """The tracking store stopped taking writes (disk full, read-only file, server gone)."""
 
@@ -198,11 +180,7 @@ class MlflowTracker(tune.Callback):
         self.client = StoreClient(self.tracking_uri)
         self.provenance = provenance_tags()
         self.parent_id = None
-        self.runs = {}  # trial key -> MLflow run id
-        self.logged_epochs = {}  # run id -> epochs already logged (a resumed trial re-reports none twice)
-        self.closed = set()  # run ids already terminal (done in an earlier invocation)
-        self.nodes = {}  # run id -> Ray node ids its workers ran on (a recovered trial may move)
-        self.incomplete = set()  # trial keys whose run lacks its params or config.json
+        self.runs = {}  # trial key -> RunWriter
         self.experiment_id = experiment_id(self.client, self.experiment,
                                            default_artifact_location(self.tracking_uri, self.experiment))
         found = self.client.search_runs([self.experiment_id], f"tags.`{STUDY_KEY_TAG}` = '{self.plan.study_key}'",
@@ -216,160 +194,96 @@ class MlflowTracker(tune.Callback):
                                                **self.provenance})
             self.parent_id = run.info.run_id
         if not found or not found[0].data.params:  # new, or a write failed right after its creation
-            self._log_batch(self.parent_id, params=self.plan.study_params())
+            RunWriter(self.client, self.parent_id, "").log_batch(params=self.plan.study_params())
         children = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
                                            max_results=10000)
         for run in children:
             key = run.data.tags.get(TRIAL_KEY_TAG)
-            self.runs[key] = run.info.run_id
-            history = self.client.get_metric_history(run.info.run_id, "train_bpd")
-            self.logged_epochs[run.info.run_id] = {m.step for m in history}
-            self.nodes[run.info.run_id] = set(filter(None, run.data.tags.get(NODES_TAG, "").split(",")))
-            if run.info.status == "FINISHED" or run.info.status == "FAILED":
-                self.closed.add(run.info.run_id)
-            artifacts = {a.path for a in self.client.list_artifacts(run.info.run_id)}
-            if not run.data.params or CONFIG_ARTIFACT not in artifacts:
-                self.incomplete.add(key)
-            self._backfill(run.info.run_id, key)
+            self.runs[key] = RunWriter.found(self.client, run, self._folder(key))
+            self.runs[key].backfill()
         configs = {t.key: t.config for t in self.plan.trials} if not self.plan.is_search else {}
-        for key in sorted(self.incomplete & set(configs)):  # a search's trial is completed when it reports
-            self._complete(key, configs[key])
+        for key, writer in sorted(self.runs.items()):  # a search's trial is completed when it reports
+            if not writer.complete and key in configs:
+                writer.log_config(configs[key], self.plan.option_params())
         return self
 
-    def _backfill(self, run_id, key):
-        """Log each epoch the trial's checkpoints hold and MLflow lacks: a driver killed between a
-        checkpoint's commit and its record loses no epoch."""
-        for checkpoint in epoch_checkpoints(f"{self.plan.trials_path}/{key}"):
-            self._log_epoch(run_id, checkpoint.metrics)
-
-    def _complete(self, key, cfg):
-        """Params and config.json of a child run (again, if a failed write left them out)."""
-        run_id = self.runs[key]
-        self._log_batch(run_id, params={**cfg.to_dict(), **self.plan.option_params()})
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, CONFIG_ARTIFACT)
-            with open(path, "w") as f:
-                json.dump({"nvae": cfg.to_dict(), "options": self.plan.option_params()}, f, indent=2)
-            self.client.log_artifact(run_id, path)
-        self.incomplete.discard(key)
-
-    def _log_batch(self, run_id, metrics=(), params=None, tags=None):
-        """One or more MLflow log_batch calls, each within MLflow's limits (100 params or tags)."""
-        items = ([("metrics", m) for m in metrics]
-                 + [("params", Param(k, str(v)[:6000])) for k, v in (params or {}).items()]
-                 + [("tags", RunTag(k, str(v)[:5000])) for k, v in (tags or {}).items()])
-        for start in range(0, len(items), 100):
-            chunk = items[start:start + 100]
-            self.client.log_batch(run_id, **{kind: [x for k, x in chunk if k == kind]
-                                             for kind in ("metrics", "params", "tags")})
+    def _folder(self, key):
+        return f"{self.plan.trials_path}/{key}"
 
     def _child(self, trial):
+        """The RunWriter of a trial's child run, created (and completed) as needed."""
         key = self.plan.key_of(trial)
-        if key not in self.runs or key in self.incomplete:
-            levels, seed, cfg = self.plan.describe(trial)
-        if key not in self.runs:
+        writer = self.runs.get(key)
+        if writer is not None and writer.complete:
+            return writer
+        levels, seed, cfg = self.plan.describe(trial)
+        if writer is None:
             tags = {PARENT_TAG: self.parent_id, TRIAL_KEY_TAG: key, "nvae.seed": seed, STATUS_TAG: "running",
                     "nvae.tune_trial_id": trial.trial_id, **{f"factor.{k}": v for k, v in levels.items()},
                     **self.provenance}
             # A tracking server takes string tags only (a SQLite store converts them itself).
             run = self.client.create_run(self.experiment_id, run_name=key, tags={k: str(v) for k, v in tags.items()})
-            run_id = run.info.run_id
-            self.runs[key], self.logged_epochs[run_id], self.nodes[run_id] = run_id, set(), set()
-            self.incomplete.add(key)
-        if key in self.incomplete:
-            self._complete(key, cfg)
-        return self.runs[key]
+            writer = self.runs[key] = RunWriter(self.client, run.info.run_id, self._folder(key))
+        writer.log_config(cfg, self.plan.option_params())
+        return writer
+
+    def _finish(self, writer, key, result, status, error=""):
+        writer.finish(result, status, error)
+        figure = f"  test_bpd {result['test_bpd']:.4f}" if isinstance(result.get("test_bpd"), float) else ""
+        print(f"[study] {key}: {result.get('status') or status}{figure}  "
+              f"({self.closed_count}/{self.plan.trial_count} done)", flush=True)
+
+    @property
+    def closed_count(self):
+        return sum(w.closed for w in self.runs.values())
 
     @_writes_store
     def on_trial_start(self, iteration, trials, trial, **info):
-        run_id = self._child(trial)
-        if run_id not in self.closed:
-            self.client.update_run(run_id, status="RUNNING")
+        writer = self._child(trial)
+        if not writer.closed:
+            self.client.update_run(writer.run_id, status="RUNNING")
             print(f"[study] started {self.plan.key_of(trial)}", flush=True)
 
     @_writes_store
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._child(trial)
-        if run_id not in self.closed:
+        writer = self._child(trial)
+        if not writer.closed:
             fault_injection.kill_driver_before_recording(self.plan.key_of(trial), result.get("epoch"))
-            self._log_epoch(run_id, result)
-
-    def _log_epoch(self, run_id, result):
-        """One point per numeric metric of an epoch's report at step = epoch, once per epoch."""
-        epoch = result.get("epoch")
-        if epoch is None or epoch in self.logged_epochs[run_id]:
-            return
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(epoch)) for k, v in result.items()
-                   if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        tags = {"nvae.device": result["device"]} if "device" in result else {}
-        if result.get("nodes"):
-            self.nodes[run_id].update(result["nodes"].split(","))
-            tags[NODES_TAG] = ",".join(sorted(self.nodes[run_id]))
-        self._log_batch(run_id, metrics, tags=tags)
-        self.logged_epochs[run_id].add(epoch)
-
-    def _finish(self, run_id, key, result, status, error=""):
-        """Final tags, metrics and sample grid of an ended trial; its run ends FINISHED (FAILED if it failed)."""
-        self._backfill(run_id, key)
-        tags = {STATUS_TAG: status}
-        if result.get("checkpoint_path"):
-            tags[CHECKPOINT_TAG] = result["checkpoint_path"]
-        if result.get("status") and result["status"] not in ("finished", "running"):
-            tags["nvae.status_detail"] = result["status"]
-        if error:
-            tags["nvae.error"] = error
-        final = {k: result[k] for k in ("training_hours",) if isinstance(result.get(k), float)}
-        if "time_total_s" in result:  # the trial's wall time, start-up and evaluation included
-            final["wall_hours"] = result["time_total_s"] / 3600
-        now, step = int(time.time() * 1000), int(result.get("epoch", 0) or 0)
-        self._log_batch(run_id, [Metric(k, v, now, step) for k, v in final.items()], tags=tags)
-        if result.get("samples_path"):
-            with tempfile.TemporaryDirectory() as folder:
-                try:
-                    self.client.log_artifact(run_id, fetch_file(result["samples_path"], self.plan.storage_path, folder))
-                except OSError as err:  # a lost sample grid must not lose the run
-                    self.client.set_tag(run_id, "nvae.samples_error", str(err)[:500])
-        self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
-        self.closed.add(run_id)
-        figure = f"  test_bpd {result['test_bpd']:.4f}" if isinstance(result.get("test_bpd"), float) else ""
-        print(f"[study] {key}: {result.get('status') or status}{figure}  "
-              f"({len(self.closed)}/{self.plan.trial_count} done)", flush=True)
+            writer.log_epoch(result)
 
     @_writes_store
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._child(trial)
-        if run_id not in self.closed:
+        writer = self._child(trial)
+        if not writer.closed:
             result = trial.last_result or {}
-            self._finish(run_id, self.plan.key_of(trial), result, status_of(result, "TERMINATED"))
+            self._finish(writer, self.plan.key_of(trial), result, status_of(result, "TERMINATED"))
 
     @_writes_store
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._child(trial)
+        writer = self._child(trial)
         error = ""
         if trial.error_file and os.path.exists(trial.error_file):
             with open(trial.error_file) as f:
                 error = f.read()[-2000:]
-        if run_id not in self.closed:
-            self._finish(run_id, self.plan.key_of(trial), trial.last_result or {}, "failed", error)
+        if not writer.closed:
+            self._finish(writer, self.plan.key_of(trial), trial.last_result or {}, "failed", error)
 
     @property
     def interrupted(self):
         """Whether some trial of the study has no terminal record yet."""
-        return len(self.closed) < self.plan.trial_count
+        return self.closed_count < self.plan.trial_count
 
     def close(self):
         """End every child still open (from its outcome file if the trial ended while no driver
         listened, else KILLED), then the parent: KILLED if the study was interrupted."""
-        for key, run_id in self.runs.items():
-            if run_id in self.closed:
+        for key, writer in self.runs.items():
+            if writer.closed:
                 continue
             outcome = read_outcome(self.plan.trials_path, key)
             if outcome is not None:
-                self._finish(run_id, key, outcome, status_of(outcome, "TERMINATED"))
+                self._finish(writer, key, outcome, status_of(outcome, "TERMINATED"))
             else:
-                self.client.set_tag(run_id, STATUS_TAG, "interrupted")
-                self.client.set_terminated(run_id, "KILLED")
+                writer.interrupt()
         self.client.set_terminated(self.parent_id, "KILLED" if self.interrupted else "FINISHED")
 
 

@@ -9,7 +9,7 @@ from ray.train.torch import TorchTrainer
 from nvae_core import NVAEConfig
 from nvae_core.paths import absolute
 
-from .checkpoints import CHECKPOINT_FILE, SAMPLES_FILE
+from .checkpoints import CHECKPOINT_FILE, SAMPLES_FILE, checkpoint_uri, storage_file_exists
 from .ray_internals import find_cluster
 from .run_options import RunOptions
 from .worker_loop import train_loop_per_worker
@@ -53,10 +53,10 @@ def summarize(result):
     status = metrics.get("status", "failed")
     if result.error is not None:
         status = f"failed: {type(result.error).__name__}: {result.error}"
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
-    samples = os.path.join(checkpoint, SAMPLES_FILE) if checkpoint else ""
+    checkpoint = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else ""
+    samples = f"{checkpoint}/{SAMPLES_FILE}" if checkpoint else ""
     return RunResult(status=status, metrics=metrics, history=history, checkpoint_path=checkpoint,
-                     samples_path=samples if samples and os.path.exists(samples) else "")
+                     samples_path=samples if samples and storage_file_exists(samples) else "")
 
 
 def cluster_address(address=None, num_cpus=None):

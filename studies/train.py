@@ -1,16 +1,20 @@
-"""Train one NVAE configuration on Ray Train and print its final figures.
+"""Train one NVAE configuration on Ray Train, record it in MLflow and print its final figures.
 
     python studies/train.py --dataset digits --scale smoke --workers 2
     python studies/train.py --dataset cifar10 --scale small --workers 2 --data-dir /data
     python studies/train.py --dataset cifar10 --scale paper --set num_flows=0 --set epochs=100
 
-Each epoch writes a checkpoint under --storage-path/--name; re-running the same command after an
-interruption resumes from it. A worker that dies is replaced and training continues from the
-latest checkpoint (--max-failures times).
+The run is named by what it trains, <--name>-<digest of the config and workers>, and checkpoints
+each epoch under --storage-path/<run name>: the same command again resumes it (or says it is
+finished), a changed --set starts a new run. To continue a run with a changed config (say more
+epochs), name it with --resume-from. A worker that dies is replaced and training continues from the
+latest checkpoint (--max-failures times). MLflow gets one run per run name (experiment "train"):
+params, per-epoch metrics, final figures, config.json, the sample grid and the final checkpoint.
 """
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 import ray
 
@@ -18,10 +22,12 @@ from nvae_core import ConfigError
 from nvae_core.dataset_registry import DATASETS
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_core.paths import absolute
-from nvae_platform.defaults import default_data_dir, default_storage_path
+from nvae_platform.defaults import default_data_dir, default_storage_path, default_tracking_uri
 from nvae_platform.preflight import CommandLine, at_least, check_local_resources, check_resources, check_storage
 from nvae_platform.scales import SCALES, run_config, run_options
 from nvae_platform.study_cli import parse_pairs, parse_value
+from nvae_platform.tracking import StoreWriteError, check_tracking_uri
+from nvae_platform.train_record import TrainRecord, describe_changes, resume_changes, run_name
 from nvae_platform.training_run import cluster_address, init_ray, run_training
 
 
@@ -38,7 +44,12 @@ def build_parser():
     add("--download", action="store_true", help="download the dataset if it is missing")
     add("--storage-path", default=default_storage_path(),
         help="checkpoints and trial state, local or s3:// (default: $NVAE_STORAGE_PATH, else runs)")
-    add("--name", help="run name under the storage path (default: dataset-scale)")
+    add("--name", help="start of the run's name, which ends with a digest of the config (default: dataset-scale)")
+    add("--resume-from", metavar="RUN",
+        help="continue this run (its folder name under --storage-path) with the config given here, e.g. "
+             "--set epochs=50 to extend it; fields that change the model's shapes are refused")
+    add("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db)")
+    add("--experiment", default="train", help="MLflow experiment (default: train)")
     add("--max-failures", type=at_least(0, note="; Ray's -1 (unlimited) is refused: a failure that repeats would "
                                               "be retried forever"), default=2,
         help="restarts of the worker group from the latest checkpoint after a lost worker (default: 2; "
@@ -62,11 +73,18 @@ def main(argv=None):
     try:  # every check before Ray starts
         cfg = run_config(args.dataset, args.scale, **overrides)
         options = run_options(args.dataset, args.scale, data_dir=absolute(args.data_dir), download=args.download,
-                              storage_path=args.storage_path, name=args.name or f"{args.dataset}-{args.scale}",
-                              max_failures=args.max_failures, **option_overrides)
+                              storage_path=absolute(args.storage_path), max_failures=args.max_failures,
+                              **option_overrides)
+        options = replace(options, name=args.resume_from or run_name(args.name or f"{args.dataset}-{args.scale}",
+                                                                     cfg, options))
         options.validate(cfg)
         joining = cluster_address(args.address, args.num_cpus) is not None
-        check_storage(absolute(options.storage_path))
+        check_storage(options.storage_path)
+        tracking_uri = args.tracking_uri or default_tracking_uri()
+        check_tracking_uri(tracking_uri, args.experiment)
+        record = TrainRecord(tracking_uri, args.experiment, options.storage_path, cfg, options,
+                             tags={"nvae.kind": "train", "nvae.dataset": args.dataset, "nvae.scale": args.scale})
+        changes = resume_changes(record.run_folder, cfg) if args.resume_from else {}
         if not joining:  # a local Ray cannot grow: refuse what it could never schedule
             check_local_resources(options.workers, options.cpus_per_worker, options.gpus_per_worker,
                                   args.num_cpus, "--workers")
@@ -76,13 +94,31 @@ def main(argv=None):
                             ray.cluster_resources(), "--workers", on_cluster=True, where="the Ray cluster")
     except (ConfigError, ValueError, DatasetNotFoundError) as error:
         parser.error(str(error))
+    try:
+        record.open(changes)
+    except StoreWriteError as error:
+        print(f"[nvae] stopped: {error}", file=sys.stderr, flush=True)
+        return 1
+    if record.finished_before:
+        print(f"[nvae] run {options.name} is already finished (MLflow run {record.run_id}); to train it longer: "
+              f"--resume-from {options.name} --set epochs=N", flush=True)
+        return 0
+    if changes:
+        print(f"[nvae] continuing run {options.name} with {describe_changes(changes)} (the learning-rate "
+              "schedule follows the new config from the next epoch)", flush=True)
     print(f"[nvae] training {args.dataset} at scale {args.scale} on {options.workers} worker(s); "
-          f"checkpoints in {options.storage_path}/{options.name}", flush=True)
-    result = run_training(cfg, options)
+          f"run {options.name}, checkpoints in {record.run_folder}; MLflow run {record.run_id}", flush=True)
+    with record.watching():
+        result = run_training(cfg, options)
+    try:
+        record.finish(result)
+    except StoreWriteError as error:
+        print(f"[nvae] stopped: {error}", file=sys.stderr, flush=True)
+        return 1
     figures = {k: result.metrics[k] for k in ("test_bpd", "test_nats", "val_bpd", "train_bpd", "active_units",
                                                "active_units_kl", "epoch", "step") if k in result.metrics}
     print(json.dumps({"status": result.status, **figures, "samples": result.samples_path,
-                      "checkpoint": result.checkpoint_path}, indent=2))
+                      "checkpoint": result.checkpoint_path, "mlflow_run": record.run_id}, indent=2))
     return 0 if result.status == "finished" else 1
 
 

@@ -58,8 +58,8 @@ def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_pa
     plan = plan_study(NORM, StudySettings(levels={"groups": ["2"]}, overrides={"epochs": EPOCHS}))
     second_trial = plan.trials[1].key
     command = _study_command("--max-concurrent", "1")
-    code, out, _ = _run(command, tmp_path, {KILL_DRIVER_ENV: f"{second_trial}@0"})
-    assert code == -signal.SIGKILL and "(1/3 done)" in out
+    code, out, err = _run(command, tmp_path, {KILL_DRIVER_ENV: f"{second_trial}@0"})
+    assert code == -signal.SIGKILL and "(1/3 done)" in out, out[-3000:] + err[-3000:]
     trials = next((tmp_path / "runs").glob("ablation_norm-smoke-*")) / "trials"
     finished = [p.name for p in trials.iterdir() if (p / OUTCOME_FILE).exists()]
     assert finished == [plan.trials[0].key]

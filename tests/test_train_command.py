@@ -1,0 +1,89 @@
+"""`studies/train.py` end to end (real local Ray, real SQLite MLflow store): one MLflow run per run
+name, resumed after a killed driver with every epoch once, named by its config, and extended only
+on request."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from mlflow.tracking import MlflowClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PER_EPOCH = ("train_bpd", "val_bpd", "lr", "epoch_seconds")
+
+
+def _command(*flags):
+    return [sys.executable, os.path.join(ROOT, "studies", "train.py"), "--num-cpus", "2", *flags]
+
+
+def _train(folder, *flags):
+    return subprocess.run(_command(*flags), cwd=folder, capture_output=True, text=True, timeout=600)
+
+
+def _runs(folder):
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    experiment = client.get_experiment_by_name("train")
+    return client, {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+
+
+def _steps(client, run, name):
+    return [m.step for m in client.get_metric_history(run.info.run_id, name)]
+
+
+def test_a_training_run_is_recorded_and_the_same_command_does_not_repeat_it(tmp_path):
+    first = _train(tmp_path, "--set", "epochs=2")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1
+    (name, run), = runs.items()
+    assert name.startswith("digits-smoke-") and run.info.status == "FINISHED"
+    assert run.data.tags["nvae.status"] == "finished" and run.data.tags["nvae.kind"] == "train"
+    assert run.data.params["epochs"] == "2" and run.data.params["run.workers"] == "1"
+    assert 0 < run.data.metrics["test_bpd"] < 1 and run.data.metrics["training_hours"] > 0
+    assert all(_steps(client, run, m) == [0, 1] for m in PER_EPOCH)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "samples.png"}
+    assert os.path.exists(os.path.join(run.data.tags["nvae.checkpoint"], "state.pt"))
+    assert run.info.run_id in first.stdout
+
+    again = _train(tmp_path, "--set", "epochs=2")
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert len(_runs(tmp_path)[1]) == 1
+
+    changed = _train(tmp_path, "--set", "epochs=2", "--set", "num_channels_enc=8")  # a new config: a new run
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert len(_runs(tmp_path)[1]) == 2
+
+    refused = _train(tmp_path, "--resume-from", name, "--set", "epochs=3", "--set", "num_channels_enc=32")
+    assert refused.returncode == 2 and "other shapes" in refused.stderr and "num_channels_enc 16 -> 32" in refused.stderr
+    assert "Started a local Ray instance" not in refused.stderr
+
+    extended = _train(tmp_path, "--resume-from", name, "--set", "epochs=3")
+    assert extended.returncode == 0, extended.stderr[-2000:]
+    assert f"continuing run {name} with epochs 2 -> 3" in extended.stdout
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 2
+    run = runs[name]
+    assert run.data.tags["nvae.resumed_with"] == "epochs 2 -> 3" and run.data.tags["nvae.status"] == "finished"
+    assert all(_steps(client, run, m) == [0, 1, 2] for m in PER_EPOCH)
+
+
+def test_a_killed_driver_is_resumed_into_the_same_run_with_every_epoch_once(tmp_path):
+    """SIGKILL the driver (and its Ray) right after epoch 2 of 4 is printed, then run it again."""
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(_command("--set", "epochs=4"), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.time() + 300
+    while "epoch 2/4" not in (tmp_path / "first.log").read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    second = _train(tmp_path, "--set", "epochs=4")
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1
+    run = next(iter(runs.values()))
+    assert run.info.status == "FINISHED"
+    for name in PER_EPOCH:
+        assert _steps(client, run, name) == [0, 1, 2, 3], name
