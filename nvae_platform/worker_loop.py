@@ -24,13 +24,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from nvae_core import NVAE, NVAEConfig, TrainStep, active_units, active_units_kl, autocast, bits_per_dim, sample_images
+from nvae_core import NVAE, NVAEConfig, TrainStep, bits_per_dim, sample_images
 from nvae_core.datasets import Batches, load_dataset
-from nvae_core.evaluation import importance_weighted_nll
 from nvae_core.layers import synchronize_batchnorm
+from nvae_core.lineage import dataset_lineage
 
 from . import fault_injection
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, SAMPLES_FILE
+from .measures import final_figures as _final_evaluation
+from .measures import nelbo_bpd as _evaluate_nelbo
 from .run_options import RunOptions
 
 
@@ -67,43 +69,6 @@ def _peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
-def _mean_over_ranks(per_example, loader, prepare):
-    """Mean of per_example(x) (a tensor with one value per image) over every rank's shard."""
-    total = count = 0.0
-    for x in loader:
-        values = per_example(prepare(x))
-        total, count = total + values.sum().item(), count + values.numel()
-    total, count = _all_reduce([total, count])
-    return total / max(count, 1)
-
-
-def _evaluate_nelbo(model, loader, cfg, device, seed):
-    """Single-sample test NELBO in bits/dim over all ranks' shards."""
-    model.eval()
-    with torch.no_grad(), autocast(cfg.precision, device):
-        nats = _mean_over_ranks(lambda x: model(x).nelbo, loader, Batches(cfg, device, seed))
-    model.train()
-    return bits_per_dim(nats, cfg.num_dims)
-
-
-def _final_evaluation(model, loader, cfg, device, options: RunOptions, seed):
-    """Importance-weighted test bits/dim over all ranks' shards, and active units (posterior-mean
-    variance, Burda et al.; and the authors' per-channel KL count) on this rank's."""
-    model.eval()
-    with autocast(cfg.precision, device):
-        nats = _mean_over_ranks(
-            lambda x: importance_weighted_nll(model, x, options.iw_samples, options.iw_max_batch),
-            loader, Batches(cfg, device, seed))
-        prepare = Batches(cfg, device, seed)
-        units = active_units(model, (prepare(x) for x in loader))
-        prepare = Batches(cfg, device, seed)
-        channels = active_units_kl(model, (prepare(x) for x in loader))
-    model.train()
-    return {"test_bpd": bits_per_dim(nats, cfg.num_dims), "test_nats": nats,
-            "active_units": sum(units), **{f"active_units_group_{i}": u for i, u in enumerate(units)},
-            "active_units_kl": sum(channels), **{f"active_units_kl_group_{i}": u for i, u in enumerate(channels)}}
 
 
 def _save_samples(model, cfg, path, options):
@@ -173,6 +138,7 @@ class Worker:
     step: TrainStep
     start_epoch: int = 0
     nodes: str = ""  # the Ray nodes this attempt's workers run on
+    lineage: dict = None  # rank 0: the data's name, split sizes and digest (nvae_core.lineage)
 
     @property
     def core(self):
@@ -192,6 +158,10 @@ def set_up(cfg, options):
     common = dict(data_dir=options.data_dir, download=options.download, seed=cfg.seed, image_size=cfg.image_size)
     train_set = load_dataset(cfg.dataset, "train", **common)
     test_set = load_dataset(cfg.dataset, cfg.evaluation_split, **common)
+    lineage = None
+    if rank == 0:
+        lineage = dataset_lineage(cfg.dataset, {"train": train_set, cfg.evaluation_split: test_set},
+                                  source=os.path.abspath(options.data_dir))
     if options.max_test_images:
         test_set = Subset(test_set, range(min(len(test_set), options.max_test_images)))
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -204,7 +174,7 @@ def set_up(cfg, options):
                          f"{len(train_set)} training images of {cfg.dataset}; lower the batch size")
     model = NVAE(cfg).to(device)
     step = TrainStep(model, steps_per_epoch=len(loader), device=device)
-    return Worker(cfg, options, rank, world, device, sampler, loader, test_loader, model, step)
+    return Worker(cfg, options, rank, world, device, sampler, loader, test_loader, model, step, lineage=lineage)
 
 
 def restore(w):
@@ -234,6 +204,22 @@ def _finite_everywhere(w, stats):
     return _all_reduce([0.0 if finite else 1.0], op=dist.ReduceOp.MAX)[0] == 0
 
 
+GPU_SAMPLE_STEPS = 20  # steps between two readings of the GPU's utilization
+
+
+def _cpu_seconds():
+    times = os.times()
+    return times.user + times.system
+
+
+def _gpu_utilization(device):
+    """The GPU's utilization in percent over the last sample period, or None where NVML is missing."""
+    try:
+        return float(torch.cuda.utilization(device))
+    except (ModuleNotFoundError, RuntimeError):
+        return None
+
+
 def train_epoch(w, epoch):
     """One pass over this rank's shard: the epoch's mean training metrics over all ranks, or, at the
     first non-finite step on any rank, the divergence outcome {"status": "diverged at step S", ...}."""
@@ -242,9 +228,11 @@ def train_epoch(w, epoch):
     prepare = Batches(cfg, w.device, seed=cfg.seed * 100003 + epoch * 1009 + w.rank, train=True)
     sums = {"loss": 0.0, "nelbo": 0.0, "recon": 0.0, "kl": 0.0, "grad_norm": 0.0}
     kl_groups = torch.zeros(cfg.num_groups, dtype=torch.float64)
-    steps, start = 0, time.perf_counter()
+    steps, start, cpu_start, gpu = 0, time.perf_counter(), _cpu_seconds(), []
     for x in w.loader:
         stats = step(prepare(x), measure_grad_norm=True)
+        if steps % GPU_SAMPLE_STEPS == 0 and w.device.type == "cuda":
+            gpu.append(_gpu_utilization(w.device))
         fault_injection.poison_loss(w.options, step.step, stats)
         fault_injection.kill_worker(w.options, step.step, w.rank, w.world, w.resumed)
         if not _finite_everywhere(w, stats):
@@ -254,8 +242,13 @@ def train_epoch(w, epoch):
         kl_groups += stats["kl_per_group"].double().cpu()
         steps += 1
     seconds = time.perf_counter() - start
-    reduced = _all_reduce([v / steps for v in sums.values()] + [steps * cfg.batch_size / seconds])
+    # Every rank reduces the same number of values: NaN where a rank has no GPU reading.
+    system = [(_cpu_seconds() - cpu_start) / seconds, sum(gpu) / len(gpu) if gpu and None not in gpu else math.nan]
+    reduced = _all_reduce([v / steps for v in sums.values()] + system + [steps * cfg.batch_size / seconds])
     metrics = {f"train_{k}": v / w.world for k, v in zip(sums, reduced)}
+    # Worker means: CPU cores busy per worker process; GPU utilization in percent (NVML, as nvidia-smi).
+    metrics.update({name: v / w.world for name, v in zip(("cpu_utilization", "gpu_utilization"),
+                                                          reduced[len(sums):-1]) if math.isfinite(v)})
     metrics["train_bpd"] = bits_per_dim(metrics["train_nelbo"], cfg.num_dims)
     metrics.update({f"train_kl_group_{i}": v / steps for i, v in enumerate(kl_groups.tolist())})
     metrics.update(epoch=epoch, step=step.step, lr=stats["lr"], kl_coeff=stats["kl_coeff"],
@@ -269,10 +262,14 @@ def validate(w):
     num_params = sum(p.numel() for p in w.core.parameters())
     device_name = torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else "cpu"
     param_spread, bn_spread = _replica_spread(w.core)
+    data = {}
+    if w.lineage:  # strings: MLflow records them as the run's dataset input, not as metrics
+        data = {"data_name": w.lineage["name"], "data_digest": w.lineage["digest"],
+                "data_source": w.lineage["source"], "data_splits": json.dumps(w.lineage["splits"])}
     return dict(val_bpd=_evaluate_nelbo(w.model, w.test_loader, w.cfg, w.device, seed=w.cfg.seed + 7),
                 num_params=num_params, device=device_name, peak_memory_gb=_peak_memory_gb(w.device),
                 replica_param_spread=param_spread, replica_bn_spread=bn_spread,
-                worker_nodes=len(w.nodes.split(",")), nodes=w.nodes, start_epoch=w.start_epoch)
+                worker_nodes=len(w.nodes.split(",")), nodes=w.nodes, start_epoch=w.start_epoch, **data)
 
 
 def final_evaluation(w):

@@ -86,6 +86,7 @@ def _study(parent, children):
     trials["status"] = children.get("tags.nvae.status").fillna("running")
     trials["run_id"] = children["run_id"]
     trials["run_name"] = children.get("tags.mlflow.runName")
+    trials["data_digest"] = children.get("tags.nvae.data_digest")
     # metrics keep MLflow's "metrics." prefix: a factor may share a metric's name (lr)
     trials = pd.concat([trials, children[[c for c in children.columns if c.startswith("metrics.")]]], axis=1)
     return StudyRuns(

@@ -126,11 +126,25 @@ def format_delta(row):
 
 
 def table_notes(study):
-    """The lines every format prints under the table: the Δ legend (when there is a baseline), and a
-    plain warning when the study ran one seed, so no difference can be judged."""
+    """The lines every format prints under the table: the Δ legend (when there is a baseline), a plain
+    warning when the study ran one seed, so no difference can be judged, and one per seed whose
+    trials read different data."""
     lines = [LEGEND] if study.baseline else []
     if study.trials["seed"].nunique() < 2:
         lines.append(ONE_SEED)
+    return lines + data_warnings(study.trials)
+
+
+def data_warnings(trials):
+    """A line for each seed whose trials read different data (dataset digests differ): their rows are
+    not comparable. Seeds may differ from each other: a set split here is split by its seed."""
+    if "data_digest" not in trials:
+        return []
+    lines = []
+    for seed, digests in trials.dropna(subset=["data_digest"]).groupby("seed")["data_digest"]:
+        if digests.nunique() > 1:
+            lines.append(f"Warning: the trials of seed {seed} read different data (dataset digests "
+                         f"{', '.join(sorted(digests.unique()))}); their rows are not comparable.")
     return lines
 
 
