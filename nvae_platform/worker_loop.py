@@ -262,14 +262,18 @@ def validate(w):
     num_params = sum(p.numel() for p in w.core.parameters())
     device_name = torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else "cpu"
     param_spread, bn_spread = _replica_spread(w.core)
-    data = {}
-    if w.lineage:  # strings: MLflow records them as the run's dataset input, not as metrics
-        data = {"data_name": w.lineage["name"], "data_digest": w.lineage["digest"],
-                "data_source": w.lineage["source"], "data_splits": json.dumps(w.lineage["splits"])}
     return dict(val_bpd=_evaluate_nelbo(w.model, w.test_loader, w.cfg, w.device, seed=w.cfg.seed + 7),
                 num_params=num_params, device=device_name, peak_memory_gb=_peak_memory_gb(w.device),
                 replica_param_spread=param_spread, replica_bn_spread=bn_spread,
-                worker_nodes=len(w.nodes.split(",")), nodes=w.nodes, start_epoch=w.start_epoch, **data)
+                worker_nodes=len(w.nodes.split(",")), nodes=w.nodes, start_epoch=w.start_epoch, **_data_fields(w))
+
+
+def _data_fields(w):
+    """Rank 0's lineage of the data, as strings: MLflow records them as the run's dataset input."""
+    if not w.lineage:
+        return {}
+    return {"data_name": w.lineage["name"], "data_digest": w.lineage["digest"],
+            "data_source": w.lineage["source"], "data_splits": json.dumps(w.lineage["splits"])}
 
 
 def final_evaluation(w):
@@ -305,7 +309,7 @@ def train_loop_per_worker(config):
         if metrics["status"] != "running":  # diverged: every rank stops; the last good checkpoint stays
             if w.rank == 0:
                 print(f"[nvae] {metrics['status']} (epoch {epoch}); last good checkpoint kept", flush=True)
-            _report(metrics)
+            _report({**metrics, **_data_fields(w)})  # a run diverged in its first epoch still says what it read
             return metrics
         metrics.update(validate(w))
         last = epoch == cfg.epochs - 1

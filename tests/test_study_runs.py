@@ -50,7 +50,8 @@ def test_one_parent_and_a_child_per_trial_with_params_tags_and_final_metrics(stu
         (data,) = _client.get_run(run.info.run_id).inputs.dataset_inputs  # lineage: the data the workers read
         assert data.dataset.name == "digits" and data.dataset.digest == run.data.tags["nvae.data_digest"]
         assert '"train": 1438' in data.dataset.profile
-        assert run.data.metrics["cpu_utilization"] > 0
+        if "lr=1e9" not in key:  # the absurd rate diverges within its first epoch: no epoch figures
+            assert run.data.metrics["cpu_utilization"] > 0
 
 
 def test_a_diverged_trial_is_recorded_as_such_and_the_others_finish(study):
