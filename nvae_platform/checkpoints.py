@@ -7,9 +7,11 @@ measured: the MLflow record is reconciled against it after any crash.
 """
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 
 import pyarrow.fs
+import torch
 
 CHECKPOINT_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
@@ -28,9 +30,34 @@ def _join(root, name):
     return f"{root.rstrip('/')}/{name}"
 
 
-def epoch_checkpoints(run_folder):
+def _from_uri(path):
+    """(pyarrow filesystem, path in it) of a local path or a URI."""
+    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+
+
+def fetch_file(path, folder):
+    """Copy a file (a local path or a URI such as s3://...) into folder; return its local path."""
+    filesystem, inner = _from_uri(path)
+    local = os.path.join(folder, os.path.basename(inner))
+    pyarrow.fs.copy_files(inner, local, source_filesystem=filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return local
+
+
+def read_state(checkpoint_path, map_location="cpu"):
+    """A checkpoint's state.pt, fetched into a temporary folder first when it is not local."""
+    filesystem, path = _from_uri(f"{checkpoint_path.rstrip('/')}/{CHECKPOINT_FILE}")
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        return torch.load(path, map_location=map_location, weights_only=False)
+    with tempfile.TemporaryDirectory() as folder:
+        return torch.load(fetch_file(f"{checkpoint_path.rstrip('/')}/{CHECKPOINT_FILE}", folder),
+                          map_location=map_location, weights_only=False)
+
+
+def epoch_checkpoints(run_folder, skip=()):
     """The run's checkpoints that carry their metrics, one per epoch (the newest folder wins when an
-    epoch was written twice), by epoch; [] when the folder does not exist."""
+    epoch was written twice), by epoch; [] when the folder does not exist. Folders named in skip are
+    not read (a caller that polls has read them already)."""
     filesystem, base = pyarrow.fs.FileSystem.from_uri(run_folder)
     try:
         entries = filesystem.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
@@ -40,6 +67,8 @@ def epoch_checkpoints(run_folder):
                    if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX))
     by_epoch = {}
     for name in names:  # names sort by time, so a later folder of the same epoch replaces an earlier one
+        if name in skip:
+            continue
         try:
             with filesystem.open_input_stream(_join(base, f"{name}/{METRICS_FILE}")) as f:
                 metrics = json.loads(f.read())
@@ -60,5 +89,5 @@ def checkpoint_uri(checkpoint):
 
 def storage_file_exists(path):
     """Whether a file exists at a local path or URI."""
-    filesystem, base = pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+    filesystem, base = _from_uri(path)
     return filesystem.get_file_info(base).type == pyarrow.fs.FileType.File

@@ -10,10 +10,9 @@ import os
 import tempfile
 import time
 
-import pyarrow.fs
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
-from .checkpoints import epoch_checkpoints
+from .checkpoints import epoch_checkpoints, fetch_file
 from .ray_internals import TUNE_RESULT_KEYS
 
 STATUS_TAG = "nvae.status"
@@ -22,15 +21,6 @@ CHECKPOINT_TAG = "nvae.checkpoint"  # the final checkpoint folder: what loads th
 CONFIG_ARTIFACT = "config.json"
 DATA_DIGEST_TAG = "nvae.data_digest"
 NOT_METRICS = set(TUNE_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "epoch", "should_checkpoint"}
-
-
-def fetch_file(path, folder):
-    """Copy a file (a local path or a URI such as s3://...) into folder; return its local path."""
-    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
-    local = os.path.join(folder, os.path.basename(inner))
-    pyarrow.fs.copy_files(inner, local, source_filesystem=filesystem,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
-    return local
 
 
 class RunWriter:
@@ -43,6 +33,7 @@ class RunWriter:
         self.closed = False  # terminal: FINISHED or FAILED
         self.complete = False  # params and config.json are there
         self.data_logged = False  # the dataset input (name, splits, digest) is there
+        self.read_folders = set()  # checkpoint folders whose metrics backfill has logged
 
     @classmethod
     def found(cls, client, run, run_folder):
@@ -107,8 +98,9 @@ class RunWriter:
     def backfill(self):
         """Log each epoch the run's checkpoints hold and MLflow lacks: a driver killed between a
         checkpoint's commit and its record loses no epoch."""
-        for checkpoint in epoch_checkpoints(self.run_folder):
+        for checkpoint in epoch_checkpoints(self.run_folder, skip=self.read_folders):
             self.log_epoch(checkpoint.metrics)
+            self.read_folders.add(checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
 
     def finish(self, result, status, error=""):
         """Final tags, metrics, sample grid and checkpoint location of an ended run; it ends FINISHED

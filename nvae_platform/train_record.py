@@ -10,16 +10,14 @@ final checkpoint's location.
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import threading
 
 import torch
 
 from nvae_core import NVAE
 
-from .checkpoints import CHECKPOINT_FILE, epoch_checkpoints
-from .run_writer import STATUS_TAG, RunWriter, fetch_file
+from .checkpoints import epoch_checkpoints, read_state
+from .run_writer import STATUS_TAG, RunWriter
 from .store import StoreClient, experiment_id
 from .tracking import STORE_ERRORS, StoreWriteError, default_artifact_location, provenance_tags, status_of
 
@@ -33,14 +31,6 @@ def run_name(prefix, cfg, options):
     return f"{prefix}-{hashlib.sha1(identity.encode()).hexdigest()[:8]}"
 
 
-def _load_state(checkpoint_path):
-    if "://" not in checkpoint_path:
-        return torch.load(os.path.join(checkpoint_path, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
-    with tempfile.TemporaryDirectory() as folder:
-        local = fetch_file(f"{checkpoint_path}/{CHECKPOINT_FILE}", folder)
-        return torch.load(local, map_location="cpu", weights_only=False)
-
-
 def resume_changes(run_folder, cfg):
     """{field: (old, new)} of a run continued with cfg (--resume-from), checked before anything starts:
     ValueError if the folder holds no checkpoint, or cfg builds a model of other shapes."""
@@ -48,7 +38,7 @@ def resume_changes(run_folder, cfg):
     if not checkpoints:
         raise ValueError(f"--resume-from: no checkpoint under {run_folder}; give a run folder name that "
                          "`ls` shows under --storage-path, or drop --resume-from to start a new run")
-    state = _load_state(checkpoints[-1].path)
+    state = read_state(checkpoints[-1].path)
     old = state.get("config") or {}
     changes = {k: (old[k], v) for k, v in cfg.to_dict().items() if k in old and old[k] != v}
     with torch.device("meta"):  # shapes only: no memory, no time

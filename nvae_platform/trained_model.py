@@ -15,12 +15,11 @@ import tempfile
 from dataclasses import dataclass, field
 
 import pyarrow.fs
-import torch
 
 from nvae_core import NVAE, NVAEConfig
 from nvae_core.paths import absolute
 
-from .checkpoints import CHECKPOINT_FILE, CHECKPOINT_PREFIX, epoch_checkpoints
+from .checkpoints import CHECKPOINT_FILE, CHECKPOINT_PREFIX, epoch_checkpoints, read_state
 from .defaults import default_tracking_uri
 from .store import StoreClient, sqlite_path
 from .tracking import CHECKPOINT_TAG, CONFIG_ARTIFACT, STATUS_TAG, STORE_ERRORS
@@ -53,7 +52,7 @@ def load_trained(source, tracking_uri=None, map_location="cpu"):
     else:
         folder = absolute(source)
     folder = _checkpoint_folder(folder)
-    state = _read_state(folder, map_location)
+    state = read_state(folder, map_location)
     values = state.get("config") or recorded
     if values is None:
         raise ValueError(f"checkpoint {folder} holds no model config (it was written before checkpoints "
@@ -145,19 +144,6 @@ def _latest_checkpoint(folder, filesystem, path):
     names = sorted(e.base_name for e in entries
                    if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX))
     return f"{folder.rstrip('/')}/{names[-1]}" if names else None
-
-
-def _read_state(folder, map_location):
-    """The checkpoint's state.pt, fetched into a temporary folder first when it is not local."""
-    filesystem, path = _filesystem(folder)
-    source = f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
-    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
-        return torch.load(source, map_location=map_location, weights_only=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, CHECKPOINT_FILE)
-        pyarrow.fs.copy_files(source, local, source_filesystem=filesystem,
-                              destination_filesystem=pyarrow.fs.LocalFileSystem())
-        return torch.load(local, map_location=map_location, weights_only=False)
 
 
 __all__ = ["TrainedModel", "load_trained"]
