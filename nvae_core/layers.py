@@ -120,26 +120,78 @@ def upsample2_backward(grad):
     return F.avg_pool2d(grad, 2) * 4.0
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; its adjoint is again the sum over ranks of the incoming gradients."""
+def _synced_stats(x, running_mean, running_var, factor, eps):
+    """Training statistics of x over all ranks: per-channel mean, 1/std and the total count.
+
+    Each rank takes its (count, mean, sum of squared deviations) in one centred pass, in float32 or
+    wider whatever x's dtype, and Chan's formula combines the all-gathered triples: exact for
+    unequal batches across ranks, and no E[x^2] - E[x]^2 cancellation when the mean is large.
+    Updates the running statistics as single-process BN over the concatenated batch would.
+    """
+    c = x.shape[1]
+    var, mean = torch.var_mean(x.to(torch.promote_types(x.dtype, torch.float32)), dim=(0, 2, 3), correction=0)
+    count = x.numel() // c
+    local = torch.cat([mean.new_full((1,), count), mean, var * count])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    counts, means, m2s = torch.stack(gathered).split([1, c, c], dim=1)
+    n = counts.sum()
+    mean = (counts * means).sum(0) / n
+    var = (m2s.sum(0) + (counts * (means - mean).square()).sum(0)) / n
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)
+        running_var.lerp_((var * n / (n - 1)).to(running_var.dtype), factor)
+    return mean, torch.rsqrt(var + eps), n
+
+
+def _normalize(x, weight, bias, mean, invstd):
+    """(x - mean) * invstd * weight + bias per channel, in x's dtype."""
+    scale = invstd * weight
+    return torch.addcmul((bias - mean * scale).view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)).to(x.dtype)
+
+
+def _batch_norm_backward(grad_y, x, weight, mean, invstd, eps, count=None):
+    """Gradients of training-mode BN w.r.t. x, weight and bias, given grad_y = dL/dy.
+
+    With `count` (the global count of a synchronized BN), the two per-channel sums the gradient of
+    x needs, sum(grad_y) and sum(grad_y * x_hat), are summed over ranks first (one all-reduce);
+    the weight and bias gradients stay this rank's own, to be reduced by DDP like any other.
+    """
+    if count is None:
+        return torch.ops.aten.native_batch_norm_backward(grad_y, x, weight, None, None, mean, invstd, True, eps,
+                                                         [True, True, True])
+    _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(grad_y, x, weight, None, None, mean, invstd,
+                                                                  True, eps, [False, True, True])
+    sums = torch.stack([grad_b, grad_w]).to(mean.dtype)
+    dist.all_reduce(sums)
+    scale = invstd * weight
+    # scale * (grad_y - mean(grad_y) - x_hat * mean(grad_y * x_hat)), means over all ranks
+    grad_x = (x - mean.view(1, -1, 1, 1)).mul_((-scale * invstd * sums[1] / count).view(1, -1, 1, 1))
+    grad_x.addcmul_(grad_y, scale.view(1, -1, 1, 1)).sub_((scale * sums[0] / count).view(1, -1, 1, 1))
+    return grad_x.to(x.dtype), grad_w, grad_b
+
+
+class _SyncBatchNormFn(torch.autograd.Function):
+    """Training-mode batch norm with statistics over all ranks, saving only x and the statistics."""
 
     @staticmethod
-    def forward(ctx, x):
-        y = x.clone()
-        dist.all_reduce(y)
-        return y
+    def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps):
+        mean, invstd, count = _synced_stats(x, running_mean, running_var, factor, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.settings = (eps, count)
+        return _normalize(x, weight, bias, mean, invstd)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        x, weight, mean, invstd = ctx.saved_tensors
+        eps, count = ctx.settings
+        return *_batch_norm_backward(grad.to(x.dtype), x, weight, mean, invstd, eps, count), None, None, None, None
 
 
 class BatchNorm2d(nn.BatchNorm2d):
     """Batch norm with the paper's momentum and eps. With `synchronized` set (the platform does it
-    under data parallelism) training statistics are taken over all ranks, on any device: the sums
-    go through a differentiable all-reduce, so gradients are those of one big batch."""
+    under data parallelism) training statistics are taken over all ranks, on any device, and the
+    gradients are those of one big batch (see _synced_stats and _batch_norm_backward)."""
 
     def __init__(self, channels):
         super().__init__(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
@@ -151,19 +203,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not self.syncs():
             return super().forward(x)
-        factor = _momentum_factor(self)
-        c = x.shape[1]
-        xf = x.float()
-        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), xf.new_full((1,), x.numel() / c)])
-        total = _AllReduceSum.apply(local)
-        n = total[-1]
-        mean = total[:c] / n
-        var = (total[c:2 * c] / n - mean * mean).clamp_min(0.0)
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.detach(), factor)
-            self.running_var.lerp_(var.detach() * n / (n - 1), factor)
-        scale = torch.rsqrt(var + self.eps) * self.weight
-        return (x * scale.view(1, -1, 1, 1) + (self.bias - mean * scale).view(1, -1, 1, 1)).to(x.dtype)
+        return _SyncBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                      _momentum_factor(self), self.eps)
 
 
 def synchronize_batchnorm(model):
@@ -178,26 +219,31 @@ class _NormActConvFn(torch.autograd.Function):
     """conv(up?(act(batch_norm(x)))) in training mode, saving only x and the batch statistics.
 
     The normalized and activated tensors, the largest saved activations of the cells, are
-    recomputed in backward (two elementwise passes) instead of being held in memory.
+    recomputed in backward (two elementwise passes) instead of being held in memory. With `sync`
+    the batch statistics, and the sums of BN's backward, are taken over all ranks.
     """
 
     @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, factor, eps, act, upsample,
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, factor, eps, sync, act, upsample,
                 weight, bias, stride, padding, groups):
-        y, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True,
-                                                  factor, eps)
+        if sync:
+            mean, invstd, count = _synced_stats(x, running_mean, running_var, factor, eps)
+            y = _normalize(x, bn_weight, bn_bias, mean, invstd)
+        else:
+            y, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True,
+                                                      factor, eps)
+            count = None
         a = F.silu(y, inplace=True) if act == "swish" else _activate(act, y)
         out = F.conv2d(upsample2(a) if upsample else a, weight, bias, stride, padding, 1, groups)
         ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
-        ctx.settings = (eps, act, upsample, stride, padding, groups, bias is not None, out.dtype)
+        ctx.settings = (eps, count, act, upsample, stride, padding, groups, bias is not None, out.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, bn_weight, bn_bias, mean, invstd, weight = ctx.saved_tensors
-        eps, act, upsample, stride, padding, groups, has_bias, dtype = ctx.settings
-        scale = invstd * bn_weight
-        y = torch.addcmul((bn_bias - mean * scale).view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)).to(x.dtype)
+        eps, count, act, upsample, stride, padding, groups, has_bias, dtype = ctx.settings
+        y = _normalize(x, bn_weight, bn_bias, mean, invstd)
         a = _activate(act, y).to(dtype)
         grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad.to(dtype), upsample2(a) if upsample else a, weight.to(dtype),
@@ -208,11 +254,11 @@ class _NormActConvFn(torch.autograd.Function):
             grad_a = upsample2_backward(grad_a)
         grad_y = _activation_backward(act, grad_a.to(x.dtype), y)
         del grad_a, y
-        grad_x, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, bn_weight, None, None, mean, invstd, True, eps, [True, True, True])
+        grad_x, grad_bn_w, grad_bn_b = _batch_norm_backward(grad_y, x, bn_weight, mean, invstd, eps, count)
         grad_w = grad_w.to(weight.dtype)
         grad_b = grad_b.to(weight.dtype) if has_bias else None
-        return grad_x, grad_bn_w, grad_bn_b, None, None, None, None, None, None, grad_w, grad_b, None, None, None
+        return (grad_x, grad_bn_w, grad_bn_b, None, None, None, None, None, None, None, grad_w, grad_b, None, None,
+                None)
 
 
 class NormActConv(nn.Module):
@@ -236,9 +282,9 @@ class NormActConv(nn.Module):
 
     def forward(self, x):
         bn, conv = self.bn, self.conv
-        if bn is not None and bn.training and torch.is_grad_enabled() and not bn.syncs():
+        if bn is not None and bn.training and torch.is_grad_enabled():
             return _NormActConvFn.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                        _momentum_factor(bn), bn.eps, self.act, self.upsample,
+                                        _momentum_factor(bn), bn.eps, bn.syncs(), self.act, self.upsample,
                                         conv.normalized_weight(), conv.bias, conv.stride, conv.padding,
                                         conv.groups)
         a = _activate(self.act, x if bn is None else bn(x))
