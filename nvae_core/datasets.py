@@ -299,17 +299,18 @@ def _image_paths(folder):
                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
 
 
-def _image_folder(split, root, seed, image_size):
-    """Images under root/train and root/test when both exist, else a seeded 90/10 split of all of them."""
+def _image_folder(split, root, seed, image_size, exclude=()):
+    """Images under root/train and root/test when both exist, else a seeded 90/10 split of all of them;
+    the files in exclude (paths as strings) are left out before the split."""
     layout = ("images, flat or in class subfolders, split 90/10 under the seed; or with train/ and test/ "
               "subfolders of them, used as the splits")
-    root = Path(root)
+    root, exclude = Path(root), set(exclude)
     if (root / "train").is_dir() and (root / "test").is_dir():
-        paths = _image_paths(root / split)
+        paths = [p for p in _image_paths(root / split) if str(p) not in exclude]
         if not paths:
             raise _not_found("image-folder", root / split, f"no {', '.join(IMAGE_EXTENSIONS)} files", layout)
         return ImageFiles(paths, image_size)
-    paths = _image_paths(root) if root.is_dir() else []
+    paths = [p for p in _image_paths(root) if str(p) not in exclude] if root.is_dir() else []
     if len(paths) < 2:
         reason = f"{len(paths)} image file(s), at least 2 needed" if root.is_dir() else "no such folder"
         raise _not_found("image-folder", root, reason, layout)
@@ -328,13 +329,14 @@ def check_available(name, data_dir="data", seed=0, image_size=None):
             load_dataset(name, split, data_dir, seed=seed, image_size=image_size)
 
 
-def load_dataset(name, split, data_dir="data", download=False, seed=0, image_size=None):
+def load_dataset(name, split, data_dir="data", download=False, seed=0, image_size=None, exclude=()):
     """Dataset `name` ("train", "test", or CelebA's "validation" split) whose items are float32
     tensors C x H x W in [0, 1].
 
     Binarized sets (mnist, digits) hold intensities: the model binarizes them dynamically. seed fixes
     the split of the sets split here (digits, photo-patches, a flat image-folder). image_size is
-    required for image-folder and must match the fixed size of any other set.
+    required for image-folder and must match the fixed size of any other set. exclude: image-folder
+    files to leave out (data_check.check_data's unreadable ones).
     """
     size = dataset_spec(name).size
     _check_split(split, name)
@@ -351,6 +353,6 @@ def load_dataset(name, split, data_dir="data", download=False, seed=0, image_siz
     if name == "photo-patches":
         return TensorImages(photo_patches(split, seed))
     if name == "image-folder":
-        return _image_folder(split, root, seed, image_size)
+        return _image_folder(split, root, seed, image_size, exclude)
     open_set = {"mnist": _mnist, "cifar10": _cifar10, "celeba64": _celeba64}[name]
     return open_set(split, root, download)

@@ -16,6 +16,7 @@ class RunOptions:
     threads_per_worker: int = 1
     data_dir: str = "data"
     download: bool = False
+    skip_files: tuple = ()  # image-folder files left out as unreadable (--skip-unreadable; data_check)
     storage_path: str = "runs"
     name: str = "nvae"
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
@@ -51,12 +52,15 @@ class RunOptions:
 
     def params(self):
         """The options as MLflow params (run.<field>), without the run's name, storage and test hooks."""
-        return {f"run.{k}": v for k, v in asdict(self).items() if k not in ("name", "storage_path") and "debug" not in k}
+        skip = ("name", "storage_path", "skip_files")  # skip_files: its count here, the names in an artifact
+        return {**{f"run.{k}": v for k, v in asdict(self).items() if k not in skip and "debug" not in k},
+                "run.skipped_files": len(self.skip_files)}
 
     def to_dict(self):
         """Plain values, as a Ray Train loop config carries them."""
-        return {**asdict(self), "sample_temperatures": list(self.sample_temperatures)}
+        return {**asdict(self), "sample_temperatures": list(self.sample_temperatures), "skip_files": list(self.skip_files)}
 
     @classmethod
     def from_dict(cls, values):
-        return cls(**{**values, "sample_temperatures": tuple(values["sample_temperatures"])})
+        return cls(**{**values, "sample_temperatures": tuple(values["sample_temperatures"]),
+                      "skip_files": tuple(values.get("skip_files", ()))})

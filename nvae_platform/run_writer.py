@@ -19,6 +19,7 @@ STATUS_TAG = "nvae.status"
 NODES_TAG = "nvae.nodes"
 CHECKPOINT_TAG = "nvae.checkpoint"  # the final checkpoint folder: what loads the trained model
 CONFIG_ARTIFACT = "config.json"
+UNREADABLE_ARTIFACT = "unreadable_files.txt"
 DATA_DIGEST_TAG = "nvae.data_digest"
 NOT_METRICS = set(TUNE_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "epoch", "should_checkpoint"}
 
@@ -57,9 +58,10 @@ class RunWriter:
             self.client.log_batch(self.run_id, **{kind: [x for k, x in chunk if k == kind]
                                                   for kind in ("metrics", "params", "tags")})
 
-    def log_config(self, cfg, option_params, params=True):
+    def log_config(self, cfg, option_params, params=True, skipped=()):
         """Params (the config and run options) and config.json; params=False writes config.json only
-        (a run continued with a changed config keeps its first params, which MLflow cannot change)."""
+        (a run continued with a changed config keeps its first params, which MLflow cannot change).
+        skipped: the unreadable data files left out (--skip-unreadable), written to unreadable_files.txt."""
         if params:
             self.log_batch(params={**cfg.to_dict(), **option_params})
         with tempfile.TemporaryDirectory() as folder:
@@ -67,6 +69,11 @@ class RunWriter:
             with open(path, "w") as f:
                 json.dump({"nvae": cfg.to_dict(), "options": option_params}, f, indent=2)
             self.client.log_artifact(self.run_id, path)
+            if skipped:
+                path = os.path.join(folder, UNREADABLE_ARTIFACT)
+                with open(path, "w") as f:
+                    f.write("".join(f"{name}\n" for name in skipped))
+                self.client.log_artifact(self.run_id, path)
         self.complete = True
 
     def log_epoch(self, result):

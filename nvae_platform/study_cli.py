@@ -63,6 +63,8 @@ def build_parser(study):
     add("--data-dir", default=default_data_dir(),
         help=f"where datasets live, or are downloaded to with --download (default: ${DATA_ENV}, else data)")
     add("--download", action="store_true", help="download a missing dataset")
+    add("--skip-unreadable", action="store_true",
+        help="train without the image-folder files that cannot be read (default: refuse to start, naming them)")
     add("--levels", action="append", default=[], metavar="FACTOR=L1,L2",
         help="run only these levels of a factor, e.g. --levels groups=10,20")
     add("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -85,7 +87,8 @@ def main(study, argv=None):
         scale=args.scale, seeds=args.seeds, workers_per_trial=args.workers_per_trial,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         max_concurrent=args.max_concurrent, tracking_uri=args.tracking_uri, experiment=args.experiment,
-        storage_path=args.storage_path, data_dir=args.data_dir, download=args.download, levels=levels,
+        storage_path=args.storage_path, data_dir=args.data_dir, download=args.download,
+        skip_unreadable=args.skip_unreadable, levels=levels,
         overrides=overrides, samples=args.samples, address=args.address, num_cpus=args.num_cpus)
     try:  # every check before anything is recorded or trained
         if args.dry_run:

@@ -23,7 +23,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from nvae_core import ConfigError
+from nvae_core import ConfigError, data_check
 from nvae_core.datasets import check_available
 from nvae_core.paths import absolute
 
@@ -62,6 +62,7 @@ class StudySettings:
     storage_path: str = field(default_factory=default_storage_path)  # $NVAE_STORAGE_PATH, else ./runs
     data_dir: str = field(default_factory=default_data_dir)  # $NVAE_DATA_DIR, else ./data
     download: bool = False
+    skip_unreadable: bool = False  # leave unreadable image-folder files out instead of refusing to start
     levels: dict = field(default_factory=dict)  # factor -> level names to keep
     overrides: dict = field(default_factory=dict)  # NVAEConfig fields every trial shares
     samples: int = None  # trials of a search; None: the study's
@@ -168,6 +169,10 @@ def plan_study(study, settings, check_data=True):
     if check_data and not options.download:
         first = trials[0].config
         check_available(first.dataset, options.data_dir, seed=first.seed, image_size=first.image_size)
+        skipped = data_check.check_data(first.dataset, options.data_dir, seed=first.seed,
+                                        image_size=first.image_size, evaluation_split=first.evaluation_split,
+                                        skip_unreadable=settings.skip_unreadable)
+        options = dataclasses.replace(options, skip_files=tuple(skipped))
     num_samples = 0
     if study.across is not None:
         study.factor(study.across)
@@ -264,6 +269,9 @@ def describe_plan(plan, max_concurrent=None):
              f"{o.cpus_per_worker:g} CPU, {o.gpus_per_worker:g} GPU; "
              f"max concurrent trials: {max_concurrent or 'as many as the cluster holds'}"),
              f"  checkpoints: {plan.trials_path}"]
+    if o.skip_files:
+        lines.append(f"  --skip-unreadable: {len(o.skip_files)} unreadable image file(s) left out, e.g. "
+                     f"{o.skip_files[0]} (all named in each run's unreadable_files.txt)")
     if plan.is_search:
         s = plan.study.search
         lines.append(f"  Optuna search: {plan.num_samples} trials over {len(plan.trials)} level combinations; "

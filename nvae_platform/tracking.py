@@ -204,7 +204,7 @@ class MlflowTracker(tune.Callback):
         configs = {t.key: t.config for t in self.plan.trials} if not self.plan.is_search else {}
         for key, writer in sorted(self.runs.items()):  # a search's trial is completed when it reports
             if not writer.complete and key in configs:
-                writer.log_config(configs[key], self.plan.option_params())
+                writer.log_config(configs[key], self.plan.option_params(), skipped=self.plan.options.skip_files)
         return self
 
     def _folder(self, key):
@@ -224,7 +224,7 @@ class MlflowTracker(tune.Callback):
             # A tracking server takes string tags only (a SQLite store converts them itself).
             run = self.client.create_run(self.experiment_id, run_name=key, tags={k: str(v) for k, v in tags.items()})
             writer = self.runs[key] = RunWriter(self.client, run.info.run_id, self._folder(key))
-        writer.log_config(cfg, self.plan.option_params())
+        writer.log_config(cfg, self.plan.option_params(), skipped=self.plan.options.skip_files)
         return writer
 
     def _finish(self, writer, key, result, status, error=""):

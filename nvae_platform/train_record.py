@@ -89,7 +89,8 @@ class TrainRecord:
                 client.set_tag(self.writer.run_id, "nvae.resumed_with", describe_changes(changes))
             if changes or not self.writer.complete:
                 has_params = bool(found) and bool(found[0].data.params)
-                self.writer.log_config(self.cfg, self.options.params(), params=not (changes and has_params))
+                self.writer.log_config(self.cfg, self.options.params(), params=not (changes and has_params),
+                                      skipped=self.options.skip_files)
             self.writer.backfill()
         except STORE_ERRORS as error:
             raise StoreWriteError(self.tracking_uri, error) from error

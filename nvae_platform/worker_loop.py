@@ -155,7 +155,8 @@ def set_up(cfg, options):
     device = ray.train.torch.get_device()
     torch.set_num_threads(options.threads_per_worker)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    common = dict(data_dir=options.data_dir, download=options.download, seed=cfg.seed, image_size=cfg.image_size)
+    common = dict(data_dir=options.data_dir, download=options.download, seed=cfg.seed, image_size=cfg.image_size,
+                  exclude=options.skip_files)
     train_set = load_dataset(cfg.dataset, "train", **common)
     test_set = load_dataset(cfg.dataset, cfg.evaluation_split, **common)
     lineage = None

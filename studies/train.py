@@ -19,6 +19,7 @@ from dataclasses import replace
 import ray
 
 from nvae_core import ConfigError
+from nvae_core.data_check import check_data
 from nvae_core.dataset_registry import DATASETS
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_core.paths import absolute
@@ -42,6 +43,8 @@ def build_parser():
     add("--data-dir", default=default_data_dir(),
         help="where datasets live, or are downloaded to (default: $NVAE_DATA_DIR, else data)")
     add("--download", action="store_true", help="download the dataset if it is missing")
+    add("--skip-unreadable", action="store_true",
+        help="train without the image-folder files that cannot be read (default: refuse to start, naming them)")
     add("--storage-path", default=default_storage_path(),
         help="checkpoints and trial state, local or s3:// (default: $NVAE_STORAGE_PATH, else runs)")
     add("--name", help="start of the run's name, which ends with a digest of the config (default: dataset-scale)")
@@ -78,6 +81,10 @@ def main(argv=None):
         options = replace(options, name=args.resume_from or run_name(args.name or f"{args.dataset}-{args.scale}",
                                                                      cfg, options))
         options.validate(cfg)
+        if not options.download:  # every image's header, or a batch of a pickled set, before Ray starts
+            options = replace(options, skip_files=tuple(check_data(
+                cfg.dataset, options.data_dir, seed=cfg.seed, image_size=cfg.image_size,
+                evaluation_split=cfg.evaluation_split, skip_unreadable=args.skip_unreadable)))
         joining = cluster_address(args.address, args.num_cpus) is not None
         check_storage(options.storage_path)
         tracking_uri = args.tracking_uri or default_tracking_uri()
@@ -106,6 +113,9 @@ def main(argv=None):
     if changes:
         print(f"[nvae] continuing run {options.name} with {describe_changes(changes)} (the learning-rate "
               "schedule follows the new config from the next epoch)", flush=True)
+    if options.skip_files:
+        print(f"[nvae] --skip-unreadable: {len(options.skip_files)} unreadable image file(s) left out, e.g. "
+              f"{options.skip_files[0]} (all named in the MLflow run's unreadable_files.txt)", flush=True)
     print(f"[nvae] training {args.dataset} at scale {args.scale} on {options.workers} worker(s); "
           f"run {options.name}, checkpoints in {record.run_folder}; MLflow run {record.run_id}", flush=True)
     with record.watching():
