@@ -79,12 +79,16 @@ def epoch_checkpoints(run_folder, skip=()):
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def checkpoint_uri(checkpoint):
-    """Where a Ray Checkpoint is, as a local path or a URI (its .path alone drops s3:// and gs://)."""
-    filesystem = checkpoint.filesystem
+def storage_uri(path, filesystem):
+    """A Ray path and its pyarrow filesystem as a local path or a URI (Ray's .path drops s3:// and gs://)."""
     if filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem):
-        return checkpoint.path
-    return f"{filesystem.type_name}://{checkpoint.path}"
+        return path
+    return f"{filesystem.type_name}://{path}"
+
+
+def checkpoint_uri(checkpoint):
+    """Where a Ray Checkpoint is, as a local path or a URI."""
+    return storage_uri(checkpoint.path, checkpoint.filesystem)
 
 
 def storage_file_exists(path):

@@ -11,6 +11,14 @@ def poison_loss(options, step, stats):
         stats["loss"] = stats["loss"] * float("nan")
 
 
+def data_error(options, step):
+    """debug_data_error_at_step: reading that step's batch fails on every attempt, as a bad file does."""
+    if options.debug_data_error_at_step == step:
+        from nvae_core.data_check import BadDataError
+
+        raise BadDataError(f"fault injection: an unreadable batch at step {step}")
+
+
 def kill_worker(options, step, rank, world, resumed):
     """debug_kill_at_step: the last rank SIGKILLs itself at that step, on the first attempt only
     (a lost worker: Ray Train restarts the group from the latest checkpoint)."""

@@ -32,6 +32,7 @@ class RunOptions:
     train_log_level: str = "WARNING"  # Ray Train's own console logs (its per-report INFO lines are noise here)
     # Fault injection, for tests of the recovery paths (-1 = off).
     debug_nan_at_step: int = -1  # the loss becomes NaN at this step
+    debug_data_error_at_step: int = -1  # reading this step's batch raises a data error, on every attempt
     debug_kill_at_step: int = -1  # the last rank SIGKILLs itself at this step (first attempt only)
     debug_crash_after_epoch: int = -1  # the workers raise after this epoch's checkpoint (first attempt only)
 

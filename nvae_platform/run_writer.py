@@ -20,6 +20,7 @@ NODES_TAG = "nvae.nodes"
 CHECKPOINT_TAG = "nvae.checkpoint"  # the final checkpoint folder: what loads the trained model
 CONFIG_ARTIFACT = "config.json"
 UNREADABLE_ARTIFACT = "unreadable_files.txt"
+ERROR_ARTIFACT = "error.txt"
 DATA_DIGEST_TAG = "nvae.data_digest"
 NOT_METRICS = set(TUNE_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "epoch", "should_checkpoint"}
 
@@ -118,13 +119,20 @@ class RunWriter:
             tags[CHECKPOINT_TAG] = result["checkpoint_path"]
         if result.get("status") and result["status"] not in ("finished", "running"):
             tags["nvae.status_detail"] = result["status"]
+        error = error or result.get("traceback", "")
         if error:
-            tags["nvae.error"] = error
+            tags["nvae.error"] = error[-5000:]
         final = {k: result[k] for k in ("training_hours",) if isinstance(result.get(k), float)}
         if "time_total_s" in result:  # a trial's wall time, start-up and evaluation included
             final["wall_hours"] = result["time_total_s"] / 3600
         now, step = int(time.time() * 1000), int(result.get("epoch", 0) or 0)
         self.log_batch([Metric(k, v, now, step) for k, v in final.items()], tags=tags)
+        if error:  # the traceback, whole, beside the tag's tail
+            with tempfile.TemporaryDirectory() as folder:
+                path = os.path.join(folder, ERROR_ARTIFACT)
+                with open(path, "w") as f:
+                    f.write(error)
+                self.client.log_artifact(self.run_id, path)
         if result.get("samples_path"):
             with tempfile.TemporaryDirectory() as folder:
                 try:

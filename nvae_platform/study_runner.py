@@ -35,7 +35,7 @@ from .preflight import check_local_resources, check_resources, check_storage
 from .scales import run_options
 from .study import Study, factor_levels, grid, resolve, trial_key
 from .tracking import STORE_ERRORS, MlflowTracker, check_tracking_uri, status_of
-from .training_run import RunOptions, RunResult, cluster_address, init_ray, make_trainer, summarize
+from .training_run import RunOptions, cluster_address, failed_run, init_ray, make_trainer, summarize
 
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
 # workers, and reserves the memory it does use (Ray rejects an empty request).
@@ -209,7 +209,7 @@ def run_trial(config, plan):
     try:
         run = summarize(trainer.fit())
     except ray.train.TrainingFailedError as error:
-        run = RunResult(status=f"failed: {error}", metrics={})
+        run = failed_run(error, options)
     outcome = {**run.metrics, "status": run.status, "samples_path": run.samples_path, "trial_key": key,
                "checkpoint_path": run.checkpoint_path,
                "training_hours": sum(m.get("epoch_seconds", 0.0) for m in run.history) / 3600}

@@ -9,7 +9,8 @@ from ray.train.torch import TorchTrainer
 from nvae_core import NVAEConfig
 from nvae_core.paths import absolute
 
-from .checkpoints import CHECKPOINT_FILE, SAMPLES_FILE, checkpoint_uri, storage_file_exists
+from .checkpoints import CHECKPOINT_FILE, SAMPLES_FILE, checkpoint_uri, storage_file_exists, storage_uri
+from .failures import clear_failure, read_failure
 from .ray_internals import find_cluster
 from .run_options import RunOptions
 from .worker_loop import train_loop_per_worker
@@ -25,8 +26,10 @@ class RunResult:
 
 
 def make_trainer(cfg, options, callbacks=()):
-    """The TorchTrainer for cfg under options (not started); callbacks are Ray Train UserCallbacks."""
+    """The TorchTrainer for cfg under options (not started); callbacks are Ray Train UserCallbacks. A
+    deterministic failure an earlier run recorded is forgotten: this run tries again."""
     options.validate(cfg)
+    clear_failure(f"{absolute(options.storage_path)}/{options.name}")
     use_gpu = options.gpus_per_worker > 0
     resources = {"CPU": options.cpus_per_worker}
     if use_gpu:
@@ -48,11 +51,14 @@ def summarize(result):
     history = sorted((m for _, m in (result.best_checkpoints or [])), key=lambda m: m["epoch"])
     metrics = dict(result.metrics or {})
     outcome = getattr(result, "return_value", None) or {}  # rank 0's return: how the loop ended
-    if str(outcome.get("status", "")).startswith("diverged"):
-        metrics.update(outcome)  # the divergence report carries no checkpoint, so Ray keeps no metrics of it
+    if str(outcome.get("status", "")).startswith(("diverged", "failed")):
+        metrics.update(outcome)  # a report without a checkpoint, so Ray keeps no metrics of it
     status = metrics.get("status", "failed")
-    if result.error is not None:
+    if result.error is not None:  # a deterministic failure the workers recorded says more than Ray's error
+        failure = read_failure(storage_uri(result.path, result.filesystem)) if result.path else None
         status = f"failed: {type(result.error).__name__}: {result.error}"
+        if failure is not None:
+            status, metrics["traceback"] = failure["status"], failure["traceback"]
     checkpoint = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else ""
     samples = f"{checkpoint}/{SAMPLES_FILE}" if checkpoint else ""
     return RunResult(status=status, metrics=metrics, history=history, checkpoint_path=checkpoint,
@@ -106,9 +112,18 @@ def run_training(cfg: NVAEConfig, options: RunOptions) -> RunResult:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
-        return RunResult(status=f"failed: {error}", metrics={})
+        return failed_run(error, options)
     return summarize(result)
 
 
-__all__ = ["CHECKPOINT_FILE", "RunOptions", "RunResult", "cluster_address", "init_ray", "make_trainer", "run_training",
+def failed_run(error, options):
+    """The RunResult of a Train run whose retries ran out: the deterministic failure its workers
+    recorded (reason and traceback), else Ray's error."""
+    failure = read_failure(f"{absolute(options.storage_path)}/{options.name}")
+    if failure is not None:
+        return RunResult(status=failure["status"], metrics={"traceback": failure["traceback"]})
+    return RunResult(status=f"failed: {error}", metrics={})
+
+
+__all__ = ["CHECKPOINT_FILE", "RunOptions", "RunResult", "cluster_address", "failed_run", "init_ray", "make_trainer", "run_training",
            "summarize"]

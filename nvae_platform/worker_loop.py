@@ -31,6 +31,7 @@ from nvae_core.lineage import dataset_lineage
 
 from . import fault_injection
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, SAMPLES_FILE
+from .failures import is_deterministic, read_failure, write_failure
 from .measures import final_figures as _final_evaluation
 from .measures import nelbo_bpd as _evaluate_nelbo
 from .run_options import RunOptions
@@ -235,6 +236,7 @@ def train_epoch(w, epoch):
         if steps % GPU_SAMPLE_STEPS == 0 and w.device.type == "cuda":
             gpu.append(_gpu_utilization(w.device))
         fault_injection.poison_loss(w.options, step.step, stats)
+        fault_injection.data_error(w.options, step.step)
         fault_injection.kill_worker(w.options, step.step, w.rank, w.world, w.resumed)
         if not _finite_everywhere(w, stats):
             return {"epoch": epoch, "step": step.step, "status": f"diverged at step {step.step}", "diverged": 1.0}
@@ -301,8 +303,25 @@ def report_and_checkpoint(w, epoch, metrics, last):
 
 
 def train_loop_per_worker(config):
-    """Ray Train entry point. config: {"nvae": NVAEConfig dict, "options": RunOptions dict}."""
+    """Ray Train entry point. config: {"nvae": NVAEConfig dict, "options": RunOptions dict}. A bad
+    dataset or config ends the run as "failed: <reason>" after one attempt (see failures.py)."""
     cfg, options = NVAEConfig.from_dict(config["nvae"]), RunOptions.from_dict(config["options"])
+    run_folder = f"{options.storage_path}/{options.name}"
+    failure = read_failure(run_folder)
+    if failure is not None:  # an earlier attempt met a deterministic error: a retry would meet it again
+        if _world()[0] == 0:
+            print(f"[nvae] {failure['status']}; not retried (the same error would come back)", flush=True)
+        ray.train.report({"status": failure["status"]})
+        return failure
+    try:
+        return _train(cfg, options)
+    except Exception as error:
+        if is_deterministic(error):
+            write_failure(run_folder, error)
+        raise
+
+
+def _train(cfg, options):
     w = set_up(cfg, options)
     restore(w)
     for epoch in range(w.start_epoch, cfg.epochs):

@@ -1,0 +1,49 @@
+"""Deterministic failures (bad data, bad config) end a run after one attempt with their reason and
+traceback; a lost worker is still retried, and a rerun after a fix trains."""
+import os
+
+from nvae_core.data_check import BadDataError
+from nvae_platform.failures import FAILURE_FILE, clear_failure, is_deterministic, read_failure, write_failure
+from nvae_platform.scales import run_config, run_options
+from nvae_platform.training_run import run_training
+
+
+def test_bad_data_and_config_are_deterministic_and_lost_peers_or_disks_are_not():
+    assert is_deterministic(BadDataError("x")) and is_deterministic(OSError("image file is truncated (3 bytes)"))
+    assert not is_deterministic(RuntimeError("Connection closed by peer"))
+    assert not is_deterministic(OSError(28, "No space left on device"))
+
+
+def test_a_failure_is_written_read_and_cleared(tmp_path):
+    try:
+        raise BadDataError("unreadable.png")
+    except BadDataError as error:
+        write_failure(tmp_path / "run", error)
+    record = read_failure(tmp_path / "run")
+    assert record["status"] == "failed: BadDataError: unreadable.png" and "raise BadDataError" in record["traceback"]
+    clear_failure(tmp_path / "run")
+    assert read_failure(tmp_path / "run") is None and not (tmp_path / "run" / FAILURE_FILE).exists()
+
+
+def test_a_data_error_mid_epoch_ends_the_run_once_with_its_reason_and_a_rerun_trains(local_ray, tmp_path):
+    cfg = run_config("digits", "smoke", epochs=2)
+    options = run_options("digits", "smoke", workers=2, storage_path=str(tmp_path), name="bad-data",
+                          max_failures=2, debug_data_error_at_step=30)
+    failed = run_training(cfg, options)
+    # Ray Train's own "failed: TrainingFailedError" would mean every retry ran into the error again
+    assert failed.status == "failed: BadDataError: fault injection: an unreadable batch at step 30"
+    assert "BadDataError" in failed.metrics["traceback"]
+    assert [m["epoch"] for m in failed.history] == [0]  # epoch 0 ended before step 30; its checkpoint stays
+    assert os.path.exists(tmp_path / "bad-data" / FAILURE_FILE)
+
+    fixed = run_training(cfg, run_options("digits", "smoke", workers=2, storage_path=str(tmp_path), name="bad-data"))
+    assert fixed.status == "finished" and [m["epoch"] for m in fixed.history] == [0, 1]
+    assert not os.path.exists(tmp_path / "bad-data" / FAILURE_FILE)
+
+
+def test_with_no_retries_left_the_recorded_reason_still_names_the_failure(local_ray, tmp_path):
+    options = run_options("digits", "smoke", workers=1, storage_path=str(tmp_path), name="no-retries",
+                          max_failures=0, debug_data_error_at_step=3)
+    failed = run_training(run_config("digits", "smoke", epochs=1), options)
+    assert failed.status == "failed: BadDataError: fault injection: an unreadable batch at step 3"
+    assert "BadDataError" in failed.metrics["traceback"]
