@@ -1,8 +1,9 @@
-"""The only two things the platform takes from Ray's non-public modules, for want of a public way.
+"""The only three things the platform takes from Ray's non-public modules, for want of a public way.
 
 tests/test_ray_internals.py fails loudly, naming the symbol, when an upgrade of Ray moves either.
 """
 from ray._private.services import canonicalize_bootstrap_address
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 from ray.tune.result import AUTO_RESULT_KEYS
 
 
@@ -16,3 +17,7 @@ def find_cluster(address):
 
 # The keys Tune adds to every reported result (training_iteration, time_total_s, pid, ...): not metrics.
 TUNE_RESULT_KEYS = frozenset(AUTO_RESULT_KEYS)
+
+# Ray Train's record of a run's checkpoints, in the run folder. A resume that sets a damaged
+# checkpoint aside deletes it: Ray refuses to start while it names a checkpoint that is gone.
+TRAIN_SNAPSHOT_FILE = CHECKPOINT_MANAGER_SNAPSHOT_FILENAME

@@ -17,6 +17,8 @@ class RunOptions:
     data_dir: str = "data"
     download: bool = False
     skip_files: tuple = ()  # image-folder files left out as unreadable (--skip-unreadable; data_check)
+    resume_checkpoint: str = ""  # set by the driver (resume.py): where this invocation resumes, "" for none
+    set_aside_checkpoints: tuple = ()  # set by the driver: damaged checkpoint folders it renamed
     storage_path: str = "runs"
     name: str = "nvae"
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
@@ -53,15 +55,18 @@ class RunOptions:
 
     def params(self):
         """The options as MLflow params (run.<field>), without the run's name, storage and test hooks."""
-        skip = ("name", "storage_path", "skip_files")  # skip_files: its count here, the names in an artifact
+        # skip_files: its count here, the names in an artifact; resume state: not part of what is trained
+        skip = ("name", "storage_path", "skip_files", "resume_checkpoint", "set_aside_checkpoints")
         return {**{f"run.{k}": v for k, v in asdict(self).items() if k not in skip and "debug" not in k},
                 "run.skipped_files": len(self.skip_files)}
 
     def to_dict(self):
         """Plain values, as a Ray Train loop config carries them."""
-        return {**asdict(self), "sample_temperatures": list(self.sample_temperatures), "skip_files": list(self.skip_files)}
+        return {**asdict(self), "sample_temperatures": list(self.sample_temperatures), "skip_files": list(self.skip_files),
+                "set_aside_checkpoints": list(self.set_aside_checkpoints)}
 
     @classmethod
     def from_dict(cls, values):
         return cls(**{**values, "sample_temperatures": tuple(values["sample_temperatures"]),
-                      "skip_files": tuple(values.get("skip_files", ()))})
+                      "skip_files": tuple(values.get("skip_files", ())),
+                      "set_aside_checkpoints": tuple(values.get("set_aside_checkpoints", ()))})

@@ -89,6 +89,8 @@ class RunWriter:
         if result.get("nodes"):
             self.nodes.update(result["nodes"].split(","))
             tags[NODES_TAG] = ",".join(sorted(self.nodes))
+        if result.get("set_aside_checkpoints"):  # damaged checkpoints this resume renamed (resume.py)
+            tags["nvae.set_aside_checkpoints"] = result["set_aside_checkpoints"]
         if result.get("data_digest") and not self.data_logged:
             self.log_dataset(result)
             tags[DATA_DIGEST_TAG] = result["data_digest"]

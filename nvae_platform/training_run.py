@@ -1,4 +1,5 @@
 """One NVAE configuration trained by Ray Train's TorchTrainer on N workers, with recovery."""
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -9,9 +10,17 @@ from ray.train.torch import TorchTrainer
 from nvae_core import NVAEConfig
 from nvae_core.paths import absolute
 
-from .checkpoints import CHECKPOINT_FILE, SAMPLES_FILE, checkpoint_uri, storage_file_exists, storage_uri
+from .checkpoints import (
+    CHECKPOINT_FILE,
+    SAMPLES_FILE,
+    checkpoint_uri,
+    epoch_checkpoints,
+    storage_file_exists,
+    storage_uri,
+)
 from .failures import clear_failure, read_failure
 from .ray_internals import find_cluster
+from .resume import choose_resume
 from .run_options import RunOptions
 from .worker_loop import train_loop_per_worker
 
@@ -27,9 +36,13 @@ class RunResult:
 
 def make_trainer(cfg, options, callbacks=()):
     """The TorchTrainer for cfg under options (not started); callbacks are Ray Train UserCallbacks. A
-    deterministic failure an earlier run recorded is forgotten: this run tries again."""
+    deterministic failure an earlier run recorded is forgotten (this run tries again), and the run
+    resumes from its newest checkpoint that loads (resume.py)."""
     options.validate(cfg)
-    clear_failure(f"{absolute(options.storage_path)}/{options.name}")
+    run_folder = f"{absolute(options.storage_path)}/{options.name}"
+    clear_failure(run_folder)
+    resume, set_aside = choose_resume(run_folder)
+    options = dataclasses.replace(options, resume_checkpoint=resume, set_aside_checkpoints=tuple(set_aside))
     use_gpu = options.gpus_per_worker > 0
     resources = {"CPU": options.cpus_per_worker}
     if use_gpu:
@@ -48,14 +61,16 @@ def make_trainer(cfg, options, callbacks=()):
 
 def summarize(result):
     """RunResult from a Ray Train Result: the status, the last metrics and the epoch history."""
-    history = sorted((m for _, m in (result.best_checkpoints or [])), key=lambda m: m["epoch"])
+    run_folder = storage_uri(result.path, result.filesystem) if result.path else ""
+    # every epoch on storage, earlier invocations' included (Ray's own list holds this fit's only)
+    history = [c.metrics for c in epoch_checkpoints(run_folder)] if run_folder else []
     metrics = dict(result.metrics or {})
     outcome = getattr(result, "return_value", None) or {}  # rank 0's return: how the loop ended
     if str(outcome.get("status", "")).startswith(("diverged", "failed")):
         metrics.update(outcome)  # a report without a checkpoint, so Ray keeps no metrics of it
     status = metrics.get("status", "failed")
     if result.error is not None:  # a deterministic failure the workers recorded says more than Ray's error
-        failure = read_failure(storage_uri(result.path, result.filesystem)) if result.path else None
+        failure = read_failure(run_folder) if run_folder else None
         status = f"failed: {type(result.error).__name__}: {result.error}"
         if failure is not None:
             status, metrics["traceback"] = failure["status"], failure["traceback"]

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
@@ -95,6 +96,11 @@ def _checkpoint_state(model, step, epoch, cfg):
         rng = [state]
     return {"model": model.state_dict(), "train_step": step.state_dict(), "epoch": epoch, "rng": rng,
             "config": cfg.to_dict()}
+
+
+def _checkpoint_at(path):
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+    return ray.train.Checkpoint(inner, filesystem=filesystem)
 
 
 def _restore(model, step, checkpoint):
@@ -180,9 +186,12 @@ def set_up(cfg, options):
 
 
 def restore(w):
-    """Resume from Ray's latest checkpoint, or initialize weight norm from data; then wrap the model
-    for data parallelism and learn which nodes this attempt runs on."""
-    checkpoint = ray.train.get_checkpoint()
+    """Resume from Ray's latest checkpoint of this fit, else from the one the driver chose, else
+    initialize weight norm from data; then wrap the model for data parallelism and learn which nodes
+    this attempt runs on."""
+    checkpoint = ray.train.get_checkpoint()  # this fit's latest, after a restart of the worker group
+    if checkpoint is None and w.options.resume_checkpoint:  # an earlier invocation's, chosen by the driver
+        checkpoint = _checkpoint_at(w.options.resume_checkpoint)
     if checkpoint is not None:
         w.start_epoch = _restore(w.model, w.step, checkpoint)
     elif w.step.needs_data_init:  # every rank inits from its own batch; DDP then broadcasts rank 0's
@@ -268,7 +277,8 @@ def validate(w):
     return dict(val_bpd=_evaluate_nelbo(w.model, w.test_loader, w.cfg, w.device, seed=w.cfg.seed + 7),
                 num_params=num_params, device=device_name, peak_memory_gb=_peak_memory_gb(w.device),
                 replica_param_spread=param_spread, replica_bn_spread=bn_spread,
-                worker_nodes=len(w.nodes.split(",")), nodes=w.nodes, start_epoch=w.start_epoch, **_data_fields(w))
+                worker_nodes=len(w.nodes.split(",")), nodes=w.nodes, start_epoch=w.start_epoch,
+                set_aside_checkpoints=",".join(w.options.set_aside_checkpoints), **_data_fields(w))
 
 
 def _data_fields(w):

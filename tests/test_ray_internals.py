@@ -6,7 +6,8 @@ import pytest
 
 
 @pytest.mark.parametrize("module, name", [("ray._private.services", "canonicalize_bootstrap_address"),
-                                          ("ray.tune.result", "AUTO_RESULT_KEYS")])
+                                          ("ray.tune.result", "AUTO_RESULT_KEYS"),
+                                          ("ray.train.v2._internal.constants", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME")])
 def test_the_private_ray_symbol_still_exists(module, name):
     assert hasattr(importlib.import_module(module), name), (
         f"Ray {importlib.import_module('ray').__version__} no longer has {module}.{name}: "
