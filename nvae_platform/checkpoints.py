@@ -30,14 +30,19 @@ def _join(root, name):
     return f"{root.rstrip('/')}/{name}"
 
 
-def _from_uri(path):
+def open_storage(path):
     """(pyarrow filesystem, path in it) of a local path or a URI."""
     return pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
 
 
+def is_file(filesystem, path):
+    """Whether path is a file on filesystem."""
+    return filesystem.get_file_info(path).type == pyarrow.fs.FileType.File
+
+
 def fetch_file(path, folder):
     """Copy a file (a local path or a URI such as s3://...) into folder; return its local path."""
-    filesystem, inner = _from_uri(path)
+    filesystem, inner = open_storage(path)
     local = os.path.join(folder, os.path.basename(inner))
     pyarrow.fs.copy_files(inner, local, source_filesystem=filesystem,
                           destination_filesystem=pyarrow.fs.LocalFileSystem())
@@ -46,7 +51,7 @@ def fetch_file(path, folder):
 
 def read_state(checkpoint_path, map_location="cpu"):
     """A checkpoint's state.pt, fetched into a temporary folder first when it is not local."""
-    filesystem, path = _from_uri(f"{checkpoint_path.rstrip('/')}/{CHECKPOINT_FILE}")
+    filesystem, path = open_storage(f"{checkpoint_path.rstrip('/')}/{CHECKPOINT_FILE}")
     if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
         return torch.load(path, map_location=map_location, weights_only=False)
     with tempfile.TemporaryDirectory() as folder:
@@ -93,5 +98,5 @@ def checkpoint_uri(checkpoint):
 
 def storage_file_exists(path):
     """Whether a file exists at a local path or URI."""
-    filesystem, base = _from_uri(path)
+    filesystem, base = open_storage(path)
     return filesystem.get_file_info(base).type == pyarrow.fs.FileType.File

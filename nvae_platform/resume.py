@@ -7,26 +7,20 @@ resumes from the newest good one. Ray Train's own record of the run's checkpoint
 since it may name the damaged or missing one (Ray refuses to start on such a record), and the
 workers restore from the chosen checkpoint instead.
 """
-import os
-
 import pyarrow.fs
 import torch
 
-from .checkpoints import CHECKPOINT_FILE, epoch_checkpoints
+from .checkpoints import CHECKPOINT_FILE, epoch_checkpoints, is_file, open_storage
 from .ray_internals import TRAIN_SNAPSHOT_FILE
 
 DAMAGED_PREFIX = "damaged_"
 
 
-def _filesystem(path):
-    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
-
-
 def damage(checkpoint_path):
     """Why a checkpoint's state cannot be loaded, or None when it loads (a truncated file has no
     zip directory at its end, so mapping it fails without reading it all)."""
-    filesystem, path = _filesystem(f"{checkpoint_path}/{CHECKPOINT_FILE}")
-    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+    filesystem, path = open_storage(f"{checkpoint_path}/{CHECKPOINT_FILE}")
+    if not is_file(filesystem, path):
         return f"no {CHECKPOINT_FILE}"
     if not isinstance(filesystem, pyarrow.fs.LocalFileSystem):
         return None  # an object store writes whole files or none
@@ -46,15 +40,15 @@ def choose_resume(run_folder, say=print):
         reason = damage(checkpoint.path)
         if reason is None:
             break
-        filesystem, path = _filesystem(checkpoint.path)
+        filesystem, path = open_storage(checkpoint.path)
         head, name = path.rstrip("/").rsplit("/", 1)
         filesystem.move(path, f"{head}/{DAMAGED_PREFIX}{name}")
         set_aside.append(f"{DAMAGED_PREFIX}{name}")
         say(f"[nvae] checkpoint {name} (epoch {checkpoint.epoch + 1}) is damaged ({reason}); set aside as "
             f"{DAMAGED_PREFIX}{name}")
     good = [c for c in checkpoints if f"{DAMAGED_PREFIX}{c.path.rstrip('/').rsplit('/', 1)[1]}" not in set_aside]
-    filesystem, snapshot = _filesystem(f"{run_folder}/{TRAIN_SNAPSHOT_FILE}")
-    if filesystem.get_file_info(snapshot).type == pyarrow.fs.FileType.File:
+    filesystem, snapshot = open_storage(f"{run_folder}/{TRAIN_SNAPSHOT_FILE}")
+    if is_file(filesystem, snapshot):
         filesystem.delete_file(snapshot)  # the checkpoints on storage, checked here, are the record
     if good and set_aside:
         say(f"[nvae] resuming from epoch {good[-1].epoch + 1}, the newest checkpoint that loads")

@@ -19,7 +19,7 @@ import pyarrow.fs
 from nvae_core import NVAE, NVAEConfig
 from nvae_core.paths import absolute
 
-from .checkpoints import CHECKPOINT_FILE, CHECKPOINT_PREFIX, epoch_checkpoints, read_state
+from .checkpoints import CHECKPOINT_FILE, CHECKPOINT_PREFIX, epoch_checkpoints, is_file, read_state
 from .defaults import default_tracking_uri
 from .store import StoreClient, sqlite_path
 from .tracking import CHECKPOINT_TAG, CONFIG_ARTIFACT, STATUS_TAG, STORE_ERRORS
@@ -109,10 +109,6 @@ def _filesystem(folder):
         raise ValueError(f"{folder} cannot be opened ({error}); {SOURCES}") from None
 
 
-def _is_file(filesystem, path):
-    return filesystem.get_file_info(path).type == pyarrow.fs.FileType.File
-
-
 def _checkpoint_folder(folder):
     """folder when it holds state.pt, else the latest checkpoint folder in it (a run folder)."""
     filesystem, path = _filesystem(folder)
@@ -123,12 +119,12 @@ def _checkpoint_folder(folder):
         return folder[: -len(CHECKPOINT_FILE)].rstrip("/")  # state.pt itself: its folder
     if kind != pyarrow.fs.FileType.Directory:
         raise ValueError(f"{folder} is a file; {SOURCES}")
-    if _is_file(filesystem, f"{path.rstrip('/')}/{CHECKPOINT_FILE}"):
+    if is_file(filesystem, f"{path.rstrip('/')}/{CHECKPOINT_FILE}"):
         return folder
     latest = _latest_checkpoint(folder, filesystem, path)
     if latest is None:
         raise ValueError(f"{folder} holds neither {CHECKPOINT_FILE} nor {CHECKPOINT_PREFIX}* folders; {SOURCES}")
-    if not _is_file(filesystem, f"{_filesystem(latest)[1]}/{CHECKPOINT_FILE}"):
+    if not is_file(filesystem, f"{_filesystem(latest)[1]}/{CHECKPOINT_FILE}"):
         raise ValueError(f"the latest checkpoint {latest} has no {CHECKPOINT_FILE} (an upload cut short?); "
                          "pass an earlier checkpoint folder of the run")
     return latest
