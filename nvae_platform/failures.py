@@ -7,19 +7,22 @@ traceback) before raising; every later attempt Ray Train makes reads it and ends
 status "failed: <reason>". The driver clears it before the next run, so a rerun after a fix trains.
 """
 import json
-import os
+import re
 import traceback
 
-import pyarrow.fs
 from PIL import UnidentifiedImageError
 
 from nvae_core import ConfigError
 from nvae_core.data_check import BadDataError
 from nvae_core.datasets import DatasetNotFoundError
 
+from .checkpoints import is_file, open_storage
+
 FAILURE_FILE = "failure.json"
 DETERMINISTIC = (ConfigError, DatasetNotFoundError, BadDataError, UnidentifiedImageError)
 UNREADABLE_IMAGE = ("image file is truncated", "cannot identify image file")  # PIL's OSError texts
+NO_SPACE = "No space left on device"
+_ERROR_LINE = re.compile(r"^\s*[\w.]+(Error|Exception)\b.*")
 
 
 def is_deterministic(error):
@@ -29,9 +32,20 @@ def is_deterministic(error):
     return isinstance(error, OSError) and any(text in str(error) for text in UNREADABLE_IMAGE)
 
 
+def reason(error):
+    """One line for an error Ray Train reports with its workers' tracebacks inside: the last
+    exception line, and for a full disk what to do."""
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    lines = [line.strip() for line in text.splitlines() if _ERROR_LINE.match(line)]
+    last = lines[-1] if lines else text.strip().splitlines()[0]
+    if NO_SPACE in text:
+        return (f"the run's storage is full ({last}); free space and run the same command: it resumes "
+                "from the newest whole checkpoint")
+    return last
+
+
 def _location(run_folder):
-    folder = str(run_folder) if "://" in str(run_folder) else os.path.abspath(run_folder)
-    return pyarrow.fs.FileSystem.from_uri(f"{folder.rstrip('/')}/{FAILURE_FILE}")
+    return open_storage(f"{str(run_folder).rstrip('/')}/{FAILURE_FILE}")
 
 
 def write_failure(run_folder, error):
@@ -57,5 +71,5 @@ def read_failure(run_folder):
 def clear_failure(run_folder):
     """Forget a recorded failure: the next attempt trains (the data or config may have been fixed)."""
     filesystem, path = _location(run_folder)
-    if filesystem.get_file_info(path).type == pyarrow.fs.FileType.File:
+    if is_file(filesystem, path):
         filesystem.delete_file(path)

@@ -18,7 +18,7 @@ from .checkpoints import (
     storage_file_exists,
     storage_uri,
 )
-from .failures import clear_failure, read_failure
+from .failures import clear_failure, read_failure, reason
 from .ray_internals import find_cluster
 from .resume import choose_resume
 from .run_options import RunOptions
@@ -71,7 +71,7 @@ def summarize(result):
     status = metrics.get("status", "failed")
     if result.error is not None:  # a deterministic failure the workers recorded says more than Ray's error
         failure = read_failure(run_folder) if run_folder else None
-        status = f"failed: {type(result.error).__name__}: {result.error}"
+        status, metrics["traceback"] = f"failed: {reason(result.error)}", str(result.error)
         if failure is not None:
             status, metrics["traceback"] = failure["status"], failure["traceback"]
     checkpoint = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else ""
@@ -137,7 +137,7 @@ def failed_run(error, options):
     failure = read_failure(f"{absolute(options.storage_path)}/{options.name}")
     if failure is not None:
         return RunResult(status=failure["status"], metrics={"traceback": failure["traceback"]})
-    return RunResult(status=f"failed: {error}", metrics={})
+    return RunResult(status=f"failed: {reason(error)}", metrics={"traceback": str(error)})
 
 
 __all__ = ["CHECKPOINT_FILE", "RunOptions", "RunResult", "cluster_address", "failed_run", "init_ray", "make_trainer", "run_training",

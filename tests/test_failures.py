@@ -3,7 +3,7 @@ traceback; a lost worker is still retried, and a rerun after a fix trains."""
 import os
 
 from nvae_core.data_check import BadDataError
-from nvae_platform.failures import FAILURE_FILE, clear_failure, is_deterministic, read_failure, write_failure
+from nvae_platform.failures import FAILURE_FILE, clear_failure, is_deterministic, read_failure, reason, write_failure
 from nvae_platform.scales import run_config, run_options
 from nvae_platform.training_run import run_training
 
@@ -12,6 +12,16 @@ def test_bad_data_and_config_are_deterministic_and_lost_peers_or_disks_are_not()
     assert is_deterministic(BadDataError("x")) and is_deterministic(OSError("image file is truncated (3 bytes)"))
     assert not is_deterministic(RuntimeError("Connection closed by peer"))
     assert not is_deterministic(OSError(28, "No space left on device"))
+
+
+def test_a_failure_is_one_line_its_last_exception_and_a_full_disk_says_what_to_do():
+    ray_text = ("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call "
+                "last):\n  File \"x.py\", line 3, in f\n    g()\nValueError: first\n\nDuring handling...\n"
+                "  File \"y.py\", line 9\nRuntimeError: the real one")
+    assert reason(ray_text) == "RuntimeError: the real one"
+    assert reason(KeyError("data")) == "KeyError: 'data'"
+    full = reason(ray_text + "\nOSError: [Errno 28] Error writing bytes. Detail: No space left on device")
+    assert full.startswith("the run's storage is full (OSError: [Errno 28]") and "run the same command" in full
 
 
 def test_a_failure_is_written_read_and_cleared(tmp_path):
