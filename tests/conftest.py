@@ -1,5 +1,8 @@
 """Shared fixtures: tiny configurations that build and run in milliseconds on a CPU, a finished smoke
 study, and the services a cluster's head runs (PostgreSQL, the MLflow tracking server)."""
+import os
+import random
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +21,13 @@ def tiny_config(**overrides):
                 epochs=1, batch_size=4)
     base.update(overrides)
     return NVAEConfig(**base)
+
+
+def fault_rng():
+    """(seed, random source) for the moment a fault test strikes; NVAE_FAULT_SEED=<seed> replays a
+    draw that a failing test reports."""
+    seed = int(os.environ.get("NVAE_FAULT_SEED", time.time_ns() % 2**32))
+    return seed, random.Random(seed)
 
 
 def tiny_batch(cfg, batch=4, seed=0):

@@ -10,6 +10,7 @@ import sys
 import pytest
 import ray
 import torch
+from conftest import fault_rng
 from ray.cluster_utils import Cluster
 
 from nvae_platform.scales import run_config, run_options
@@ -54,12 +55,19 @@ def test_crash_and_resume_gives_bitwise_the_same_parameters(straight, tmp_path):
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
 
 
-def test_worker_killed_mid_epoch_is_replaced_and_each_epoch_counted_once(local_ray, tmp_path):
-    """SIGKILL of one worker in epoch 2: the group restarts from epoch 1's checkpoint and finishes."""
+def test_worker_killed_at_a_random_step_is_replaced_and_each_epoch_counted_once(straight, tmp_path):
+    """SIGKILL of one worker at a random step after epoch 0: the group restarts from the last
+    checkpoint and finishes. NVAE_FAULT_SEED=<seed> replays a failing draw."""
+    per_epoch = straight.history[0]["step"]
+    seed, rng = fault_rng()
+    step = rng.randrange(per_epoch + 1, EPOCHS * per_epoch)
     result = run_training(run_config("digits", "smoke", epochs=EPOCHS),
-                          _options(tmp_path, "killed", debug_kill_at_step=30, max_failures=1))
-    assert result.status == "finished"
-    assert [m["epoch"] for m in result.history] == list(range(EPOCHS))
+                          _options(tmp_path, "killed", debug_kill_at_step=step, max_failures=1))
+    replay = f"killed at step {step} (NVAE_FAULT_SEED={seed})"
+    assert result.status == "finished", replay
+    assert [m["epoch"] for m in result.history] == list(range(EPOCHS)), replay
+    killed_in = max(m["epoch"] for m in result.history if m["step"] < step) + 1  # the epoch in flight
+    assert result.history[killed_in]["start_epoch"] == killed_in, replay  # resumed from the one before
 
 
 def test_nan_loss_stops_as_diverged_at_that_step_keeping_the_last_good_checkpoint(local_ray, tmp_path):
