@@ -108,3 +108,21 @@ def test_a_store_that_stops_taking_writes_stops_the_study_in_one_line_and_the_re
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "samples.png"}
         assert run.data.params["normalization"] == "batch_norm"
     _assert_every_epoch_once(client, children)
+
+
+def test_two_studies_started_at_once_in_one_folder_both_record_every_epoch_once(tmp_path):
+    """Two study scripts, each with its own local Ray, start together on a fresh ./mlflow.db."""
+    one_trial = {"ablation_norm.py": ["--levels", "groups=2", "--levels", "norm_act=BN+Swish"],
+                 "ablation_sr.py": ["--levels", "sr_lambda=0.01"]}
+    commands = [[sys.executable, os.path.join(ROOT, "studies", script), *levels, "--set", f"epochs={EPOCHS}",
+                 "--num-cpus", "1"] for script, levels in one_trial.items()]
+    processes = [subprocess.Popen(c, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True) for c in commands]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [out[-3000:] for out in outputs]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for name in ("ablation_norm", "ablation_sr"):
+        runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        children = {r.data.tags["nvae.trial_key"]: r for r in runs if PARENT_TAG in r.data.tags}
+        assert len(runs) == 2 and len(children) == 1 and {r.info.status for r in runs} == {"FINISHED"}, name
+        _assert_every_epoch_once(client, children)
