@@ -1,7 +1,8 @@
-"""The only two things the platform takes from Ray's non-public modules, for want of a public way.
+"""The only three things the platform takes from Ray's non-public modules, for want of a public way.
 
-tests/test_ray_internals.py fails loudly, naming the symbol, when an upgrade of Ray moves either.
+tests/test_ray_internals.py fails loudly, naming the symbol, when an upgrade of Ray moves one.
 """
+import ray._private.worker
 from ray._private.services import canonicalize_bootstrap_address
 from ray.tune.result import AUTO_RESULT_KEYS
 
@@ -16,3 +17,12 @@ def find_cluster(address):
 
 # The keys Tune adds to every reported result (training_iteration, time_total_s, pid, ...): not metrics.
 TUNE_RESULT_KEYS = frozenset(AUTO_RESULT_KEYS)
+
+
+def print_ray_output_with(printer):
+    """A driver prints what Ray's processes print (their stdout and stderr, forwarded when
+    ray.init's log_to_driver is on) and the errors the cluster publishes (a raylet's warning, a
+    worker killed for memory) through ray._private.worker.print_to_stdstream(data, ignore_prefix);
+    printer(data, ignore_prefix) takes its place. data is Ray's batch: a dict of pid, actor_name,
+    task_name, is_err and lines. Call it before ray.init, which binds the printer of forwarded output."""
+    ray._private.worker.print_to_stdstream = printer
