@@ -32,6 +32,8 @@ from .figures import mean_sd_of
 from .outcomes import read_outcome, write_outcome
 from .pareto import non_dominated
 from .preflight import check_local_resources, check_resources, check_storage
+from .progress_callback import ProgressCallback
+from .ray_output import ray_log_path, send_ray_logs_to
 from .scales import run_options
 from .study import Study, factor_levels, grid, resolve, trial_key
 from .tracking import STORE_ERRORS, MlflowTracker, check_tracking_uri, status_of
@@ -341,6 +343,7 @@ def prepare_study(study, settings):
         check_local_resources(opts.workers, opts.cpus_per_worker, opts.gpus_per_worker, settings.num_cpus,
                               "--workers-per-trial")
     check_tracking_uri(settings.tracking_uri or default_tracking_uri(), settings.experiment or study.name)
+    send_ray_logs_to(ray_log_path(plan.study_key, plan.experiment_dir))  # Ray's start-up messages included
     joined = init_ray(settings.address, num_cpus=settings.num_cpus)
     try:
         return plan, _default_concurrency(plan, settings, joined)
@@ -358,8 +361,11 @@ def run_study(study, settings, prepared=None):
 
     experiment = settings.experiment or study.name
     tracker = MlflowTracker(plan, tracking_uri, experiment)  # Tune opens it (its setup hook), also on a restore
+    progress = ProgressCallback(plan, max_concurrent, ray_log_path(plan.study_key, plan.experiment_dir))
     # A trial reports test_bpd only with its last epoch; Tune otherwise rejects a search's earlier reports.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Tune's own output engine prints its experiment table even at verbose=0; the legacy one is silent.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_driver_resources())
     path = plan.study_key  # the Tune experiment folder
     if tune.Tuner.can_restore(path):
@@ -368,7 +374,7 @@ def run_study(study, settings, prepared=None):
     else:
         tuner = tune.Tuner(trainable, param_space=plan.param_space(), tune_config=_tune_config(plan, max_concurrent),
                            run_config=tune.RunConfig(name=plan.experiment_dir, storage_path=plan.storage_path,
-                                                     callbacks=[tracker], verbose=0,
+                                                     callbacks=[progress, tracker], verbose=0,
                                                      failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
     try:
         grid_results = tuner.fit()

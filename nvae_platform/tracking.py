@@ -227,22 +227,11 @@ class MlflowTracker(tune.Callback):
         writer.log_config(cfg, self.plan.option_params(), skipped=self.plan.options.skip_files)
         return writer
 
-    def _finish(self, writer, key, result, status, error=""):
-        writer.finish(result, status, error)
-        figure = f"  test_bpd {result['test_bpd']:.4f}" if isinstance(result.get("test_bpd"), float) else ""
-        print(f"[study] {key}: {result.get('status') or status}{figure}  "
-              f"({self.closed_count}/{self.plan.trial_count} done)", flush=True)
-
-    @property
-    def closed_count(self):
-        return sum(w.closed for w in self.runs.values())
-
     @_writes_store
     def on_trial_start(self, iteration, trials, trial, **info):
         writer = self._child(trial)
         if not writer.closed:
             self.client.update_run(writer.run_id, status="RUNNING")
-            print(f"[study] started {self.plan.key_of(trial)}", flush=True)
 
     @_writes_store
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -256,7 +245,7 @@ class MlflowTracker(tune.Callback):
         writer = self._child(trial)
         if not writer.closed:
             result = trial.last_result or {}
-            self._finish(writer, self.plan.key_of(trial), result, status_of(result, "TERMINATED"))
+            writer.finish(result, status_of(result, "TERMINATED"))
 
     @_writes_store
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -266,12 +255,12 @@ class MlflowTracker(tune.Callback):
             with open(trial.error_file) as f:
                 error = f.read()[-2000:]
         if not writer.closed:
-            self._finish(writer, self.plan.key_of(trial), trial.last_result or {}, "failed", error)
+            writer.finish(trial.last_result or {}, "failed", error)
 
     @property
     def interrupted(self):
         """Whether some trial of the study has no terminal record yet."""
-        return self.closed_count < self.plan.trial_count
+        return sum(w.closed for w in self.runs.values()) < self.plan.trial_count
 
     def close(self):
         """End every child still open (from its outcome file if the trial ended while no driver
@@ -280,8 +269,9 @@ class MlflowTracker(tune.Callback):
             if writer.closed:
                 continue
             outcome = read_outcome(self.plan.trials_path, key)
-            if outcome is not None:
-                self._finish(writer, key, outcome, status_of(outcome, "TERMINATED"))
+            if outcome is not None:  # it ended while no driver listened
+                writer.finish(outcome, status_of(outcome, "TERMINATED"))
+                print(f"[study] {key}: {outcome.get('status')} (recorded from its outcome file)", flush=True)
             else:
                 writer.interrupt()
         self.client.set_terminated(self.parent_id, "KILLED" if self.interrupted else "FINISHED")

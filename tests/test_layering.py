@@ -8,7 +8,8 @@ import pytest
 
 @pytest.mark.parametrize("modules, absent", [
     ("nvae_core, nvae_core.datasets, nvae_core.evaluation", ("ray", "mlflow")),
-    ("nvae_platform.study, nvae_platform.scales, nvae_platform.run_options, nvae_platform.defaults", ("ray",)),
+    (("nvae_platform.study, nvae_platform.scales, nvae_platform.run_options, nvae_platform.defaults, "
+      "nvae_platform.progress_view"), ("ray",)),
     ("reports, reports.__main__, reports.build", ("ray",)),
 ])
 def test_layer_imports_stay_out(modules, absent):

@@ -7,7 +7,8 @@ import pytest
 
 @pytest.mark.parametrize("module, name", [("ray._private.services", "canonicalize_bootstrap_address"),
                                           ("ray.tune.result", "AUTO_RESULT_KEYS"),
-                                          ("ray.train.v2._internal.constants", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME")])
+                                          ("ray.train.v2._internal.constants", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME"),
+                                          ("ray._private.worker", "print_to_stdstream")])
 def test_the_private_ray_symbol_still_exists(module, name):
     assert hasattr(importlib.import_module(module), name), (
         f"Ray {importlib.import_module('ray').__version__} no longer has {module}.{name}: "
@@ -29,3 +30,14 @@ def test_find_cluster_resolves_addresses_without_connecting(monkeypatch):
     assert find_cluster("127.0.0.1:6379").endswith(":6379")  # an explicit address
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6380")
     assert find_cluster(None).endswith(":6380")  # $RAY_ADDRESS, as ray.init reads it
+
+
+def test_the_driver_prints_ray_output_through_the_function_it_finds_at_call_time():
+    """ray.init binds print_to_stdstream by its module name, and the error listener calls it by name."""
+    import inspect
+
+    from ray._private import worker
+
+    assert list(inspect.signature(worker.print_to_stdstream).parameters) == ["data", "ignore_prefix"]
+    source = inspect.getsource(worker)
+    assert "functools.partial(print_to_stdstream," in source and "print_to_stdstream(\n" in source

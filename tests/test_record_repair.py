@@ -2,6 +2,7 @@
 epoch a checkpoint holds is recorded exactly once, and a child run a failed write left half-made is
 completed on the next run."""
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -18,6 +19,11 @@ from studies.ablation_norm import STUDY as NORM
 EPOCHS = 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PER_EPOCH = ("train_bpd", "val_bpd", "lr", "epoch_seconds", "train_kl_group_0")
+# What Ray prints on its own: its start-up line, its processes' forwarded output, Tune's table; and
+# any line of its loggers ("2026-01-01 10:00:00,000<TAB>INFO worker.py:2038 -- ...").
+RAY_NOISE = ("Started a local Ray instance", "pid=", "(raylet)", "Reporting training result", "[nvae] epoch",
+             "Configuration for experiment", "View detailed results")
+RAY_LOG_LINE = re.compile(r"\t(DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+\.py:\d+ -- ")
 
 
 def _study_command(*flags):
@@ -52,6 +58,17 @@ def _assert_every_epoch_once(client, children):
             assert steps == list(range(EPOCHS)), (key, name, steps)
 
 
+def _assert_readable(out, err):
+    """No line twice and none of Ray's own messages: those are in the log file the output names."""
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), [line for line in lines if lines.count(line) > 1]
+    assert not [noise for noise in RAY_NOISE if noise in out + err], out[-3000:] + err[-3000:]
+    assert not RAY_LOG_LINE.search(out + err), out[-3000:] + err[-3000:]
+    with open(re.search(r"Ray's own messages .* go to (\S+)", out).group(1)) as f:
+        log = f.read()
+    assert "Started a local Ray instance" in log and "(RayTrainWorker pid=" in log
+
+
 def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_path):
     """SIGKILL of the driver when trial 2's epoch 0 reaches it (its checkpoint committed, MLflow not
     yet written); the rerun back-fills that epoch from the checkpoint and retrains no finished trial."""
@@ -59,7 +76,8 @@ def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_pa
     second_trial = plan.trials[1].key
     command = _study_command("--max-concurrent", "1")
     code, out, err = _run(command, tmp_path, {KILL_DRIVER_ENV: f"{second_trial}@0"})
-    assert code == -signal.SIGKILL and "(1/3 done)" in out, out[-3000:] + err[-3000:]
+    assert code == -signal.SIGKILL and "1/3 done" in out, out[-3000:] + err[-3000:]
+    _assert_readable(out, err)
     trials = next((tmp_path / "runs").glob("ablation_norm-smoke-*")) / "trials"
     finished = [p.name for p in trials.iterdir() if (p / OUTCOME_FILE).exists()]
     assert finished == [plan.trials[0].key]
@@ -71,6 +89,8 @@ def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_pa
     code, out, err = _run(command, tmp_path)
     assert code == 0, out[-3000:] + err[-3000:]
     assert "resuming" in out and f"started {finished[0]}" not in out
+    assert "[study] resumed: 1 trial(s) ended before  (1/3 done: 1 finished" in out
+    _assert_readable(out, err)
     assert sorted(os.listdir(trials / finished[0])) == checkpoints_before  # not retrained
     client, runs, children = _children(tmp_path)
     assert len(runs) == 4 and len(children) == 3 and {r.info.status for r in runs} == {"FINISHED"}

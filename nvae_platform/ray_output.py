@@ -1,0 +1,64 @@
+"""Ray's own console output goes to one log file, so that a study's console shows the study.
+
+That is Ray's start-up and shutdown messages, the INFO and WARNING lines of its Python loggers (Tune,
+Train), what its processes print (each trial's Train controller and workers) and the warnings and
+errors the cluster publishes (a raylet's, a worker killed for memory). What a person needs still
+reaches the console: a trial's failure through its result (the progress view names its reason), a
+crash of the driver as its traceback. Every invocation of the study appends to the log.
+"""
+import logging
+import os
+import sys
+import threading
+
+from .ray_internals import print_ray_output_with
+
+LOG_FILE = "ray.log"
+FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"  # Ray's own
+_log = {"file": None, "lock": threading.Lock()}  # the one open log of this process
+
+
+def ray_log_path(study_key, experiment_dir):
+    """ray.log in the study's folder when it is local, else <experiment_dir>.ray.log in the working
+    directory (a study stored at s3:// keeps its log on the machine of its driver)."""
+    if "://" in study_key:
+        return os.path.abspath(f"{experiment_dir}.{LOG_FILE}")
+    return os.path.join(study_key, LOG_FILE)
+
+
+def _is_console(handler):
+    return getattr(handler, "nvae_ray_log", False) or getattr(handler, "stream", None) in (
+        sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+
+
+def send_ray_logs_to(path):
+    """From now on Ray's Python loggers in this process, and what Ray forwards to it from its other
+    processes, write to path (appended), not the console. Call it before ray.init: its start-up
+    messages go there too, and it binds the printer of forwarded output."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with _log["lock"]:
+        if _log["file"] is not None:
+            _log["file"].close()
+        _log["file"] = open(path, "a", buffering=1)  # noqa: SIM115 - open for the process's life
+    handler = logging.StreamHandler(_log["file"])
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.nvae_ray_log = True
+    names = ["ray"] + [name for name in logging.Logger.manager.loggerDict if name.startswith("ray.")]
+    for logger in map(logging.getLogger, names):
+        console = [h for h in logger.handlers if _is_console(h)]
+        for h in console:
+            logger.removeHandler(h)
+        if console or logger.name == "ray":  # a logger that had its own console handler does not propagate
+            logger.addHandler(handler)
+    print_ray_output_with(_write_ray_output)
+
+
+def _write_ray_output(data, ignore_prefix=False):
+    pid = data.get("pid")
+    if pid == "autoscaler":  # its status, every few seconds, stays in Ray's own monitor log
+        return
+    name = data.get("actor_name") or data.get("task_name") or ""
+    source = pid if pid == "raylet" else f"{name} pid={pid}".strip()
+    with _log["lock"]:
+        if _log["file"] is not None and not _log["file"].closed:
+            _log["file"].write("".join(f"({source}) {line}\n" for line in data.get("lines", [])))
