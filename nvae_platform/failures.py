@@ -37,7 +37,7 @@ def reason(error):
     exception line, and for a full disk what to do."""
     text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
     lines = [line.strip() for line in text.splitlines() if _ERROR_LINE.match(line)]
-    last = lines[-1] if lines else text.strip().splitlines()[0]
+    last = lines[-1] if lines else ([line.strip() for line in text.splitlines() if line.strip()] or ["unknown error"])[-1]
     if NO_SPACE in text:
         return (f"the run's storage is full ({last}); free space and run the same command: it resumes "
                 "from the newest whole checkpoint")

@@ -9,7 +9,8 @@ import os
 from ray import tune
 from ray.tune.experiment import Trial
 
-from .progress_view import ProgressView, ending, reason
+from .failures import reason
+from .progress_view import ProgressView, ending
 from .tracking import status_of
 
 

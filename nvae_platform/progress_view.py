@@ -12,6 +12,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from .failures import reason
+
 ENDED = ("finished", "diverged", "failed", "stopped early")  # stopped early: by ASHA, in a search
 MAX_RUNNING_SHOWN = 20  # lines of running trials in the terminal block
 
@@ -26,12 +28,6 @@ def duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def reason(text, limit=300):
-    """The line of an error text that names it: its last non-empty line (a traceback's exception)."""
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return (lines[-1] if lines else "unknown error")[:limit]
-
-
 def ending(result, status):
     """How a trial ended, from its last result and status (one of ENDED), in words:
     'finished  test_bpd 0.6425', 'diverged at step 53', 'failed: RuntimeError: ...'."""
@@ -42,7 +38,7 @@ def ending(result, status):
     if status == "diverged":
         return said
     if status == "failed":
-        return f"failed: {reason(said.removeprefix('failed: '))}"
+        return f"failed: {reason(said.removeprefix('failed: '))[:300]}"
     return status
 
 

@@ -2,7 +2,8 @@
 counts, the ETA and a resumed study's count."""
 import io
 
-from nvae_platform.progress_view import ProgressView, duration, ending, reason
+from nvae_platform.failures import reason
+from nvae_platform.progress_view import ProgressView, duration, ending
 
 
 class Clock:
