@@ -124,7 +124,7 @@ class ProgressView:
         counts = {status: 0 for status in ENDED}
         for status in self.outcomes.values():
             counts[status] = counts.get(status, 0) + 1
-        pending = max(self.total - len(self.outcomes) - len(self.running), 0)
+        pending = self.pending()
         early = f", {counts['stopped early']} stopped early" if counts["stopped early"] else ""
         done = (f"{len(self.outcomes)}/{self.total} done: {counts['finished']} finished, "
                 f"{counts['diverged']} diverged, {counts['failed']} failed{early}")
@@ -135,11 +135,15 @@ class ProgressView:
             parts.append(f"ETA {self.eta()}")
         return parts
 
+    def pending(self):
+        """Trials neither ended nor running."""
+        return max(self.total - len(self.outcomes) - len(self.running), 0)
+
     def eta(self):
         """Mean epoch time x epochs left / trials at once; 'unknown' before the first epoch."""
         if not self.epoch_seconds:
             return "unknown"
-        pending = max(self.total - len(self.outcomes) - len(self.running), 0)
+        pending = self.pending()
         left = sum(max(self.epochs - (r.done or 0), 0) for r in self.running.values()) + pending * self.epochs
         lanes = min(self.concurrency or max(len(self.running), 1), len(self.running) + pending)
         return duration(sum(self.epoch_seconds) / len(self.epoch_seconds) * left / max(lanes, 1))

@@ -3,6 +3,7 @@ declaring a study or a scale builds these without starting anything."""
 from dataclasses import asdict, dataclass
 
 from nvae_core.datasets import check_available
+from nvae_core.paths import absolute
 from nvae_core.training import check_precision
 
 
@@ -37,6 +38,12 @@ class RunOptions:
     debug_data_error_at_step: int = -1  # reading this step's batch raises a data error, on every attempt
     debug_kill_at_step: int = -1  # the last rank SIGKILLs itself at this step (first attempt only)
     debug_crash_after_epoch: int = -1  # the workers raise after this epoch's checkpoint (first attempt only)
+
+    @property
+    def run_folder(self):
+        """<storage_path>/<name>, where the run's checkpoints go; a local path made absolute (Ray
+        workers do not start in this directory)."""
+        return f"{absolute(self.storage_path).rstrip('/')}/{self.name}"
 
     def validate(self, cfg):
         """Raise ValueError naming the bad option, before anything starts."""

@@ -39,9 +39,8 @@ def make_trainer(cfg, options, callbacks=()):
     deterministic failure an earlier run recorded is forgotten (this run tries again), and the run
     resumes from its newest checkpoint that loads (resume.py)."""
     options.validate(cfg)
-    run_folder = f"{absolute(options.storage_path)}/{options.name}"
-    clear_failure(run_folder)
-    resume, set_aside = choose_resume(run_folder)
+    clear_failure(options.run_folder)
+    resume, set_aside = choose_resume(options.run_folder)
     options = dataclasses.replace(options, resume_checkpoint=resume, set_aside_checkpoints=tuple(set_aside))
     use_gpu = options.gpus_per_worker > 0
     resources = {"CPU": options.cpus_per_worker}
@@ -69,11 +68,8 @@ def summarize(result):
     if str(outcome.get("status", "")).startswith(("diverged", "failed")):
         metrics.update(outcome)  # a report without a checkpoint, so Ray keeps no metrics of it
     status = metrics.get("status", "failed")
-    if result.error is not None:  # a deterministic failure the workers recorded says more than Ray's error
-        failure = read_failure(run_folder) if run_folder else None
-        status, metrics["traceback"] = f"failed: {reason(result.error)}", str(result.error)
-        if failure is not None:
-            status, metrics["traceback"] = failure["status"], failure["traceback"]
+    if result.error is not None:
+        status, metrics["traceback"] = _failure(result.error, run_folder)
     checkpoint = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else ""
     samples = f"{checkpoint}/{SAMPLES_FILE}" if checkpoint else ""
     return RunResult(status=status, metrics=metrics, history=history, checkpoint_path=checkpoint,
@@ -132,12 +128,18 @@ def run_training(cfg: NVAEConfig, options: RunOptions) -> RunResult:
 
 
 def failed_run(error, options):
-    """The RunResult of a Train run whose retries ran out: the deterministic failure its workers
-    recorded (reason and traceback), else Ray's error."""
-    failure = read_failure(f"{absolute(options.storage_path)}/{options.name}")
+    """The RunResult of a Train run whose retries ran out."""
+    status, traceback = _failure(error, options.run_folder)
+    return RunResult(status=status, metrics={"traceback": traceback})
+
+
+def _failure(error, run_folder):
+    """(status, traceback) of a failed run: the deterministic failure its workers recorded, which
+    says more than Ray's error, else Ray's error in one line."""
+    failure = read_failure(run_folder) if run_folder else None
     if failure is not None:
-        return RunResult(status=failure["status"], metrics={"traceback": failure["traceback"]})
-    return RunResult(status=f"failed: {reason(error)}", metrics={"traceback": str(error)})
+        return failure["status"], failure["traceback"]
+    return f"failed: {reason(error)}", str(error)
 
 
 __all__ = ["CHECKPOINT_FILE", "RunOptions", "RunResult", "cluster_address", "failed_run", "init_ray", "make_trainer", "run_training",

@@ -316,8 +316,7 @@ def train_loop_per_worker(config):
     """Ray Train entry point. config: {"nvae": NVAEConfig dict, "options": RunOptions dict}. A bad
     dataset or config ends the run as "failed: <reason>" after one attempt (see failures.py)."""
     cfg, options = NVAEConfig.from_dict(config["nvae"]), RunOptions.from_dict(config["options"])
-    run_folder = f"{options.storage_path}/{options.name}"
-    failure = read_failure(run_folder)
+    failure = read_failure(options.run_folder)
     if failure is not None:  # an earlier attempt met a deterministic error: a retry would meet it again
         if _world()[0] == 0:
             print(f"[nvae] {failure['status']}; not retried (the same error would come back)", flush=True)
@@ -327,7 +326,7 @@ def train_loop_per_worker(config):
         return _train(cfg, options)
     except Exception as error:
         if is_deterministic(error):
-            write_failure(run_folder, error)
+            write_failure(options.run_folder, error)
         raise
 
 
