@@ -10,15 +10,12 @@ DatasetNotFoundError says where they were looked for and the ways out.
 import functools
 import os
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms as T
-from torchvision.datasets import CIFAR10, MNIST, CelebA
 
 from .dataset_registry import DATASETS, dataset_spec
 from .paths import absolute
@@ -58,6 +55,8 @@ class ImageFiles(Dataset):
     """Image files read as RGB, resized (shorter side) to `size` and centre-cropped to size x size."""
 
     def __init__(self, paths, size):
+        from torchvision import transforms as T  # here: torchvision takes 1.5 s to import, and few runs read files
+
         self.paths = list(paths)
         self.transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
 
@@ -253,28 +252,18 @@ def _open_on_disk(name, root, download, build):
                          layout) from error
 
 
-# torchvision checks the md5 of every extracted file, so a copy whose files were re-written (tests
-# write tiny ones) counts as absent and would be downloaded again. Here the files only have to
-# exist; a download is still verified, by the md5 of the archive (CIFAR-10) or of each file (CelebA).
-class _CIFAR10Files(CIFAR10):
-    train_list: ClassVar = [[filename, None] for filename, _ in CIFAR10.train_list]
-    test_list: ClassVar = [[filename, None] for filename, _ in CIFAR10.test_list]
-    meta: ClassVar = {**CIFAR10.meta, "md5": None}
-
-
-class _CelebAFiles(CelebA):
-    def _check_integrity(self):
-        return not _missing("celeba64", self.root)
-
-
 def _mnist(split, root, download):
+    from torchvision.datasets import MNIST
+
     mnist = _open_on_disk("mnist", root, download, lambda dl: MNIST(root, train=split == "train", download=dl))
     return TensorImages(F.pad(mnist.data.unsqueeze(1), (MNIST_PAD,) * 4))  # uint8, zero padding
 
 
 def _cifar10(split, root, download):
+    from .torchvision_sets import CIFAR10Files
+
     cifar = _open_on_disk("cifar10", root, download,
-                          lambda dl: _CIFAR10Files(root, train=split == "train", download=dl))
+                          lambda dl: CIFAR10Files(root, train=split == "train", download=dl))
     return TensorImages(torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous())  # N x H x W x C -> NCHW
 
 
@@ -283,11 +272,15 @@ def _crop_celeba(image):
 
 
 def _celeba64(split, root, download):
+    from torchvision import transforms as T
+
+    from .torchvision_sets import CelebAFiles
+
     size = DATASETS["celeba64"].size
     transform = T.Compose([T.Lambda(_crop_celeba), T.Resize(size), T.ToTensor()])
     # target_type=[]: no labels are returned, but torchvision reads all five list files regardless.
     celeba = _open_on_disk("celeba64", root, download,
-                           lambda dl: _CelebAFiles(root, split=CELEBA_SPLITS[split], target_type=[],
+                           lambda dl: CelebAFiles(root, split=CELEBA_SPLITS[split], target_type=[],
                                                    transform=transform, download=dl))
     return ImagesOnly(celeba)
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from nvae_core import NVAE, NVAEConfig, bits_per_dim, sample_images
 
+from .image_grid import save_grid
 from .measures import evaluation_images, iw_nll_nats, kl_per_group, seeded, unit_counts
 from .store import StoreClient
 
@@ -137,13 +138,11 @@ def evaluate(trained, settings, say=print):
 def write_files(trained, settings, metrics, grids, folder):
     """samples_T<t>.png per temperature and evaluation_iw<K>.json (source, settings, metrics) in
     folder; returns their paths."""
-    import torchvision.utils
-
     os.makedirs(folder, exist_ok=True)
     paths = []
     for t, images in grids.items():
         paths.append(os.path.join(folder, f"samples_T{t}.png"))
-        torchvision.utils.save_image(images, paths[-1], nrow=settings.grid)
+        save_grid(images, paths[-1], nrow=settings.grid)
     paths.append(os.path.join(folder, f"evaluation_iw{settings.iw_samples}.json"))
     about = {"checkpoint": trained.checkpoint, "run_id": trained.run_id, "epoch": trained.epoch,
              "dataset": trained.config.dataset, "split": trained.config.evaluation_split}

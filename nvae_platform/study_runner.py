@@ -5,7 +5,9 @@
 
 A grid study is a Tune grid over the factors' levels x seeds; a search study samples levels with
 Optuna (OptunaSearch, optionally ASHA early stopping). Each trial is a Tune function that launches
-the TorchTrainer of its configuration and forwards every epoch's report to Tune. Re-running the same
+the TorchTrainer of its configuration and forwards every epoch's report to Tune; on a local Ray, a
+one-worker trial trains in the trial's own process instead (no Train controller and worker actors
+to start per trial: worker_session.py), writing the same checkpoints. Re-running the same
 command resumes: Tune restores its experiment, an unfinished trial's Train run resumes from its last
 checkpoint, and a trial whose outcome file exists is reported, not retrained.
 """
@@ -37,7 +39,15 @@ from .ray_output import ray_log_path, send_ray_logs_to
 from .scales import run_options
 from .study import Study, factor_levels, grid, resolve, trial_key
 from .tracking import STORE_ERRORS, MlflowTracker, check_tracking_uri, status_of
-from .training_run import RunOptions, cluster_address, failed_run, init_ray, make_trainer, summarize
+from .training_run import (
+    RunOptions,
+    cluster_address,
+    failed_run,
+    init_ray,
+    make_trainer,
+    run_in_this_process,
+    summarize,
+)
 
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
 # workers, and reserves the memory it does use (Ray rejects an empty request).
@@ -86,6 +96,7 @@ class StudyPlan:
     storage_path: str  # the study's storage root (local folder or URI)
     experiment_dir: str  # Tune experiment name under storage_path: study-scale-digest
     num_samples: int
+    train_in_trial: bool = False  # set by prepare_study: one-worker trials on a local Ray train in the trial's process
 
     @property
     def is_search(self):
@@ -106,8 +117,17 @@ class StudyPlan:
     def param_space(self):
         if self.is_search:
             return {name: tune.choice(levels) for name, levels in self.levels.items()}
-        return {**{name: tune.grid_search(levels) for name, levels in self.levels.items()},
+        return {**{name: tune.grid_search(self.longest_first(name)) for name in self.levels},
                 "seed": tune.grid_search(self.seeds)}
+
+    def longest_first(self, factor):
+        """The factor's levels, those whose trials look longest first (estimated_work): Tune starts a
+        grid's trials in order, and a study that ends on one long trial leaves the other slots idle."""
+        def mean_work(level):
+            works = [estimated_work(t.config) for t in self.trials if t.levels[factor] == level]
+            return -sum(works) / len(works)
+
+        return sorted(self.levels[factor], key=mean_work)  # stable: equal levels keep their order
 
     def levels_and_seed(self, config):
         """({factor: level}, seed) of a Tune trial config."""
@@ -147,6 +167,13 @@ class StudyPlan:
         if self.is_search:
             params["objectives"] = ",".join(f"{k}:{v}" for k, v in self.study.search.objectives.items())
         return params
+
+
+def estimated_work(cfg):
+    """A rough measure of a configuration's training time (a scheduling hint, not a prediction):
+    epochs x latent groups x cells per group x channels^2 x (1 + flows)."""
+    cells = cfg.num_cell_per_cond_enc + cfg.num_cell_per_cond_dec
+    return cfg.epochs * cfg.num_groups * cells * cfg.num_channels_enc ** 2 * (1 + cfg.num_flows)
 
 
 def plan_study(study, settings, check_data=True):
@@ -207,11 +234,14 @@ def run_trial(config, plan):
         return
     _, _, cfg = plan.describe_config(config)
     options = dataclasses.replace(plan.options, name=key)
-    trainer = make_trainer(cfg, options, callbacks=[TuneReportCallback()])
-    try:
-        run = summarize(trainer.fit())
-    except ray.train.TrainingFailedError as error:
-        run = failed_run(error, options)
+    if plan.train_in_trial:
+        run = run_in_this_process(cfg, options, tune.report)
+    else:
+        trainer = make_trainer(cfg, options, callbacks=[TuneReportCallback()])
+        try:
+            run = summarize(trainer.fit())
+        except ray.train.TrainingFailedError as error:
+            run = failed_run(error, options)
     outcome = {**run.metrics, "status": run.status, "samples_path": run.samples_path, "trial_key": key,
                "checkpoint_path": run.checkpoint_path,
                "training_hours": sum(m.get("epoch_seconds", 0.0) for m in run.history) / 3600}
@@ -230,7 +260,7 @@ class FinalOptunaSearch(OptunaSearch):
 def _tune_config(plan, max_concurrent):
     search = plan.study.search
     if search is None:
-        return tune.TuneConfig(max_concurrent_trials=max_concurrent)
+        return tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True)
     metrics, modes = list(search.objectives), list(search.objectives.values())
     searcher = FinalOptunaSearch(metric=metrics if len(metrics) > 1 else metrics[0],
                                  mode=modes if len(modes) > 1 else modes[0], seed=0)
@@ -240,12 +270,15 @@ def _tune_config(plan, max_concurrent):
         scheduler = ASHAScheduler(metric="val_bpd", mode="min", time_attr="training_iteration", grace_period=1,
                                   max_t=max(t.config.epochs for t in plan.trials) + 1)
     return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
-                           max_concurrent_trials=max_concurrent)
+                           max_concurrent_trials=max_concurrent, reuse_actors=True)
 
 
-def trial_driver_resources():
-    """What each trial's own process reserves: pinned to the nodes advertising TRIAL_DRIVER_RESOURCE
-    when the cluster has any."""
+def trial_resources(plan):
+    """What each trial's own process reserves: its worker's CPUs and GPUs when it trains itself; else
+    only memory, pinned to the nodes advertising TRIAL_DRIVER_RESOURCE when the cluster has any."""
+    if plan.train_in_trial:
+        o = plan.options
+        return {"CPU": o.cpus_per_worker, **({"GPU": o.gpus_per_worker} if o.gpus_per_worker else {})}
     if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) >= 1:
         return {**TRIAL_DRIVER_RESOURCES, TRIAL_DRIVER_RESOURCE: 1}
     return dict(TRIAL_DRIVER_RESOURCES)
@@ -345,6 +378,9 @@ def prepare_study(study, settings):
     check_tracking_uri(settings.tracking_uri or default_tracking_uri(), settings.experiment or study.name)
     send_ray_logs_to(ray_log_path(plan.study_key, plan.experiment_dir))  # Ray's start-up messages included
     joined = init_ray(settings.address, num_cpus=settings.num_cpus)
+    # On a cluster every trial is a Train run: its controller stays on the head, and a lost node costs
+    # only its workers.
+    plan.train_in_trial = not joined and plan.options.workers == 1
     try:
         return plan, _default_concurrency(plan, settings, joined)
     except ValueError:
@@ -366,7 +402,7 @@ def run_study(study, settings, prepared=None):
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # Tune's own output engine prints its experiment table even at verbose=0; the legacy one is silent.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_driver_resources())
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources(plan))
     path = plan.study_key  # the Tune experiment folder
     if tune.Tuner.can_restore(path):
         print(f"[study] resuming {path}", flush=True)

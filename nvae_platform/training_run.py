@@ -22,7 +22,7 @@ from .failures import clear_failure, read_failure, reason
 from .ray_internals import find_cluster
 from .resume import choose_resume
 from .run_options import RunOptions
-from .worker_loop import train_loop_per_worker
+from .worker_loop import train_in_trial, train_loop_per_worker
 
 
 @dataclass
@@ -34,14 +34,20 @@ class RunResult:
     samples_path: str = ""
 
 
-def make_trainer(cfg, options, callbacks=()):
-    """The TorchTrainer for cfg under options (not started); callbacks are Ray Train UserCallbacks. A
-    deterministic failure an earlier run recorded is forgotten (this run tries again), and the run
-    resumes from its newest checkpoint that loads (resume.py)."""
+def prepare_run(cfg, options):
+    """options, validated, for a new attempt at cfg's run: a deterministic failure an earlier attempt
+    recorded is forgotten (this one tries again), and the run resumes from its newest checkpoint that
+    loads (resume.py)."""
     options.validate(cfg)
     clear_failure(options.run_folder)
     resume, set_aside = choose_resume(options.run_folder)
-    options = dataclasses.replace(options, resume_checkpoint=resume, set_aside_checkpoints=tuple(set_aside))
+    return dataclasses.replace(options, resume_checkpoint=resume, set_aside_checkpoints=tuple(set_aside))
+
+
+def make_trainer(cfg, options, callbacks=()):
+    """The TorchTrainer for cfg under options (not started; see prepare_run); callbacks are Ray Train
+    UserCallbacks."""
+    options = prepare_run(cfg, options)
     use_gpu = options.gpus_per_worker > 0
     resources = {"CPU": options.cpus_per_worker}
     if use_gpu:
@@ -62,18 +68,20 @@ def summarize(result):
     """RunResult from a Ray Train Result: the status, the last metrics and the epoch history."""
     run_folder = storage_uri(result.path, result.filesystem) if result.path else ""
     # every epoch on storage, earlier invocations' included (Ray's own list holds this fit's only)
-    history = [c.metrics for c in epoch_checkpoints(run_folder)] if run_folder else []
+    history = epoch_checkpoints(run_folder) if run_folder else []
     metrics = dict(result.metrics or {})
-    outcome = getattr(result, "return_value", None) or {}  # rank 0's return: how the loop ended
-    if str(outcome.get("status", "")).startswith(("diverged", "failed")):
-        metrics.update(outcome)  # a report without a checkpoint, so Ray keeps no metrics of it
-    status = metrics.get("status", "failed")
+    metrics = _with_outcome(metrics, getattr(result, "return_value", None) or {})  # rank 0's return
     if result.error is not None:
-        status, metrics["traceback"] = _failure(result.error, run_folder)
-    checkpoint = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else ""
-    samples = f"{checkpoint}/{SAMPLES_FILE}" if checkpoint else ""
-    return RunResult(status=status, metrics=metrics, history=history, checkpoint_path=checkpoint,
-                     samples_path=samples if samples and storage_file_exists(samples) else "")
+        metrics["status"], metrics["traceback"] = _failure(result.error, run_folder)
+    return _run_result(metrics, history, checkpoint_uri(result.checkpoint) if result.checkpoint is not None else "")
+
+
+def _with_outcome(metrics, outcome):
+    """The last checkpoint's metrics, updated with how the loop ended when it diverged or failed (a
+    report without a checkpoint: Ray keeps no metrics of it)."""
+    if str(outcome.get("status", "")).startswith(("diverged", "failed")):
+        return {**metrics, **outcome}
+    return metrics
 
 
 def cluster_address(address=None, num_cpus=None):
@@ -127,6 +135,34 @@ def run_training(cfg: NVAEConfig, options: RunOptions) -> RunResult:
     return summarize(result)
 
 
+def run_in_this_process(cfg, options, on_report):
+    """Train cfg as one worker in this process (a study trial on a local Ray: no Train controller or
+    worker actors to start), each epoch's metrics passed to on_report, and summarize as summarize
+    does. Like a Train run, a failed attempt resumes from the newest checkpoint, up to
+    options.max_failures times; an error a retry would meet again ends the run at once."""
+    for attempt in range(options.max_failures + 1):
+        try:
+            outcome = train_in_trial(cfg, prepare_run(cfg, options), on_report)
+            break
+        except Exception as error:  # noqa: BLE001  as Ray Train does: any error ends the attempt
+            if read_failure(options.run_folder) is not None or attempt == options.max_failures:
+                status, traceback = _failure(error, options.run_folder)
+                return _run_result({"status": status, "traceback": traceback},
+                                   epoch_checkpoints(options.run_folder), "")
+            print(f"[nvae] attempt {attempt + 1} failed ({reason(error)}); resuming from the newest checkpoint",
+                  flush=True)
+    history = epoch_checkpoints(options.run_folder)
+    metrics = _with_outcome(dict(history[-1].metrics) if history else {}, outcome)
+    return _run_result(metrics, history, history[-1].path if history else "")
+
+
+def _run_result(metrics, history, checkpoint):
+    """A RunResult from the last metrics, the run's EpochCheckpoints and its newest checkpoint's path."""
+    samples = f"{checkpoint}/{SAMPLES_FILE}" if checkpoint else ""
+    return RunResult(status=metrics.get("status", "failed"), metrics=metrics, history=[c.metrics for c in history],
+                     checkpoint_path=checkpoint, samples_path=samples if samples and storage_file_exists(samples) else "")
+
+
 def failed_run(error, options):
     """The RunResult of a Train run whose retries ran out."""
     status, traceback = _failure(error, options.run_folder)
@@ -142,5 +178,5 @@ def _failure(error, run_folder):
     return f"failed: {reason(error)}", str(error)
 
 
-__all__ = ["CHECKPOINT_FILE", "RunOptions", "RunResult", "cluster_address", "failed_run", "init_ray", "make_trainer", "run_training",
-           "summarize"]
+__all__ = ["CHECKPOINT_FILE", "RunOptions", "RunResult", "cluster_address", "failed_run", "init_ray", "make_trainer",
+           "prepare_run", "run_in_this_process", "run_training", "summarize"]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import pyarrow.fs
 import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -33,9 +32,11 @@ from nvae_core.lineage import dataset_lineage
 from . import fault_injection
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, SAMPLES_FILE
 from .failures import is_deterministic, read_failure, write_failure
+from .image_grid import save_grid
 from .measures import final_figures as _final_evaluation
 from .measures import nelbo_bpd as _evaluate_nelbo
 from .run_options import RunOptions
+from .worker_session import RayTrainSession, TrialSession
 
 
 def _world():
@@ -67,18 +68,32 @@ def _replica_spread(model):
     return spread[: params.numel()].max().item(), spread[params.numel():].max().item()
 
 
+def _reset_peak_memory(device):
+    """Start this run's peak memory from now: a study's trial process trains one trial after another."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: resets the process's peak resident set size (VmHWM)
+    except OSError:
+        pass  # elsewhere the process's peak since its start (ru_maxrss)
+
+
 def _peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # kB on Linux
 
 
 def _save_samples(model, cfg, path, options):
-    import torchvision.utils
-
     rows = [sample_images(model, options.sample_count, t, options.bn_readjust_batches)
             for t in options.sample_temperatures]
-    torchvision.utils.save_image(torch.cat(rows).float().cpu(), path, nrow=options.sample_count)
+    save_grid(torch.cat(rows), path, nrow=options.sample_count)
 
 
 def _write_json(values, path):
@@ -116,17 +131,17 @@ def _restore(model, step, checkpoint):
     return state["epoch"] + 1
 
 
-def _report(metrics, checkpoint_state=None, files=()):
-    """ray.train.report from every rank; rank 0 attaches the checkpoint folder."""
+def _report(session, metrics, checkpoint_state=None, files=()):
+    """Report from every rank; rank 0 attaches the checkpoint folder."""
     rank, _ = _world()
     if checkpoint_state is None or rank != 0:
-        ray.train.report(metrics)
+        session.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
         torch.save(checkpoint_state, os.path.join(folder, CHECKPOINT_FILE))
         for make in files:
             make(folder)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        session.report(metrics, folder)
 
 
 @dataclass
@@ -143,6 +158,7 @@ class Worker:
     test_loader: DataLoader
     model: nn.Module  # DistributedDataParallel around core when world > 1
     step: TrainStep
+    session: object  # RayTrainSession or TrialSession (worker_session.py)
     start_epoch: int = 0
     nodes: str = ""  # the Ray nodes this attempt's workers run on
     lineage: dict = None  # rank 0: the data's name, split sizes and digest (nvae_core.lineage)
@@ -156,10 +172,11 @@ class Worker:
         return self.start_epoch > 0
 
 
-def set_up(cfg, options):
+def set_up(cfg, options, session):
     """Data loaders (this rank's shards), the model and its train step, on this worker's device."""
     rank, world = _world()
-    device = ray.train.torch.get_device()
+    device = session.device()
+    _reset_peak_memory(device)
     torch.set_num_threads(options.threads_per_worker)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     common = dict(data_dir=options.data_dir, download=options.download, seed=cfg.seed, image_size=cfg.image_size,
@@ -182,14 +199,15 @@ def set_up(cfg, options):
                          f"{len(train_set)} training images of {cfg.dataset}; lower the batch size")
     model = NVAE(cfg).to(device)
     step = TrainStep(model, steps_per_epoch=len(loader), device=device)
-    return Worker(cfg, options, rank, world, device, sampler, loader, test_loader, model, step, lineage=lineage)
+    return Worker(cfg, options, rank, world, device, sampler, loader, test_loader, model, step, session,
+                  lineage=lineage)
 
 
 def restore(w):
     """Resume from Ray's latest checkpoint of this fit, else from the one the driver chose, else
     initialize weight norm from data; then wrap the model for data parallelism and learn which nodes
     this attempt runs on."""
-    checkpoint = ray.train.get_checkpoint()  # this fit's latest, after a restart of the worker group
+    checkpoint = w.session.latest_checkpoint()  # this fit's latest, after a restart of the worker group
     if checkpoint is None and w.options.resume_checkpoint:  # an earlier invocation's, chosen by the driver
         checkpoint = _checkpoint_at(w.options.resume_checkpoint)
     if checkpoint is not None:
@@ -201,7 +219,7 @@ def restore(w):
         w.model = nn.parallel.DistributedDataParallel(
             synchronize_batchnorm(w.model), device_ids=[w.device.index] if w.device.type == "cuda" else None)
         w.step.model = w.model
-    nodes = [ray.get_runtime_context().get_node_id()] * w.world
+    nodes = [w.session.node()] * w.world
     if w.world > 1:
         dist.all_gather_object(nodes, nodes[0])
     w.nodes = ",".join(sorted(set(nodes)))
@@ -306,39 +324,49 @@ def report_and_checkpoint(w, epoch, metrics, last):
         shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in ("train_bpd", "val_bpd", "images_per_s") if k in metrics)
         tail = f"  test_bpd {metrics['test_bpd']:.4f}" if last else ""
         print(f"[nvae] epoch {epoch + 1}/{w.cfg.epochs}  {shown}{tail}", flush=True)
-    _report(metrics, _checkpoint_state(w.core, w.step, epoch, w.cfg), files)
-    # A worker lost from here on costs at most the epoch in flight (reports are otherwise
-    # registered asynchronously).
-    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    _report(w.session, metrics, _checkpoint_state(w.core, w.step, epoch, w.cfg), files)
+    w.session.wait_committed()
 
 
 def train_loop_per_worker(config):
     """Ray Train entry point. config: {"nvae": NVAEConfig dict, "options": RunOptions dict}. A bad
     dataset or config ends the run as "failed: <reason>" after one attempt (see failures.py)."""
     cfg, options = NVAEConfig.from_dict(config["nvae"]), RunOptions.from_dict(config["options"])
+    return run_worker(cfg, options, RayTrainSession())
+
+
+def train_in_trial(cfg, options, on_report):
+    """Train cfg as the only worker, in this process (a study trial's): checkpoints go straight to
+    options.run_folder, each epoch's metrics to on_report. Returns how the loop ended."""
+    return run_worker(cfg, options, TrialSession(options, on_report))
+
+
+def run_worker(cfg, options, session):
+    """The loop of one worker, reporting through session; an error a retry would meet again is
+    recorded (failures.py) before it is raised, and the next attempt reports it without training."""
     failure = read_failure(options.run_folder)
     if failure is not None:  # an earlier attempt met a deterministic error: a retry would meet it again
         if _world()[0] == 0:
             print(f"[nvae] {failure['status']}; not retried (the same error would come back)", flush=True)
-        ray.train.report({"status": failure["status"]})
+        session.report({"status": failure["status"]})
         return failure
     try:
-        return _train(cfg, options)
+        return _train(cfg, options, session)
     except Exception as error:
         if is_deterministic(error):
             write_failure(options.run_folder, error)
         raise
 
 
-def _train(cfg, options):
-    w = set_up(cfg, options)
+def _train(cfg, options, session):
+    w = set_up(cfg, options, session)
     restore(w)
     for epoch in range(w.start_epoch, cfg.epochs):
         metrics = train_epoch(w, epoch)
         if metrics["status"] != "running":  # diverged: every rank stops; the last good checkpoint stays
             if w.rank == 0:
                 print(f"[nvae] {metrics['status']} (epoch {epoch}); last good checkpoint kept", flush=True)
-            _report({**metrics, **_data_fields(w)})  # a run diverged in its first epoch still says what it read
+            _report(w.session, {**metrics, **_data_fields(w)})  # a run diverged in its first epoch still says what it read
             return metrics
         metrics.update(validate(w))
         last = epoch == cfg.epochs - 1

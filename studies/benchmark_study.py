@@ -59,7 +59,8 @@ def main(argv=None):
             env.pop(name, None)  # the study's defaults: ./mlflow.db, ./runs, a local Ray
         os.makedirs(env["RAY_TMPDIR"])
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, script, *args.args], cwd=folder, env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, script, *args.args], check=False, cwd=folder, env=env,
+                              capture_output=True, text=True)
         wall = time.perf_counter() - start
         if done.returncode != 0:
             sys.exit(f"{args.study} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
