@@ -11,7 +11,6 @@ figures and the median ratios (this / reference) of train and eval images/s and 
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,19 +19,10 @@ from pathlib import Path
 
 import torch
 
+from nvae_platform.machine import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ("train_images_per_s", "eval_images_per_s", "peak_rss_gb")
-
-
-def cpu_model():
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_benchmark(tree, configs, steps, out):

@@ -8,7 +8,6 @@ It writes the folder (crops of scikit-learn's sample photographs) once, then tim
 """
 import argparse
 import os
-import platform
 import tempfile
 import time
 
@@ -18,6 +17,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from nvae_core.data_check import check_data, unreadable_images
+from nvae_platform.machine import cpu_model
 
 
 def write_folder(folder, files, suffix, seed=0):
@@ -30,14 +30,6 @@ def write_folder(folder, files, suffix, seed=0):
         Image.fromarray(photo[top:top + 218, left:left + 178]).save(os.path.join(folder, f"{i:06d}{suffix}"))
     with open(os.path.join(folder, f"corrupt{suffix}"), "wb") as f:
         f.write(os.urandom(2000))
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main():

@@ -12,7 +12,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -20,16 +19,9 @@ import time
 
 import torch
 
+from nvae_platform.machine import cpu_model
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cpu_model():
-    """The CPU's model name, as /proc/cpuinfo gives it (the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def training_seconds(folder):

@@ -12,7 +12,6 @@ is what synchronized BN did before it joined the fused path.
 """
 import argparse
 import os
-import platform
 import resource
 import socket
 import sys
@@ -25,6 +24,7 @@ from torch import nn
 
 from nvae_core import NVAE, PRESETS, TrainStep, layers, preset
 from nvae_core.layers import synchronize_batchnorm
+from nvae_platform.machine import cpu_model
 
 
 def _unfused_forward(self, x):
@@ -83,20 +83,12 @@ def measure(world, config, steps, fused):
     return sorted((queue.get() for _ in range(world)), key=lambda r: r["rank"])
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="cifar-small", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=3, help="training steps per worker")
     args = parser.parse_args(argv)
-    print(f"cpu: {_cpu_model()} ({os.cpu_count()} cores), ISA {torch.backends.cpu.get_cpu_capability()}, "
+    print(f"cpu: {cpu_model()} ({os.cpu_count()} cores), ISA {torch.backends.cpu.get_cpu_capability()}, "
           f"torch {torch.__version__}")
     print(f"{args.config}, per-worker batch {PRESETS[args.config]['batch_size']}, {args.steps} steps, 1 thread each")
     print(f"{'path':<9}{'workers':>8}{'peak RSS GB (per worker)':>28}{'step peak GB (per worker)':>29}")
