@@ -6,11 +6,12 @@
 Three ways to run the very same loop (worker_loop.run_worker: config, data, steps, validation,
 final evaluation, a checkpoint saved each epoch):
   script  in this process; each epoch's checkpoint is saved to a temporary folder and dropped;
-  trial   in this process as a study trial on a local Ray trains: checkpoints written to storage;
+  trial   as a study trial on a local Ray trains: in one Ray process (a task here, a Tune trial
+          actor in a study), checkpoints written to storage;
   train   Ray Train on one worker actor of a fresh local Ray: reports through its controller,
           checkpoints uploaded to storage and waited for.
-Each runs twice, with few and with many epochs; start-up and final evaluation cost the same both
-times, so (wall(many) - wall(few)) / (many - few) is the wall time of one epoch, and its excess
+After a warm-up run, each runs twice, with few and with many epochs; start-up and final
+evaluation cost the same both times, so (wall(many) - wall(few)) / (many - few) is the wall time of one epoch, and its excess
 over the script's is the platform's per-epoch overhead, also given as a share of a 30-second epoch.
 """
 import argparse
@@ -55,14 +56,23 @@ def script(cfg, options):
 
 
 def trial(cfg, options):
-    return run_in_this_process(cfg, options, lambda metrics: None).status
+    @ray.remote(num_cpus=options.cpus_per_worker)
+    def trial_process():
+        return run_in_this_process(cfg, options, lambda metrics: None).status
+
+    return _on_local_ray(options, lambda: ray.get(trial_process.remote()))
 
 
 def train(cfg, options):
+    return _on_local_ray(options, lambda: run_training(cfg, options).status)
+
+
+def _on_local_ray(options, fn):
+    """fn() on a fresh local Ray, as a study on this machine starts one."""
     ray.shutdown()
     init_ray(num_cpus=options.threads_per_worker, log_to_driver=False)
     try:
-        return run_training(cfg, options).status
+        return fn()
     finally:
         ray.shutdown()
 
@@ -85,6 +95,8 @@ def main(argv=None):
         parser.error(f"--epochs {few} {many}: expected 1 <= FEW < MANY")
     storage = tempfile.mkdtemp(prefix="nvae-overhead-")
     walls = {}
+    script(run_config(args.dataset, "smoke", epochs=1), run_options(args.dataset, "smoke", storage_path=storage,
+                                                                    name="warm-up"))  # first-use costs
     for epochs in (few, many):
         cfg = run_config(args.dataset, "smoke", epochs=epochs)
         for mode in (script, trial, train):
