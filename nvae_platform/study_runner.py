@@ -402,6 +402,9 @@ def run_study(study, settings, prepared=None):
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # Tune's own output engine prints its experiment table even at verbose=0; the legacy one is silent.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune saves which trials ended at most every 10 s by default; a driver killed sooner restarts them
+    # (they report their outcome files without training, but show as started again).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources(plan))
     path = plan.study_key  # the Tune experiment folder
     if tune.Tuner.can_restore(path):
