@@ -81,7 +81,7 @@ class NVAEConfig:
     seed: int = 0
     # runtime
     precision: str = "auto"
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC tensors: same maths, ~1.3-1.5x faster convs on CPU (oneDNN)
 
     def __post_init__(self):
         validate(self)

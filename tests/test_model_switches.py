@@ -222,7 +222,7 @@ CHANNELS_LAST_CASES = {
 
 def _twin_models(cfg):
     torch.manual_seed(0)
-    a = NVAE(cfg)
+    a = NVAE(cfg.replace(channels_last=False))
     b = NVAE(cfg.replace(channels_last=True))
     b.load_state_dict(a.state_dict())
     return a, b
