@@ -7,7 +7,8 @@ post-process cells the decoder's, with expansion 3 when separable (the authors' 
 """
 from torch import nn
 
-from .layers import FactorizedReduce, NormActConv, SqueezeExcite, UpsampleSkip, norm
+from .folded_eval import run_folded
+from .layers import BatchNorm2d, FactorizedReduce, NormActConv, SqueezeExcite, UpsampleSkip, norm
 
 
 def regular_branch(c_in, c_out, stride, cfg, expansion):
@@ -37,7 +38,8 @@ CELL_BRANCHES = {"regular": regular_branch, "separable": separable_branch}
 
 
 class Cell(nn.Module):
-    """skip(x) + 0.1 * branch(x), the branch ending in squeeze-excitation when enabled."""
+    """skip(x) + 0.1 * branch(x), the branch ending in squeeze-excitation when enabled. In eval mode
+    a batch-norm branch runs with its batch norms folded into its convs (folded_eval.py)."""
 
     def __init__(self, kind, c_in, c_out, stride, cfg, expansion=6):
         super().__init__()
@@ -45,6 +47,7 @@ class Cell(nn.Module):
         if cfg.use_se:
             layers.append(SqueezeExcite(c_out))
         self.branch = nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
+        self.folds = any(isinstance(m, BatchNorm2d) for m in self.branch.modules())
         if stride == 1:
             assert c_in == c_out, "a same-size cell keeps its channel count"
             self.skip = nn.Identity()
@@ -54,4 +57,5 @@ class Cell(nn.Module):
             self.skip = UpsampleSkip(c_in, c_out)
 
     def forward(self, x):
-        return self.skip(x) + 0.1 * self.branch(x)
+        branch = run_folded(self.branch, x) if self.folds and not self.training else self.branch(x)
+        return self.skip(x) + 0.1 * branch

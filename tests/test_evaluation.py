@@ -5,6 +5,7 @@ from conftest import tiny_batch, tiny_config
 from torch import nn
 
 from nvae_core import NVAE, TrainStep, active_units, importance_weighted_nll, sample_images
+from nvae_core.cells import Cell
 from nvae_core.distributions import Normal
 
 
@@ -172,18 +173,24 @@ def test_sample_images_with_readjustment(model, training):
 
 def test_sample_images_uses_readjusted_statistics(model):
     """With readjust_batches > 0 the samples use BN statistics averaged over the readjusting batches."""
-    bn = next(m for m in model.postprocess.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    cell = next(m for m in model.postprocess.modules() if isinstance(m, Cell))
+    bn = next(m for m in cell.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
     trained = bn.running_mean.clone()
     seen = []
 
-    def hook(module, inputs, output):
+    def hook(module, inputs, output):  # readjusting passes: BN runs as a module, in training mode
         seen.append((module.training, inputs[0].mean(dim=(0, 2, 3)), module.running_mean.clone()))
 
-    handle = bn.register_forward_hook(hook)
+    def cell_hook(module, inputs):  # the sampling pass folds BN into the convs: read its statistics here
+        if not module.training:
+            seen.append((bn.training, None, bn.running_mean.clone()))
+
+    handles = [bn.register_forward_hook(hook), cell.register_forward_pre_hook(cell_hook)]
     try:
         sample_images(model, 2, readjust_batches=3)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     assert [training for training, _, _ in seen] == [True, True, True, False]  # 3 readjusting, 1 sampling
     # The sampling pass used the cumulative average of the readjusting batches' means ...
     batch_means = torch.stack([mean for _, mean, _ in seen[:3]])
