@@ -8,6 +8,13 @@ A training step is the full one (forward, loss with KL balancing, SR and BN regu
 backward, Adamax); evaluation is forward + NELBO without gradients. Each figure is the median of
 --steps timed steps after --warmup steps. Every combination runs in a fresh process so that its
 peak memory (RSS on CPU, CUDA max allocated on GPU) is its own.
+
+Model FLOP utilisation (MFU) = FLOPs per step / step time / the matmul FLOP/s measured in the same
+process (a square matmul in the run's precision). FLOPs come from torch.utils.flop_counter on the
+eager model's forward pass (its convolutions and matmuls); a training step counts 3x that, the
+backward pass being a gradient of the input and one of the weights, each the forward's count
+(torch's counter multiplies a grouped convolution's backward by the group count, so it is not used
+there; the regularizers' power iterations add well under 1%).
 """
 import argparse
 import itertools
@@ -19,8 +26,12 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from nvae_core import NVAE, PRESETS, TrainStep, autocast, preset
+from nvae_platform.machine import cpu_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def fake_batch(cfg, batch, device):
@@ -48,6 +59,21 @@ def _median_seconds(fn, warmup, steps, device):
     return statistics.median(times)
 
 
+def matmul_flops_per_s(device, precision, n=2048, steps=5):
+    """The FLOP/s of an n x n matmul in the run's precision on this device (median of `steps`)."""
+    a = torch.randn(n, n, device=device, dtype=DTYPES[precision])
+    b = torch.randn(n, n, device=device, dtype=DTYPES[precision])
+    return 2 * n ** 3 / _median_seconds(lambda: a @ b, 2, steps, device)
+
+
+def count_flops(model, x, precision, device):
+    """(train, eval) FLOPs of one step of the eager model on x: 3x the forward pass, the forward pass."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(precision, device):
+        model(x)
+    forward = counter.get_total_flops()
+    return 3 * forward, forward
+
+
 def measure(config, device, precision, compiled, batch, warmup, steps, threads):
     """One combination, in this process: a dict of figures with self-describing keys."""
     if threads:
@@ -59,6 +85,9 @@ def measure(config, device, precision, compiled, batch, warmup, steps, threads):
     runner = torch.compile(model) if compiled else model
     x = fake_batch(cfg, cfg.batch_size, device)
     step = TrainStep(runner, steps_per_epoch=1000, device=device)
+    step(x)  # the first step (data-dependent init for weight-norm cells) before counting
+    train_flops, eval_flops = count_flops(model, x, precision, device)
+    peak_flops = matmul_flops_per_s(device, precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     train_s = _median_seconds(lambda: step(x), warmup, steps, device)
@@ -80,6 +109,9 @@ def measure(config, device, precision, compiled, batch, warmup, steps, threads):
             "parameters_millions": sum(p.numel() for p in model.parameters()) / 1e6,
             "train_images_per_s": cfg.batch_size / train_s, "train_step_s": train_s,
             "eval_images_per_s": cfg.batch_size / eval_s, "eval_step_s": eval_s, memory_key: peak_gb,
+            "train_gflop_per_step": train_flops / 1e9, "eval_gflop_per_step": eval_flops / 1e9,
+            "matmul_gflop_per_s": peak_flops / 1e9, "train_mfu": train_flops / train_s / peak_flops,
+            "eval_mfu": eval_flops / eval_s / peak_flops,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
@@ -120,7 +152,11 @@ def main(argv=None):
         parser.error("--precision fp16 needs --device cuda (fp16 training uses a CUDA gradient scaler)")
     compiled = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     rows = []
-    header = f"{'config':<18}{'prec':<6}{'compile':<9}{'batch':>6}{'train img/s':>13}{'eval img/s':>12}{'peak GB':>9}"
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model()
+    print(f"device: {device_name}; CPU: {cpu_model()}; ISA: {torch.backends.cpu.get_cpu_capability()}; "
+          f"torch {torch.__version__}; threads {args.threads or torch.get_num_threads()}")
+    header = (f"{'config':<18}{'prec':<6}{'compile':<9}{'batch':>6}{'train img/s':>13}{'eval img/s':>12}"
+              f"{'peak GB':>9}{'train MFU':>11}{'eval MFU':>10}{'matmul GFLOP/s':>16}")
     print(header)
     for config, precision, comp in itertools.product(args.config, args.precision, compiled):
         row = run_isolated(config=config, device=args.device, precision=precision, compiled=comp,
@@ -131,7 +167,8 @@ def main(argv=None):
             continue
         peak = row.get("peak_rss_gb", row.get("peak_cuda_allocated_gb"))
         print(f"{config:<18}{precision:<6}{comp!s:<9}{row['batch_size']:>6}{row['train_images_per_s']:>13.1f}"
-              f"{row['eval_images_per_s']:>12.1f}{peak:>9.2f}", flush=True)
+              f"{row['eval_images_per_s']:>12.1f}{peak:>9.2f}{row['train_mfu']:>11.1%}{row['eval_mfu']:>10.1%}"
+              f"{row['matmul_gflop_per_s']:>16.0f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
