@@ -12,7 +12,6 @@ status "diverged at step S"; the last good checkpoint stays.
 import json
 import math
 import os
-import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from . import fault_injection
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, SAMPLES_FILE
 from .failures import is_deterministic, read_failure, write_failure
 from .image_grid import save_grid
+from .machine import peak_memory_gb, reset_peak_memory
 from .measures import final_figures as _final_evaluation
 from .measures import nelbo_bpd as _evaluate_nelbo
 from .run_options import RunOptions
@@ -66,28 +66,6 @@ def _replica_spread(model):
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
     spread = high - low
     return spread[: params.numel()].max().item(), spread[params.numel():].max().item()
-
-
-def _reset_peak_memory(device):
-    """Start this run's peak memory from now: a study's trial process trains one trial after another."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: resets the process's peak resident set size (VmHWM)
-    except OSError:
-        pass  # elsewhere the process's peak since its start (ru_maxrss)
-
-
-def _peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # kB on Linux
 
 
 def _save_samples(model, cfg, path, options):
@@ -176,7 +154,7 @@ def set_up(cfg, options, session):
     """Data loaders (this rank's shards), the model and its train step, on this worker's device."""
     rank, world = _world()
     device = session.device()
-    _reset_peak_memory(device)
+    reset_peak_memory(device)  # a study's trial process trains one trial after another
     torch.set_num_threads(options.threads_per_worker)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     common = dict(data_dir=options.data_dir, download=options.download, seed=cfg.seed, image_size=cfg.image_size,
@@ -293,7 +271,7 @@ def validate(w):
     device_name = torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else "cpu"
     param_spread, bn_spread = _replica_spread(w.core)
     return dict(val_bpd=_evaluate_nelbo(w.model, w.test_loader, w.cfg, w.device, seed=w.cfg.seed + 7),
-                num_params=num_params, device=device_name, peak_memory_gb=_peak_memory_gb(w.device),
+                num_params=num_params, device=device_name, peak_memory_gb=peak_memory_gb(w.device),
                 replica_param_spread=param_spread, replica_bn_spread=bn_spread,
                 worker_nodes=len(w.nodes.split(",")), nodes=w.nodes, start_epoch=w.start_epoch,
                 set_aside_checkpoints=",".join(w.options.set_aside_checkpoints), **_data_fields(w))

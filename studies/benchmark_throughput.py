@@ -20,7 +20,6 @@ import argparse
 import itertools
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nvae_core import NVAE, PRESETS, TrainStep, autocast, preset
-from nvae_platform.machine import cpu_model
+from nvae_platform.machine import cpu_model, peak_memory_gb, reset_peak_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,8 +87,7 @@ def measure(config, device, precision, compiled, batch, warmup, steps, threads):
     step(x)  # the first step (data-dependent init for weight-norm cells) before counting
     train_flops, eval_flops = count_flops(model, x, precision, device)
     peak_flops = matmul_flops_per_s(device, precision)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)  # the peak of the timed steps, not of the counting above
     train_s = _median_seconds(lambda: step(x), warmup, steps, device)
 
     def evaluate():
@@ -98,12 +96,8 @@ def measure(config, device, precision, compiled, batch, warmup, steps, threads):
 
     runner.eval()
     eval_s = _median_seconds(evaluate, warmup, steps, device)
-    if device.type == "cuda":
-        peak_gb = torch.cuda.max_memory_allocated() / 1e9
-        memory_key = "peak_cuda_allocated_gb"
-    else:
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-        memory_key = "peak_rss_gb"
+    peak_gb = peak_memory_gb(device)
+    memory_key = "peak_cuda_allocated_gb" if device.type == "cuda" else "peak_rss_gb"
     return {"config": config, "device": str(device), "precision": precision,
             "compiled": compiled, "batch_size": cfg.batch_size, "threads": torch.get_num_threads(),
             "parameters_millions": sum(p.numel() for p in model.parameters()) / 1e6,
