@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-from .cpu_heap import keep_freed_memory
 from .layers import request_data_init
 from .objective import nvae_loss
 from .optim import Adamax
@@ -80,8 +79,6 @@ class TrainStep:
         self.model, self.core, self.cfg = model, core, core.cfg
         self.device = torch.device(device)
         check_precision(self.cfg.precision, self.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
         self.precision = resolve_precision(self.cfg.precision, self.device)
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = self.cfg.epochs * steps_per_epoch
