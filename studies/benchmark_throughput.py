@@ -28,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nvae_core import NVAE, PRESETS, TrainStep, autocast, preset
-from nvae_platform.machine import cpu_model, peak_memory_gb, reset_peak_memory
+from nvae_platform.machine import cpu_model, peak_memory_gb
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,10 +84,8 @@ def measure(config, device, precision, compiled, batch, warmup, steps, threads):
     runner = torch.compile(model) if compiled else model
     x = fake_batch(cfg, cfg.batch_size, device)
     step = TrainStep(runner, steps_per_epoch=1000, device=device)
-    step(x)  # the first step (data-dependent init for weight-norm cells) before counting
-    train_flops, eval_flops = count_flops(model, x, precision, device)
-    peak_flops = matmul_flops_per_s(device, precision)
-    reset_peak_memory(device)  # the peak of the timed steps, not of the counting above
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     train_s = _median_seconds(lambda: step(x), warmup, steps, device)
 
     def evaluate():
@@ -96,7 +94,9 @@ def measure(config, device, precision, compiled, batch, warmup, steps, threads):
 
     runner.eval()
     eval_s = _median_seconds(evaluate, warmup, steps, device)
-    peak_gb = peak_memory_gb(device)
+    peak_gb = peak_memory_gb(device)  # read before the FLOP count and the matmul probe, which are not the model's
+    train_flops, eval_flops = count_flops(model, x, precision, device)
+    peak_flops = matmul_flops_per_s(device, precision)
     memory_key = "peak_cuda_allocated_gb" if device.type == "cuda" else "peak_rss_gb"
     return {"config": config, "device": str(device), "precision": precision,
             "compiled": compiled, "batch_size": cfg.batch_size, "threads": torch.get_num_threads(),
