@@ -10,7 +10,7 @@ Same function; only the float rounding differs (about 1e-6 relative).
 import torch
 import torch.nn.functional as F
 
-from .layers import BatchNorm2d, NormActConv, elu, upsample2
+from .layers import BatchNorm2d, NormActConv, _activate, upsample2
 
 
 def bn_affine(bn):
@@ -24,13 +24,6 @@ def _folds_input(unit):
     conv = unit.conv
     return (unit.act == "none" and not unit.upsample and conv.groups == 1 and conv.padding == (0, 0)
             and conv.kernel_size == (1, 1))
-
-
-def _activate_(name, h, fresh):
-    """The unit's activation, in place when h is a temporary of this pass."""
-    if name == "swish":
-        return F.silu(h, inplace=fresh)
-    return elu(h) if name == "elu" else h
 
 
 def run_folded(layers, x):
@@ -56,7 +49,7 @@ def run_folded(layers, x):
                 h = F.batch_norm(h, unit.bn.running_mean, unit.bn.running_var, unit.bn.weight, unit.bn.bias,
                                  False, 0.0, unit.bn.eps)
                 fresh = True
-        h = _activate_(unit.act, h, fresh)
+        h = _activate(unit.act, h, inplace=fresh)  # in place only on a temporary of this pass
         if unit.upsample:
             h = upsample2(h)
         after = layers[i + 1] if i + 1 < len(layers) else None

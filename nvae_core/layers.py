@@ -98,8 +98,9 @@ class ELU(nn.Module):
         return elu(x)
 
 
-def _activate(name, y):
-    return F.silu(y) if name == "swish" else elu(y) if name == "elu" else y
+def _activate(name, y, inplace=False):
+    """The named activation of y; Swish in place when asked (y a temporary of the caller's)."""
+    return F.silu(y, inplace=inplace) if name == "swish" else elu(y) if name == "elu" else y
 
 
 def _activation_backward(name, grad, y):
@@ -233,7 +234,7 @@ class _NormActConvFn(torch.autograd.Function):
             y, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True,
                                                       factor, eps)
             count = None
-        a = F.silu(y, inplace=True) if act == "swish" else _activate(act, y)
+        a = _activate(act, y, inplace=True)
         out = F.conv2d(upsample2(a) if upsample else a, weight, bias, stride, padding, 1, groups)
         ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
         ctx.settings = (eps, count, act, upsample, stride, padding, groups, bias is not None, out.dtype)
