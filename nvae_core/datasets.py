@@ -8,6 +8,7 @@ request), "image-folder" reads any folder of images. When files are missing, one
 DatasetNotFoundError says where they were looked for and the ways out.
 """
 import functools
+import importlib.util
 import os
 from pathlib import Path
 
@@ -98,10 +99,18 @@ def _seeded_split(n, n_test, split, seed):
 
 @functools.lru_cache(maxsize=1)
 def _digits_array():
-    """All 1797 digits as a read-only float32 array N x 64 in [0, 1] (loaded once per process)."""
-    from sklearn.datasets import load_digits
+    """All 1797 digits as a read-only float32 array N x 64 in [0, 1] (loaded once per process), read
+    from the file scikit-learn ships them in, as its load_digits does: importing scikit-learn takes
+    about 1 s, paid by every new trial process of a smoke study."""
+    sklearn = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    path = os.path.join(sklearn.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    if not os.path.exists(path):  # a scikit-learn that keeps the file elsewhere
+        from sklearn.datasets import load_digits
 
-    images = load_digits().data.astype(np.float32) / DIGITS_LEVELS
+        pixels = load_digits().data
+    else:
+        pixels = np.loadtxt(path, delimiter=",")[:, :-1]  # each row: 64 pixels, then the label
+    images = pixels.astype(np.float32) / DIGITS_LEVELS
     images.flags.writeable = False
     return images
 

@@ -28,6 +28,21 @@ def test_splits_are_disjoint_and_cover_the_data():
     assert sorted(map(tuple, everything.tolist())) == sorted(map(tuple, raw.tolist()))
 
 
+def test_digits_are_read_from_scikit_learns_file_without_importing_it():
+    """The digits come from the file load_digits reads, equal to its images, and a new process that
+    loads them has not imported scikit-learn (about 1 s of every smoke trial process's start)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from nvae_core.datasets import _digits_array
+
+    assert torch.equal(torch.from_numpy(_digits_array()), torch.from_numpy(load_digits().data).float() / 16)
+    code = "import sys; from nvae_core.datasets import digits; digits('train'); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 def test_values_are_intensities_over_16():
     """Values lie in [0, 1] on the grid k/16, reaching both ends."""
     x = digits("train")
