@@ -7,6 +7,7 @@ from nvae_core.datasets import DatasetNotFoundError
 
 from .defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path
 from .preflight import CommandLine, at_least
+from .process_exit import exit_with
 from .scales import SCALES
 from .study_runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
 from .tracking import StoreWriteError
@@ -113,5 +114,5 @@ def main(study, argv=None):
 
 
 def run(study):
-    """Entry point of a study script: sys.exit(main(study))."""
-    sys.exit(main(study))
+    """Entry point of a study script: exit with main(study)'s code."""
+    exit_with(main(study))

@@ -25,6 +25,7 @@ from nvae_core.datasets import DatasetNotFoundError
 from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path, default_tracking_uri
 from nvae_platform.preflight import CommandLine, at_least, check_local_resources, check_resources, check_storage
+from nvae_platform.process_exit import exit_with
 from nvae_platform.scales import SCALES, run_config, run_options
 from nvae_platform.study_cli import parse_pairs, parse_value
 from nvae_platform.tracking import StoreWriteError, check_tracking_uri
@@ -133,4 +134,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
