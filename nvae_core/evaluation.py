@@ -24,7 +24,8 @@ def importance_weighted_nll(model, x, num_samples, max_batch=256):
     """-log p(x) in nats per example, from num_samples importance samples of the posterior:
     -(logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K).
 
-    Samples are drawn in chunks of at most max_batch images, so K = 1000 fits in memory.
+    Samples are drawn in chunks of at most max_batch images, so K = 1000 fits in memory; each chunk
+    runs the encoder once on x and the decoder on all its samples (NVAE.forward's repeats).
     """
     batch = x.shape[0]
     per_chunk = max(1, max_batch // batch)
@@ -32,7 +33,7 @@ def importance_weighted_nll(model, x, num_samples, max_batch=256):
     with eval_mode(model):
         while done < num_samples:
             k = min(per_chunk, num_samples - done)
-            result = model(x.repeat(k, 1, 1, 1))
+            result = model(x, repeats=k)
             log_w = (-result.recon_nll - result.log_q + result.log_p).view(k, batch)
             chunk = torch.logsumexp(log_w.double(), dim=0)
             total = chunk if total is None else torch.logaddexp(total, chunk)

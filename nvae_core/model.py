@@ -167,8 +167,15 @@ class NVAE(nn.Module):
                 s = self.decoder_up[up](s)
         return self.output_head(self.postprocess(s))
 
-    def forward(self, x):
+    def forward(self, x, repeats=1):
+        """The posterior pass on x. With repeats > 1, the result for x.repeat(repeats, 1, 1, 1): the
+        bottom-up pass, which draws no samples, runs once on x and its features are repeated, so
+        importance sampling pays only the top-down pass per sample."""
         features = self.encode(x)
+        if repeats > 1:
+            layout = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+            features = [f.repeat(repeats, 1, 1, 1).contiguous(memory_format=layout) for f in features]
+            x = x.repeat(repeats, 1, 1, 1)
         stats = []
 
         def posterior_step(index, group, s):

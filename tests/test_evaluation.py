@@ -219,3 +219,20 @@ def test_training_is_deterministic_under_a_seed():
     torch.manual_seed(42)
     fresh = NVAE(cfg).state_dict()
     assert any(not torch.equal(fresh[k], states[0][k]) for k in fresh if fresh[k].is_floating_point())
+
+
+@pytest.mark.parametrize("flows", [0, 1])
+def test_repeats_is_the_pass_on_the_repeated_batch(flows):
+    """forward(x, repeats=k) (one encoder pass, features repeated) equals forward on x repeated k
+    times under the same seed: every output, with and without flows (which read the features)."""
+    torch.manual_seed(0)
+    model = NVAE(tiny_config(num_flows=flows)).eval()
+    x = tiny_batch(model.cfg, 3, seed=5)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        repeated = model(x.repeat(4, 1, 1, 1))
+        torch.manual_seed(11)
+        shared = model(x, repeats=4)
+    assert shared.output.shape == repeated.output.shape == (12, *repeated.output.shape[1:])
+    for name in ("output", "recon_nll", "kl", "log_q", "log_p"):
+        assert torch.allclose(getattr(shared, name), getattr(repeated, name), rtol=1e-5, atol=1e-4), name
