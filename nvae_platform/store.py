@@ -9,6 +9,7 @@ retried, and an experiment created by another process at the same moment is foun
 import contextlib
 import fcntl
 import os
+import threading
 import time
 
 from mlflow.exceptions import MlflowException
@@ -66,6 +67,20 @@ class StoreClient:
             return method(*args, **kwargs)
 
         return call
+
+
+def open_in_background(tracking_uri):
+    """Start opening the store in a thread and return it (join it before the store is used). MLflow
+    keeps the opened store for the process, so the next StoreClient is immediate: creating a new
+    SQLite store's schema takes about 2 s, which can overlap a local Ray's start. An error is left for
+    that next StoreClient to raise and report."""
+    def open_store():
+        with contextlib.suppress(Exception):
+            StoreClient(tracking_uri)
+
+    thread = threading.Thread(target=open_store, name="open-mlflow-store", daemon=True)
+    thread.start()
+    return thread
 
 
 def experiment_id(client, name, artifact_location=None):
