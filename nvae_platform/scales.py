@@ -43,7 +43,10 @@ def run_config(dataset, scale, model=None, **overrides):
 def run_options(dataset, scale, **overrides):
     """RunOptions for a scale: CPU workers and a quick evaluation for smoke, GPUs beyond."""
     if scale == "smoke":
-        base = dict(workers=1, iw_samples=10, max_test_images=256, eval_batch_size=64, sample_count=8)
+        # The tiny model's evaluation is per-call bound: its 256 test images go in one batch, and
+        # the importance samples in chunks of 1024 images.
+        base = dict(workers=1, iw_samples=10, max_test_images=256, eval_batch_size=256, iw_max_batch=1024,
+                    sample_count=8)
     elif scale == "small":
         base = dict(workers=1, gpus_per_worker=1.0, cpus_per_worker=4.0, iw_samples=100, loader_workers=2,
                     bn_readjust_batches=20)

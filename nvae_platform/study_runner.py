@@ -31,7 +31,7 @@ from .study import trial_key
 from .study_plan import StudyPlan, StudySettings, estimated_work, plan_study
 from .study_trial import run_trial
 from .tracking import STORE_ERRORS, MlflowTracker, check_tracking_uri, status_of
-from .training_run import cluster_address, init_ray
+from .training_run import cluster_address, init_ray, shutdown_ray
 
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
 # workers, and reserves the memory it does use (Ray rejects an empty request).
@@ -181,7 +181,7 @@ def prepare_study(study, settings):
     try:
         return plan, _default_concurrency(plan, settings, joined)
     except ValueError:
-        ray.shutdown()
+        shutdown_ray()
         raise
 
 

@@ -1,4 +1,5 @@
 """One NVAE configuration trained by Ray Train's TorchTrainer on N workers, with recovery."""
+import atexit
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from .checkpoints import (
     storage_uri,
 )
 from .failures import clear_failure, read_failure, reason
-from .ray_internals import find_cluster
+from .ray_internals import find_cluster, stop_autoscaler_monitor
 from .resume import choose_resume
 from .run_options import RunOptions
 from .worker_loop import train_in_trial, train_loop_per_worker
@@ -117,7 +118,15 @@ def init_ray(address=None, num_cpus=None, **kwargs):
     ray.init(address=address, **kwargs)
     if not joined:
         _LOCAL_RAY.add(ray.get_runtime_context().gcs_address)
+        atexit.register(shutdown_ray)  # runs before ray.init's own handler, which then has nothing to do
     return joined
+
+
+def shutdown_ray():
+    """ray.shutdown, 1 s sooner for a local Ray (see stop_autoscaler_monitor)."""
+    if ray.is_initialized():
+        stop_autoscaler_monitor()
+    ray.shutdown()
 
 
 _LOCAL_RAY = set()  # GCS addresses of the local Rays this process started
@@ -179,4 +188,4 @@ def _failure(error, run_folder):
 
 
 __all__ = ["CHECKPOINT_FILE", "RunOptions", "RunResult", "cluster_address", "failed_run", "init_ray", "make_trainer",
-           "prepare_run", "run_in_this_process", "run_training", "summarize"]
+           "prepare_run", "run_in_this_process", "run_training", "shutdown_ray", "summarize"]

@@ -26,7 +26,7 @@ import torch
 
 from nvae_platform.machine import cpu_model
 from nvae_platform.scales import run_config, run_options
-from nvae_platform.training_run import init_ray, prepare_run, run_in_this_process, run_training
+from nvae_platform.training_run import init_ray, prepare_run, run_in_this_process, run_training, shutdown_ray
 from nvae_platform.worker_loop import run_worker
 
 EPOCH_SECONDS = 30.0  # the epoch length the overhead target is stated for
@@ -69,12 +69,12 @@ def train(cfg, options):
 
 def _on_local_ray(options, fn):
     """fn() on a fresh local Ray, as a study on this machine starts one."""
-    ray.shutdown()
+    shutdown_ray()
     init_ray(num_cpus=options.threads_per_worker, log_to_driver=False)
     try:
         return fn()
     finally:
-        ray.shutdown()
+        shutdown_ray()
 
 
 def timed(fn, *args):

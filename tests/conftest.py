@@ -49,12 +49,12 @@ def local_ray():
     """A local Ray on this machine's 2 cores for one test module (imported here, so unit tests stay Ray-free)."""
     import ray
 
-    from nvae_platform.training_run import init_ray
+    from nvae_platform.training_run import init_ray, shutdown_ray
 
     ray.shutdown()
     init_ray(num_cpus=2, log_to_driver=False)
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +66,7 @@ def finished_study(tmp_path_factory):
 
     from nvae_platform.study import Factor, Study
     from nvae_platform.study_runner import StudySettings, run_study
-    from nvae_platform.training_run import init_ray
+    from nvae_platform.training_run import init_ray, shutdown_ray
 
     study = Study(
         name="test_study", description="two activations x a sane and an absurd learning rate",
@@ -82,7 +82,7 @@ def finished_study(tmp_path_factory):
         outcome = run_study(study, StudySettings(storage_path=str(folder / "runs"), tracking_uri=uri,
                                                  cpus_per_worker=0.5, max_concurrent=4))
     finally:
-        ray.shutdown()
+        shutdown_ray()
     return outcome, uri
 
 

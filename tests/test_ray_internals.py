@@ -8,7 +8,9 @@ import pytest
 @pytest.mark.parametrize("module, name", [("ray._private.services", "canonicalize_bootstrap_address"),
                                           ("ray.tune.result", "AUTO_RESULT_KEYS"),
                                           ("ray.train.v2._internal.constants", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME"),
-                                          ("ray._private.worker", "print_to_stdstream")])
+                                          ("ray._private.worker", "print_to_stdstream"),
+                                          ("ray._private.worker", "_global_node"),
+                                          ("ray._private.ray_constants", "PROCESS_TYPE_MONITOR")])
 def test_the_private_ray_symbol_still_exists(module, name):
     assert hasattr(importlib.import_module(module), name), (
         f"Ray {importlib.import_module('ray').__version__} no longer has {module}.{name}: "
@@ -41,3 +43,24 @@ def test_the_driver_prints_ray_output_through_the_function_it_finds_at_call_time
     assert list(inspect.signature(worker.print_to_stdstream).parameters) == ["data", "ignore_prefix"]
     source = inspect.getsource(worker)
     assert "functools.partial(print_to_stdstream," in source and "print_to_stdstream(\n" in source
+
+
+def test_shutdown_ray_stops_a_local_ray_and_its_monitor(monkeypatch):
+    """A local Ray started by init_ray has an autoscaler monitor among its processes; shutdown_ray
+    leaves none of its processes running."""
+    import ray
+    from ray._private import ray_constants
+
+    from nvae_platform.training_run import init_ray, shutdown_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=1)
+    processes = ray._private.worker._global_node.all_processes
+    monitor = processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
+    everything = [info.process for infos in processes.values() for info in infos]
+    shutdown_ray()
+    assert not ray.is_initialized()
+    assert monitor.poll() is not None
+    assert all(p.poll() is not None for p in everything)
