@@ -1,7 +1,7 @@
 """What the platform adds to each epoch of a run, against the same loop as a plain script.
 
-    python studies/benchmark_platform_overhead.py                      # digits, 2 and 12 epochs
-    python studies/benchmark_platform_overhead.py --epochs 4 24 --json overhead.json
+    python studies/benchmark_platform_overhead.py                      # digits, 2 and 12 epochs, 2 rounds
+    python studies/benchmark_platform_overhead.py --epochs 4 24 --rounds 3 --json overhead.json
 
 Three ways to run the very same loop (worker_loop.run_worker: config, data, steps, validation,
 final evaluation, a checkpoint saved each epoch):
@@ -10,17 +10,24 @@ final evaluation, a checkpoint saved each epoch):
           actor in a study), checkpoints written to storage;
   train   Ray Train on one worker actor of a fresh local Ray: reports through its controller,
           checkpoints uploaded to storage and waited for.
-After a warm-up run, each runs twice, with few and with many epochs; start-up and final
-evaluation cost the same both times, so (wall(many) - wall(few)) / (many - few) is the wall time of one epoch, and its excess
-over the script's is the platform's per-epoch overhead, also given as a share of a 30-second epoch.
+After a warm-up run, each round runs every mode with few and with many epochs, modes alternating.
+Start-up and final evaluation cost the same both times, so (wall(many) - wall(few)) / (many - few)
+is the wall time of one epoch. It splits into the training pass (the loop's own epoch_seconds) and
+the rest (validation, checkpoint, report, commit wait). A platform can cost in both ways: a fixed
+time per epoch (the rest, over the script's) and a slower training pass (Ray's processes taking CPU
+from the loop, which grows with the epoch). The overhead of a 30-second epoch is therefore
+(pass / script's pass - 1) x 30 s + (rest - script's rest), medians over the rounds.
 """
 import argparse
+import contextlib
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
 
+import psutil
 import ray
 import torch
 
@@ -33,7 +40,10 @@ EPOCH_SECONDS = 30.0  # the epoch length the overhead target is stated for
 
 
 class ScriptSession:
-    """A plain script: the loop's reports and checkpoints go nowhere."""
+    """A plain script: the loop's checkpoints go nowhere; its reports are kept."""
+
+    def __init__(self):
+        self.reports = []
 
     def device(self):
         return torch.device("cpu")
@@ -45,26 +55,34 @@ class ScriptSession:
         return None
 
     def report(self, metrics, folder=None):
-        pass
+        self.reports.append(metrics)
 
     def wait_committed(self):
         pass
 
 
+def _training_seconds(reports):
+    return sum(m.get("epoch_seconds", 0.0) for m in reports)
+
+
 def script(cfg, options):
-    return run_worker(cfg, prepare_run(cfg, options), ScriptSession())
+    session = ScriptSession()
+    run_worker(cfg, prepare_run(cfg, options), session)
+    return _training_seconds(session.reports)
 
 
 def trial(cfg, options):
     @ray.remote(num_cpus=options.cpus_per_worker)
     def trial_process():
-        return run_in_this_process(cfg, options, lambda metrics: None).status
+        reports = []
+        run_in_this_process(cfg, options, reports.append)
+        return _training_seconds(reports)
 
     return _on_local_ray(options, lambda: ray.get(trial_process.remote()))
 
 
 def train(cfg, options):
-    return _on_local_ray(options, lambda: run_training(cfg, options).status)
+    return _on_local_ray(options, lambda: _training_seconds(run_training(cfg, options).history))
 
 
 def _on_local_ray(options, fn):
@@ -77,45 +95,94 @@ def _on_local_ray(options, fn):
         shutdown_ray()
 
 
+def idle_ray_share(threads, seconds=20.0):
+    """The share of one core that an idle local Ray's processes (its daemons and idle workers: every
+    process this one started) use, over `seconds` after its start-up: a floor under the training
+    pass's slow-down wherever the loop uses every core."""
+    def cpu_seconds():
+        times = {}
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                t = child.cpu_times()
+                times[child.pid] = t.user + t.system
+        return times
+
+    shutdown_ray()
+    init_ray(num_cpus=threads, log_to_driver=False)
+    try:
+        time.sleep(5.0)  # its start-up over
+        before = cpu_seconds()
+        time.sleep(seconds)
+        after = cpu_seconds()
+    finally:
+        shutdown_ray()
+    return sum(after[pid] - before[pid] for pid in after if pid in before) / seconds
+
+
 def timed(fn, *args):
+    """(wall seconds, training seconds) of fn(*args), which returns the training seconds."""
     start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
+    training = fn(*args)
+    return time.perf_counter() - start, training
+
+
+MODES = (script, trial, train)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--epochs", type=int, nargs=2, default=(2, 12), metavar=("FEW", "MANY"))
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     few, many = args.epochs
     if not 1 <= few < many:
         parser.error(f"--epochs {few} {many}: expected 1 <= FEW < MANY")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: expected at least 1")
     storage = tempfile.mkdtemp(prefix="nvae-overhead-")
-    walls = {}
     script(run_config(args.dataset, "smoke", epochs=1), run_options(args.dataset, "smoke", storage_path=storage,
                                                                     name="warm-up"))  # first-use costs
-    for epochs in (few, many):
-        cfg = run_config(args.dataset, "smoke", epochs=epochs)
-        for mode in (script, trial, train):
-            options = run_options(args.dataset, "smoke", workers=1, cpus_per_worker=float(args.threads),
-                                  threads_per_worker=args.threads, storage_path=storage,
-                                  name=f"{mode.__name__}-{epochs}")
-            walls[mode.__name__, epochs] = timed(mode, cfg, options)
-            print(f"{mode.__name__:>6}, {epochs:>3} epochs: {walls[mode.__name__, epochs]:.1f} s", flush=True)
-    per_epoch = {mode: (walls[mode, many] - walls[mode, few]) / (many - few) for mode in ("script", "trial", "train")}
-    row = {"dataset": args.dataset, "epochs": [few, many], "threads": args.threads,
+    per_epoch = {m.__name__: {"pass": [], "rest": []} for m in MODES}
+    for round_ in range(args.rounds):
+        runs = {}
+        for epochs in (few, many):
+            cfg = run_config(args.dataset, "smoke", epochs=epochs)
+            for mode in MODES:
+                options = run_options(args.dataset, "smoke", workers=1, cpus_per_worker=float(args.threads),
+                                      threads_per_worker=args.threads, storage_path=storage,
+                                      name=f"{mode.__name__}-{epochs}-{round_}")
+                runs[mode.__name__, epochs] = timed(mode, cfg, options)
+                wall, training = runs[mode.__name__, epochs]
+                print(f"round {round_ + 1}: {mode.__name__:>6}, {epochs:>3} epochs: {wall:.1f} s "
+                      f"({training:.1f} s training)", flush=True)
+        for name in per_epoch:
+            (wall_few, pass_few), (wall_many, pass_many) = runs[name, few], runs[name, many]
+            epoch_pass = (pass_many - pass_few) / (many - few)
+            per_epoch[name]["pass"].append(epoch_pass)
+            per_epoch[name]["rest"].append((wall_many - wall_few) / (many - few) - epoch_pass)
+    median = {name: {part: statistics.median(values) for part, values in parts.items()}
+              for name, parts in per_epoch.items()}
+    row = {"dataset": args.dataset, "epochs": [few, many], "rounds": args.rounds, "threads": args.threads,
            "cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(),
-           "wall_s": {f"{m}_{e}": round(w, 2) for (m, e), w in walls.items()},
-           "epoch_s": {m: round(s, 3) for m, s in per_epoch.items()}}
-    for mode in ("trial", "train"):
-        extra = per_epoch[mode] - per_epoch["script"]
-        row[f"{mode}_overhead_per_epoch_s"] = round(extra, 3)
-        row[f"{mode}_overhead_of_30s_epoch"] = round(extra / EPOCH_SECONDS, 4)
-        print(f"{mode}: {extra:+.3f} s per epoch over the script's {per_epoch['script']:.2f} s "
-              f"({extra / per_epoch['script']:+.1%} here; {extra / EPOCH_SECONDS:+.2%} of a {EPOCH_SECONDS:.0f}-second epoch)")
+           "per_epoch_s": {name: {part: [round(v, 3) for v in values] for part, values in parts.items()}
+                           for name, parts in per_epoch.items()}}
+    base = median["script"]
+    print(f"script: training pass {base['pass']:.2f} s, the rest {base['rest']:.3f} s per epoch "
+          f"(medians of {args.rounds} rounds)")
+    for name in ("trial", "train"):
+        slower = median[name]["pass"] / base["pass"] - 1
+        fixed = median[name]["rest"] - base["rest"]
+        share = (slower * EPOCH_SECONDS + fixed) / EPOCH_SECONDS
+        row[name] = {"pass_slower": round(slower, 4), "rest_over_script_s": round(fixed, 3),
+                     "overhead_of_30s_epoch": round(share, 4)}
+        print(f"{name}: training pass {slower:+.1%}, the rest {fixed:+.3f} s per epoch over the script's: "
+              f"{share:+.2%} of a {EPOCH_SECONDS:.0f}-second epoch")
+    row["idle_ray_core_share"] = round(idle_ray_share(args.threads), 4)
+    print(f"an idle local Ray's processes use {row['idle_ray_core_share']:.1%} of a core "
+          f"({row['idle_ray_core_share'] / args.threads:.1%} of the {args.threads} the loop runs on)")
     print(f"CPU {row['cpu']}, ISA {row['isa']}")
     if args.json:
         with open(args.json, "w") as f:
