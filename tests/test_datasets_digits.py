@@ -38,7 +38,7 @@ def test_digits_are_read_from_scikit_learns_file_without_importing_it():
 
     from nvae_core.datasets import _digits_array
 
-    assert torch.equal(torch.from_numpy(_digits_array()), torch.from_numpy(load_digits().data).float() / 16)
+    assert torch.equal(torch.tensor(_digits_array()), torch.from_numpy(load_digits().data).float() / 16)
     code = "import sys; from nvae_core.datasets import digits; digits('train'); print('sklearn' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
