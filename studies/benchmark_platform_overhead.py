@@ -17,14 +17,20 @@ the rest (validation, checkpoint, report, commit wait). A platform can cost in b
 time per epoch (the rest, over the script's) and a slower training pass (Ray's processes taking CPU
 from the loop, which grows with the epoch). The overhead of a 30-second epoch is therefore
 (pass / script's pass - 1) x 30 s + (rest - script's rest), medians over the rounds.
+
+The pass's part is the noisier, so the CPU that Ray's processes other than the loop's use while it
+trains (the many-epoch runs, start-up and final evaluation left out) is measured directly, and that
+of an idle local Ray: on a machine whose loop uses every core, that share is what the pass loses.
 """
 import argparse
 import contextlib
 import json
+import math
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import psutil
@@ -95,35 +101,76 @@ def _on_local_ray(options, fn):
         shutdown_ray()
 
 
-def idle_ray_share(threads, seconds=20.0):
-    """The share of one core that an idle local Ray's processes (its daemons and idle workers: every
-    process this one started) use, over `seconds` after its start-up: a floor under the training
-    pass's slow-down wherever the loop uses every core."""
-    def cpu_seconds():
-        times = {}
-        for child in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                t = child.cpu_times()
-                times[child.pid] = t.user + t.system
-        return times
+def _cpu_seconds_of_children():
+    """{pid: CPU seconds} of every process this one started (a local Ray's daemons and workers)."""
+    times = {}
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            t = child.cpu_times()
+            times[child.pid] = t.user + t.system
+    return times
 
+
+def _busy_share(before, after, seconds, but_busiest=False):
+    """Cores' worth of CPU the processes in both samples used between them, optionally leaving out
+    the busiest one (the process that runs the loop)."""
+    used = sorted(after[pid] - before[pid] for pid in after if pid in before)
+    return sum(used[:-1] if but_busiest and used else used) / seconds
+
+
+def idle_ray_share(threads, seconds=20.0):
+    """The share of one core that an idle local Ray's processes (its daemons and idle workers) use,
+    over `seconds` after its start-up: a floor under the training pass's slow-down wherever the
+    loop uses every core."""
     shutdown_ray()
     init_ray(num_cpus=threads, log_to_driver=False)
     try:
         time.sleep(5.0)  # its start-up over
-        before = cpu_seconds()
+        before = _cpu_seconds_of_children()
         time.sleep(seconds)
-        after = cpu_seconds()
+        return _busy_share(before, _cpu_seconds_of_children(), seconds)
     finally:
         shutdown_ray()
-    return sum(after[pid] - before[pid] for pid in after if pid in before) / seconds
+
+
+class RayShareMeter:
+    """While a run goes on, the CPU that the local Ray's processes other than the loop's use: sampled
+    every second in a thread; share() is taken between `skip` seconds after the start and the
+    last sample, leaving start-up and the final evaluation out."""
+
+    def __init__(self, skip=15.0):
+        self.skip, self.samples, self.stop = skip, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        start = time.perf_counter()
+        while not self.stop.wait(1.0):
+            if time.perf_counter() - start >= self.skip:
+                self.samples.append((time.perf_counter(), _cpu_seconds_of_children()))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def share(self, tail=3):
+        """Cores' worth used by Ray's other processes, or None when the run was too short to tell."""
+        if len(self.samples) < tail + 2:
+            return None
+        (t0, first), (t1, last) = self.samples[0], self.samples[-1 - tail]  # the final evaluation left out
+        return _busy_share(first, last, t1 - t0, but_busiest=True)
 
 
 def timed(fn, *args):
-    """(wall seconds, training seconds) of fn(*args), which returns the training seconds."""
+    """(wall seconds, training seconds, Ray's other processes' CPU in cores or None) of fn(*args),
+    which returns the training seconds."""
     start = time.perf_counter()
-    training = fn(*args)
-    return time.perf_counter() - start, training
+    with RayShareMeter() as meter:
+        training = fn(*args)
+    return time.perf_counter() - start, training, meter.share()
 
 
 MODES = (script, trial, train)
@@ -146,6 +193,7 @@ def main(argv=None):
     script(run_config(args.dataset, "smoke", epochs=1), run_options(args.dataset, "smoke", storage_path=storage,
                                                                     name="warm-up"))  # first-use costs
     per_epoch = {m.__name__: {"pass": [], "rest": []} for m in MODES}
+    ray_shares = {"trial": [], "train": []}  # cores' worth used by Ray's processes beside the loop's
     for round_ in range(args.rounds):
         runs = {}
         for epochs in (few, many):
@@ -154,8 +202,10 @@ def main(argv=None):
                 options = run_options(args.dataset, "smoke", workers=1, cpus_per_worker=float(args.threads),
                                       threads_per_worker=args.threads, storage_path=storage,
                                       name=f"{mode.__name__}-{epochs}-{round_}")
-                runs[mode.__name__, epochs] = timed(mode, cfg, options)
-                wall, training = runs[mode.__name__, epochs]
+                wall, training, ray_share = timed(mode, cfg, options)
+                runs[mode.__name__, epochs] = wall, training
+                if ray_share is not None and mode is not script and epochs == many:
+                    ray_shares[mode.__name__].append(ray_share)
                 print(f"round {round_ + 1}: {mode.__name__:>6}, {epochs:>3} epochs: {wall:.1f} s "
                       f"({training:.1f} s training)", flush=True)
         for name in per_epoch:
@@ -176,10 +226,12 @@ def main(argv=None):
         slower = median[name]["pass"] / base["pass"] - 1
         fixed = median[name]["rest"] - base["rest"]
         share = (slower * EPOCH_SECONDS + fixed) / EPOCH_SECONDS
+        others = statistics.median(ray_shares[name]) if ray_shares[name] else math.nan
         row[name] = {"pass_slower": round(slower, 4), "rest_over_script_s": round(fixed, 3),
-                     "overhead_of_30s_epoch": round(share, 4)}
+                     "overhead_of_30s_epoch": round(share, 4), "ray_other_processes_cores": round(others, 4)}
         print(f"{name}: training pass {slower:+.1%}, the rest {fixed:+.3f} s per epoch over the script's: "
-              f"{share:+.2%} of a {EPOCH_SECONDS:.0f}-second epoch")
+              f"{share:+.2%} of a {EPOCH_SECONDS:.0f}-second epoch; while it trained, Ray's other processes "
+              f"used {others:.1%} of a core ({others / args.threads:.1%} of the {args.threads} the loop runs on)")
     row["idle_ray_core_share"] = round(idle_ray_share(args.threads), 4)
     print(f"an idle local Ray's processes use {row['idle_ray_core_share']:.1%} of a core "
           f"({row['idle_ray_core_share'] / args.threads:.1%} of the {args.threads} the loop runs on)")
