@@ -117,8 +117,9 @@ def init_ray(address=None, num_cpus=None, **kwargs):
         kwargs.update(num_cpus=num_cpus, include_dashboard=kwargs.get("include_dashboard", False))
     ray.init(address=address, **kwargs)
     if not joined:
+        if not _LOCAL_RAY:  # once per process; it runs before ray.init's own handler, which then has nothing to do
+            atexit.register(shutdown_ray)
         _LOCAL_RAY.add(ray.get_runtime_context().gcs_address)
-        atexit.register(shutdown_ray)  # runs before ray.init's own handler, which then has nothing to do
     return joined
 
 

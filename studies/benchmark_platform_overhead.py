@@ -84,17 +84,17 @@ def trial(cfg, options):
         run_in_this_process(cfg, options, reports.append)
         return _training_seconds(reports)
 
-    return _on_local_ray(options, lambda: ray.get(trial_process.remote()))
+    return _on_local_ray(options.threads_per_worker, lambda: ray.get(trial_process.remote()))
 
 
 def train(cfg, options):
-    return _on_local_ray(options, lambda: _training_seconds(run_training(cfg, options).history))
+    return _on_local_ray(options.threads_per_worker, lambda: _training_seconds(run_training(cfg, options).history))
 
 
-def _on_local_ray(options, fn):
-    """fn() on a fresh local Ray, as a study on this machine starts one."""
+def _on_local_ray(num_cpus, fn):
+    """fn() on a fresh local Ray of num_cpus CPUs, as a study on this machine starts one."""
     shutdown_ray()
-    init_ray(num_cpus=options.threads_per_worker, log_to_driver=False)
+    init_ray(num_cpus=num_cpus, log_to_driver=False)
     try:
         return fn()
     finally:
@@ -122,15 +122,13 @@ def idle_ray_share(threads, seconds=20.0):
     """The share of one core that an idle local Ray's processes (its daemons and idle workers) use,
     over `seconds` after its start-up: a floor under the training pass's slow-down wherever the
     loop uses every core."""
-    shutdown_ray()
-    init_ray(num_cpus=threads, log_to_driver=False)
-    try:
+    def measure():
         time.sleep(5.0)  # its start-up over
         before = _cpu_seconds_of_children()
         time.sleep(seconds)
         return _busy_share(before, _cpu_seconds_of_children(), seconds)
-    finally:
-        shutdown_ray()
+
+    return _on_local_ray(threads, measure)
 
 
 class RayShareMeter:
