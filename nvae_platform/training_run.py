@@ -70,11 +70,14 @@ def summarize(result):
     run_folder = storage_uri(result.path, result.filesystem) if result.path else ""
     # every epoch on storage, earlier invocations' included (Ray's own list holds this fit's only)
     history = epoch_checkpoints(run_folder) if run_folder else []
+    checkpoint = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else ""
     metrics = dict(result.metrics or {})
+    if not metrics and history:  # nothing reported in this fit: it resumed after the last epoch's checkpoint
+        metrics, checkpoint = dict(history[-1].metrics), history[-1].path
     metrics = _with_outcome(metrics, getattr(result, "return_value", None) or {})  # rank 0's return
     if result.error is not None:
         metrics["status"], metrics["traceback"] = _failure(result.error, run_folder)
-    return _run_result(metrics, history, checkpoint_uri(result.checkpoint) if result.checkpoint is not None else "")
+    return _run_result(metrics, history, checkpoint)
 
 
 def _with_outcome(metrics, outcome):

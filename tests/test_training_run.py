@@ -4,6 +4,7 @@ Every run here is the digits smoke model on two CPU workers; each costs about 35
 and training on 2 cores.
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,6 +54,19 @@ def test_crash_and_resume_gives_bitwise_the_same_parameters(straight, tmp_path):
     ours, reference = _final_model(resumed), _final_model(straight)
     assert ours.keys() == reference.keys()
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def test_a_run_rerun_after_its_last_checkpoint_reports_that_epoch_as_finished(straight, tmp_path):
+    """A driver killed after the last epoch's checkpoint was committed, rerun: the fit resumes past
+    the last epoch and reports nothing, so the result is that checkpoint's figures, status finished."""
+    run_folder = os.path.dirname(straight.checkpoint_path)
+    shutil.copytree(run_folder, tmp_path / "straight")
+    rerun = run_training(run_config("digits", "smoke", epochs=EPOCHS), _options(tmp_path, "straight"))
+    assert rerun.status == "finished"
+    assert [m["epoch"] for m in rerun.history] == list(range(EPOCHS))
+    assert rerun.metrics["test_bpd"] == straight.metrics["test_bpd"]
+    assert os.path.basename(rerun.checkpoint_path) == os.path.basename(straight.checkpoint_path)
+    assert os.path.getsize(rerun.samples_path) > 0
 
 
 def test_worker_killed_at_a_random_step_is_replaced_and_each_epoch_counted_once(straight, tmp_path):
