@@ -1,6 +1,13 @@
 """NVAE (Vahdat & Kautz, NeurIPS 2020) in plain PyTorch, every ablation a config switch."""
 from .config import ConfigError, NVAEConfig
-from .evaluation import active_units, active_units_kl, importance_weighted_nll, sample_images, test_bits_per_dim
+from .evaluation import (
+           active_unit_counts,
+           active_units,
+           active_units_kl,
+           importance_weighted_nll,
+           sample_images,
+           test_bits_per_dim,
+)
 from .model import NVAE, ForwardResult
 from .objective import bits_per_dim, kl_coefficient, nvae_loss
 from .presets import PRESETS, preset
@@ -13,6 +20,7 @@ __all__ = [
            "ForwardResult",
            "NVAEConfig",
            "TrainStep",
+           "active_unit_counts",
            "active_units",
            "active_units_kl",
            "autocast",

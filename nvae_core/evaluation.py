@@ -53,33 +53,38 @@ def test_bits_per_dim(model, batches, num_samples, max_batch=256):
 
 
 @torch.no_grad()
-def active_units(model, batches, threshold=0.01):
-    """Per group, the number of latent units whose posterior mean has variance > threshold over x
-    (Burda et al.); the means are those of q(z_l | x, z_<l) along one posterior sample."""
-    total = total_sq = None
+def active_unit_counts(model, batches, mean_threshold=0.01, kl_threshold=0.1):
+    """(active_units, active_units_kl) per group, from one pass over batches."""
+    mean_sum = mean_sq = kl_sum = None
     count = 0
     with eval_mode(model):
         for x in batches:
-            means = [m.double().flatten(1) for m in model(x).posterior_means]
-            sums = [m.sum(0) for m in means]
-            sq = [(m * m).sum(0) for m in means]
-            total = sums if total is None else [a + b for a, b in zip(total, sums)]
-            total_sq = sq if total_sq is None else [a + b for a, b in zip(total_sq, sq)]
+            out = model(x)
+            means = [m.double().flatten(1) for m in out.posterior_means]
+            mean_sum = _plus(mean_sum, [m.sum(0) for m in means])
+            mean_sq = _plus(mean_sq, [(m * m).sum(0) for m in means])
+            kl_sum = _plus(kl_sum, [k.double().sum(0) for k in out.kl_channels])
             count += x.shape[0]
-    return [int(((s2 / count - (s / count) ** 2) > threshold).sum()) for s, s2 in zip(total, total_sq)]
+    units = [int(((s2 / count - (s / count) ** 2) > mean_threshold).sum()) for s, s2 in zip(mean_sum, mean_sq)]
+    channels = [int((k / count > kl_threshold).sum()) for k in kl_sum]
+    return units, channels
 
 
-@torch.no_grad()
+def active_units(model, batches, threshold=0.01):
+    """Per group, the number of latent units whose posterior mean has variance > threshold over x
+    (Burda et al.); the means are those of q(z_l | x, z_<l) along one posterior sample."""
+    return active_unit_counts(model, batches, mean_threshold=threshold)[0]
+
+
 def active_units_kl(model, batches, threshold=0.1):
     """Per group, the authors' count of active latent channels: a channel is active when its KL,
     summed over space and averaged over the data, exceeds threshold."""
-    total, count = None, 0
-    with eval_mode(model):
-        for x in batches:
-            sums = [k.double().sum(0) for k in model(x).kl_channels]
-            total = sums if total is None else [a + b for a, b in zip(total, sums)]
-            count += x.shape[0]
-    return [int((t / count > threshold).sum()) for t in total]
+    return active_unit_counts(model, batches, kl_threshold=threshold)[1]
+
+
+def _plus(totals, terms):
+    """Running per-group sums: totals + terms, element by element (terms when there are none yet)."""
+    return terms if totals is None else [a + b for a, b in zip(totals, terms)]
 
 
 def _batchnorms(model):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Subset
 
-from nvae_core import active_units, active_units_kl, autocast, bits_per_dim, importance_weighted_nll
+from nvae_core import active_unit_counts, autocast, bits_per_dim, importance_weighted_nll
 from nvae_core.datasets import Batches, load_dataset
 from nvae_core.evaluation import eval_mode
 
@@ -62,9 +62,7 @@ def unit_counts(model, loader, cfg, device, seed):
     (Burda et al.; active_units*) and the authors' per-channel KL count (active_units_kl*)."""
     with seeded(seed, device), autocast(cfg.precision, device):
         prepare = Batches(cfg, device, seed)
-        units = active_units(model, (prepare(x) for x in loader))
-        prepare = Batches(cfg, device, seed)
-        channels = active_units_kl(model, (prepare(x) for x in loader))
+        units, channels = active_unit_counts(model, (prepare(x) for x in loader))
     return {"active_units": sum(units), **{f"active_units_group_{i}": u for i, u in enumerate(units)},
             "active_units_kl": sum(channels), **{f"active_units_kl_group_{i}": u for i, u in enumerate(channels)}}
 

@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_batch, tiny_config
 from torch import nn
 
-from nvae_core import NVAE, TrainStep, active_units, importance_weighted_nll, sample_images
+from nvae_core import NVAE, TrainStep, active_unit_counts, active_units, importance_weighted_nll, sample_images
 from nvae_core.cells import Cell
 from nvae_core.distributions import Normal
 
@@ -143,6 +143,25 @@ def test_active_units_counts(model):
     assert active_units(model, [x], threshold=-1.0) == units
     assert active_units(model, [x], threshold=1e9) == [0] * len(units)
 
+
+
+def test_both_active_unit_counts_come_from_one_pass_equal_to_hand_counts(model):
+    """active_unit_counts runs the model once per batch and gives, from that one pass, the Burda count
+    of posterior-mean variances and the authors' count of per-channel KL."""
+    x = tiny_batch(model.cfg, 16, seed=16)
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, out: calls.append(out))
+    try:
+        torch.manual_seed(10)
+        units, channels = active_unit_counts(model, [x[:8], x[8:]], mean_threshold=0.01, kl_threshold=0.05)
+    finally:
+        hook.remove()
+    assert len(calls) == 2
+    for g, (count, kl_count) in enumerate(zip(units, channels)):
+        means = torch.cat([c.posterior_means[g] for c in calls]).double().flatten(1)
+        assert count == int((means.var(0, unbiased=False) > 0.01).sum())
+        kl = torch.cat([c.kl_channels[g] for c in calls]).double().mean(0)
+        assert kl_count == int((kl > 0.05).sum())
 
 def _bn_state(model):
     return [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
