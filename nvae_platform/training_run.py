@@ -77,6 +77,8 @@ def summarize(result):
     metrics = _with_outcome(metrics, getattr(result, "return_value", None) or {})  # rank 0's return
     if result.error is not None:
         metrics["status"], metrics["traceback"] = _failure(result.error, run_folder)
+    elif not str(metrics.get("status", "")).startswith(("finished", "diverged", "failed")):
+        metrics["status"] = "failed: Ray Train ended before the last epoch without reporting an error"
     return _run_result(metrics, history, checkpoint)
 
 
