@@ -2,7 +2,8 @@
 
 Like the tracker it holds plain data until Tune calls its `setup` hook, so Tune may pickle it with
 the experiment and a resumed study restores it as it is. On a resume, the trials that ended before
-are the ones Tune hands back already TERMINATED: they are counted, not retrained.
+are counted, not retrained: those Tune hands back TERMINATED, and those whose outcome file was
+written after Tune last saved its state, which Tune runs again and which only report that outcome.
 """
 import os
 
@@ -10,6 +11,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from .failures import reason
+from .outcomes import read_outcome
 from .progress_view import ProgressView, ending
 from .tracking import status_of
 
@@ -35,14 +37,22 @@ class ProgressCallback(tune.Callback):
         self.view = ProgressView(self.plan.trial_count, epochs, self.concurrency)
         self.view.note(f"[study] Ray's own messages (start-up, trial processes, shutdown) go to {self.log_path}")
         self.synced = False
+        self.replayed = set()  # keys of trials that ended before and that Tune runs again
 
     def _sync(self, trials):
         """At the first hook: count the trials a resumed study finished before (Tune hands them back
-        TERMINATED, and runs no hook for them)."""
+        TERMINATED and runs no hook for them, or runs them again when its state missed their end)."""
         if not self.synced:
             self.synced = True
-            self.view.restored({self.plan.key_of(t): status_of(t.last_result, t.status) for t in trials
-                                if t.status in (Trial.TERMINATED, Trial.ERROR)})
+            ended = {self.plan.key_of(t): status_of(t.last_result, t.status) for t in trials
+                     if t.status in (Trial.TERMINATED, Trial.ERROR)}
+            for trial in trials:
+                key = self.plan.key_of(trial)
+                outcome = None if key in ended else read_outcome(self.plan.trials_path, key)
+                if outcome is not None:
+                    ended[key] = status_of(outcome, "TERMINATED")
+                    self.replayed.add(key)
+            self.view.restored(ended)
 
     def on_step_begin(self, iteration, trials, **info):
         self._sync(trials)
@@ -50,13 +60,23 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._sync(trials)
-        self.view.started(self.plan.key_of(trial))
+        key = self.plan.key_of(trial)
+        outcome = None if key in self.replayed else read_outcome(self.plan.trials_path, key)
+        if outcome is not None:  # ended before, and Tune made its trial after the first hook
+            self.replayed.add(key)
+            status = status_of(outcome, "TERMINATED")
+            self.view.ended(key, status, f"{ending(outcome, status)} (ended before; not retrained)")
+        if key not in self.replayed:
+            self.view.started(key)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if isinstance(result.get("val_bpd"), float) and "epoch" in result:
-            self.view.epoch(self.plan.key_of(trial), result["epoch"], result["val_bpd"])
+        key = self.plan.key_of(trial)
+        if key not in self.replayed and isinstance(result.get("val_bpd"), float) and "epoch" in result:
+            self.view.epoch(key, result["epoch"], result["val_bpd"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.plan.key_of(trial) in self.replayed:
+            return
         result = trial.last_result or {}
         status = status_of(result, "TERMINATED")
         self.view.ended(self.plan.key_of(trial), status, ending(result, status))
