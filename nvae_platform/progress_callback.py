@@ -75,11 +75,12 @@ class ProgressCallback(tune.Callback):
             self.view.epoch(key, result["epoch"], result["val_bpd"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if self.plan.key_of(trial) in self.replayed:
+        key = self.plan.key_of(trial)
+        if key in self.replayed:
             return
         result = trial.last_result or {}
         status = status_of(result, "TERMINATED")
-        self.view.ended(self.plan.key_of(trial), status, ending(result, status))
+        self.view.ended(key, status, ending(result, status))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.view.retrying(self.plan.key_of(trial), f"failure {trial.num_failures}: {error_of(trial)}")
