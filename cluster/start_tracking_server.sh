@@ -9,7 +9,7 @@ RUNNING="mlflow server --app-name basic-auth .*--port $PORT "
 pkill -f "$RUNNING" || true
 for _ in $(seq 30); do pgrep -f "$RUNNING" >/dev/null || break; sleep 1; done   # the old one must let go of the port
 DB=postgresql://$PGUSER@$PGHOST:$PGPORT
-setsid nohup python -m nvae_platform.tracking_server --backend-store-uri "$DB/mlflow" \
+setsid nohup python -m nvae_platform.record.tracking_server --backend-store-uri "$DB/mlflow" \
     --auth-database-uri "$DB/mlflow_auth" --artifacts-destination "$NVAE_STORAGE_PATH/mlartifacts" \
     --port "$PORT" >> ~/.nvae/mlflow-server.log 2>&1 < /dev/null &
 for _ in $(seq 60); do

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 
-from .ray_internals import print_ray_output_with
+from nvae_platform.ray_internals import print_ray_output_with
 
 LOG_FILE = "ray.log"
 FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"  # Ray's own

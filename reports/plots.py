@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from nvae_platform.pareto import non_dominated
+from nvae_platform.summaries import non_dominated
 
 
 def _png(figure):

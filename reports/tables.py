@@ -8,7 +8,7 @@ from itertools import product
 
 import pandas as pd
 
-from nvae_platform.figures import mean_sd
+from nvae_platform.summaries import mean_sd
 
 from .intervals import welch_interval
 

@@ -5,7 +5,7 @@
     python studies/ablation_cells.py --scale small
 """
 from nvae_platform.study import Study, field_factor
-from nvae_platform.study_cli import run
+from nvae_platform.study.cli import run
 
 STUDY = Study(
     name="ablation_cells",

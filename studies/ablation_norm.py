@@ -7,7 +7,7 @@ diverged trial is a result and is recorded as one. As in the authors' three mode
     python studies/ablation_norm.py --scale small --seeds 3
 """
 from nvae_platform.study import Factor, Study, field_factor
-from nvae_platform.study_cli import run
+from nvae_platform.study.cli import run
 
 STUDY = Study(
     name="ablation_norm",

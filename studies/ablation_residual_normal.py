@@ -7,7 +7,7 @@ the data (Burda et al., active_units) and the authors' per-channel KL > 0.1 (act
     python studies/ablation_residual_normal.py --scale small
 """
 from nvae_platform.study import Study, field_factor
-from nvae_platform.study_cli import run
+from nvae_platform.study.cli import run
 
 STUDY = Study(
     name="ablation_residual_normal",

@@ -5,7 +5,7 @@ BN-scale penalty) off; judged by test bpd and whether training stayed finite.
     python studies/ablation_sr.py --scale small --seeds 3
 """
 from nvae_platform.study import Study, field_factor
-from nvae_platform.study_cli import run
+from nvae_platform.study.cli import run
 
 STUDY = Study(
     name="ablation_sr",

@@ -23,12 +23,12 @@ from nvae_core.datasets import DatasetNotFoundError, check_available
 from nvae_core.paths import absolute
 from nvae_core.training import check_precision
 from nvae_platform.defaults import default_data_dir, default_tracking_uri
-from nvae_platform.evaluation_run import EvaluationSettings, evaluate, record, write_files
+from nvae_platform.evaluate.run import EvaluationSettings, evaluate, record, write_files
+from nvae_platform.evaluate.trained_model import load_trained
 from nvae_platform.preflight import CommandLine, at_least, check_local_resources, check_resources
-from nvae_platform.run_options import RunOptions
-from nvae_platform.tracking import check_tracking_uri
-from nvae_platform.trained_model import load_trained
-from nvae_platform.training_run import cluster_address, init_ray
+from nvae_platform.ray_cluster import cluster_address, init_ray
+from nvae_platform.record.tracking import check_tracking_uri
+from nvae_platform.train.run_options import RunOptions
 
 PAPER_READJUST_BATCHES = 500  # the authors' evaluate.py re-estimates BN statistics over 500 sampling batches
 

@@ -9,7 +9,7 @@ A trial stopped early has no test bpd, so this two-objective search trains every
 a single-objective Search(early_stopping=True) prunes with ASHA on the per-epoch val_bpd.
 """
 from nvae_platform.study import Factor, Search, Study, field_factor
-from nvae_platform.study_cli import run
+from nvae_platform.study.cli import run
 
 
 def channels(widths):

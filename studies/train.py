@@ -26,11 +26,12 @@ from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path, default_tracking_uri
 from nvae_platform.preflight import CommandLine, at_least, check_local_resources, check_resources, check_storage
 from nvae_platform.process_exit import exit_with
-from nvae_platform.scales import SCALES, run_config, run_options
-from nvae_platform.study_cli import parse_pairs, parse_value
-from nvae_platform.tracking import StoreWriteError, check_tracking_uri
-from nvae_platform.train_record import TrainRecord, describe_changes, resume_changes, run_name
-from nvae_platform.training_run import cluster_address, init_ray, run_training
+from nvae_platform.ray_cluster import cluster_address, init_ray
+from nvae_platform.record.tracking import StoreWriteError, check_tracking_uri
+from nvae_platform.record.train_record import TrainRecord, describe_changes, resume_changes, run_name
+from nvae_platform.study.cli import parse_pairs, parse_value
+from nvae_platform.train.run import run_training
+from nvae_platform.train.scales import SCALES, run_config, run_options
 
 
 def build_parser():

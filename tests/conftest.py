@@ -49,7 +49,7 @@ def local_ray():
     """A local Ray on this machine's 2 cores for one test module (imported here, so unit tests stay Ray-free)."""
     import ray
 
-    from nvae_platform.training_run import init_ray, shutdown_ray
+    from nvae_platform.ray_cluster import init_ray, shutdown_ray
 
     ray.shutdown()
     init_ray(num_cpus=2, log_to_driver=False)
@@ -64,9 +64,9 @@ def finished_study(tmp_path_factory):
     (half a CPU per worker), two epochs each. Returns (StudyOutcome, tracking URI)."""
     import ray
 
+    from nvae_platform.ray_cluster import init_ray, shutdown_ray
     from nvae_platform.study import Factor, Study
-    from nvae_platform.study_runner import StudySettings, run_study
-    from nvae_platform.training_run import init_ray, shutdown_ray
+    from nvae_platform.study.runner import StudySettings, run_study
 
     study = Study(
         name="test_study", description="two activations x a sane and an absurd learning rate",
@@ -162,7 +162,7 @@ def postgres():
 
 @pytest.fixture(scope="session")
 def tracking_server(postgres, tmp_path_factory):
-    """The cluster's MLflow tracking server (python -m nvae_platform.tracking_server) on PostgreSQL,
+    """The cluster's MLflow tracking server (python -m nvae_platform.record.tracking_server) on PostgreSQL,
     with basic auth, on a loopback port. Returns (url, admin username, admin password, artifacts folder)."""
     import os
     import subprocess
@@ -175,7 +175,7 @@ def tracking_server(postgres, tmp_path_factory):
                MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key")
     log = folder / "server.log"
     server = subprocess.Popen(
-        [sys.executable, "-m", "nvae_platform.tracking_server", "--backend-store-uri",
+        [sys.executable, "-m", "nvae_platform.record.tracking_server", "--backend-store-uri",
          f"postgresql://mlflow@{address}/mlflow", "--auth-database-uri", f"postgresql://mlflow@{address}/mlflow_auth",
          "--artifacts-destination", str(folder / "artifacts"), "--port", str(port), "--config-dir", str(folder)],
         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)

@@ -18,7 +18,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors
 
 from nvae_platform.defaults import STORAGE_ENV
-from nvae_platform.study_runner import TRIAL_DRIVER_RESOURCE
+from nvae_platform.study.runner import TRIAL_DRIVER_RESOURCE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 6

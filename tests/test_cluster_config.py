@@ -9,7 +9,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from nvae_platform.defaults import DATA_ENV, STORAGE_ENV
-from nvae_platform.study_runner import TRIAL_DRIVER_RESOURCE
+from nvae_platform.study.runner import TRIAL_DRIVER_RESOURCE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("cluster.yaml", "cluster-local.yaml")
@@ -52,7 +52,7 @@ def test_the_head_hosts_the_trial_processes_and_listens_on_loopback_only(name):
     assert "start_tracking_server.sh" in head_start
     with open(os.path.join(REPO, "cluster/start_tracking_server.sh")) as f:
         assert "--host" not in f.read()  # the server's default host is loopback
-    from nvae_platform.tracking_server import build_parser
+    from nvae_platform.record.tracking_server import build_parser
     assert build_parser().get_default("host") == "127.0.0.1"
 
 

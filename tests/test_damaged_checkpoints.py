@@ -5,11 +5,11 @@ from pathlib import Path
 
 import torch
 
-from nvae_platform.checkpoints import epoch_checkpoints
 from nvae_platform.ray_internals import TRAIN_SNAPSHOT_FILE
-from nvae_platform.resume import damage
-from nvae_platform.scales import run_config, run_options
-from nvae_platform.training_run import run_training
+from nvae_platform.train.checkpoints import epoch_checkpoints
+from nvae_platform.train.resume import damage
+from nvae_platform.train.run import run_training
+from nvae_platform.train.scales import run_config, run_options
 
 
 def test_a_truncated_state_is_damage_and_a_whole_one_is_not(tmp_path):

@@ -306,7 +306,7 @@ def test_digits_through_load_dataset():
 def test_one_registry_describes_every_dataset(name):
     """The registry's data fields make a valid config, the smoke scale takes them as they are, and a
     config that contradicts them is refused."""
-    from nvae_platform.scales import run_config
+    from nvae_platform.train.scales import run_config
 
     spec = DATASETS[name]
     cfg = NVAEConfig().replace(**spec.data_fields())

@@ -21,12 +21,12 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 
 from nvae_core import NVAE
-from nvae_platform.measures import evaluation_images, nelbo_bpd
-from nvae_platform.scales import run_config, run_options
-from nvae_platform.store import sqlite_path
-from nvae_platform.tracking import CHECKPOINT_TAG, PARENT_TAG, STATUS_TAG
-from nvae_platform.trained_model import load_trained
-from nvae_platform.training_run import run_training
+from nvae_platform.evaluate.trained_model import load_trained
+from nvae_platform.record.store import sqlite_path
+from nvae_platform.record.tracking import CHECKPOINT_TAG, PARENT_TAG, STATUS_TAG
+from nvae_platform.train.measures import evaluation_images, nelbo_bpd
+from nvae_platform.train.run import run_training
+from nvae_platform.train.scales import run_config, run_options
 from studies.evaluate import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,9 +3,16 @@ traceback; a lost worker is still retried, and a rerun after a fix trains."""
 import os
 
 from nvae_core.data_check import BadDataError
-from nvae_platform.failures import FAILURE_FILE, clear_failure, is_deterministic, read_failure, reason, write_failure
-from nvae_platform.scales import run_config, run_options
-from nvae_platform.training_run import run_training
+from nvae_platform.train.failures import (
+    FAILURE_FILE,
+    clear_failure,
+    is_deterministic,
+    read_failure,
+    reason,
+    write_failure,
+)
+from nvae_platform.train.run import run_training
+from nvae_platform.train.scales import run_config, run_options
 
 
 def test_bad_data_and_config_are_deterministic_and_lost_peers_or_disks_are_not():

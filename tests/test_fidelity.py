@@ -12,7 +12,7 @@ from nvae_core.cells import Cell
 from nvae_core.distributions import LogisticMixture
 from nvae_core.layers import Conv2d, FactorizedReduce, UpsampleSkip, request_data_init
 from nvae_core.training import GRAD_SCALE_INIT, TrainStep, resolve_precision
-from nvae_platform.study import grid
+from nvae_platform.study.declaration import grid
 from studies.ablation_cells import STUDY as CELLS
 from studies.ablation_norm import STUDY as NORM
 

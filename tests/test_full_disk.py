@@ -6,10 +6,10 @@ import uuid
 
 import pytest
 
-from nvae_platform.checkpoints import epoch_checkpoints
-from nvae_platform.resume import damage
-from nvae_platform.scales import run_config, run_options
-from nvae_platform.training_run import run_training
+from nvae_platform.train.checkpoints import epoch_checkpoints
+from nvae_platform.train.resume import damage
+from nvae_platform.train.run import run_training
+from nvae_platform.train.scales import run_config, run_options
 
 
 def _mount(folder, size):

@@ -2,7 +2,7 @@
 import torch
 import torchvision.utils
 
-from nvae_platform.image_grid import save_grid
+from nvae_platform.train.image_grid import save_grid
 
 
 def test_the_sample_grid_is_written_byte_for_byte_as_torchvision_writes_it(tmp_path):

@@ -2,9 +2,9 @@
 files (no Ray started): what it counts as ended before, and what it shows as started."""
 from ray.tune.experiment import Trial
 
-from nvae_platform.outcomes import write_outcome
-from nvae_platform.progress_callback import ProgressCallback
-from nvae_platform.study_plan import StudySettings, plan_study
+from nvae_platform.record.outcomes import write_outcome
+from nvae_platform.study.plan import StudySettings, plan_study
+from nvae_platform.study.progress_callback import ProgressCallback
 from studies.ablation_norm import STUDY as NORM
 
 

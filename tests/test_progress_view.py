@@ -2,8 +2,8 @@
 counts, the ETA and a resumed study's count."""
 import io
 
-from nvae_platform.failures import reason
-from nvae_platform.progress_view import ProgressView, duration, ending
+from nvae_platform.study.progress_view import ProgressView, duration, ending
+from nvae_platform.train.failures import reason
 
 
 class Clock:

@@ -51,7 +51,7 @@ def test_shutdown_ray_stops_a_local_ray_and_its_monitor(monkeypatch):
     import ray
     from ray._private import ray_constants
 
-    from nvae_platform.training_run import init_ray, shutdown_ray
+    from nvae_platform.ray_cluster import init_ray, shutdown_ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if ray.is_initialized():

@@ -10,10 +10,10 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from nvae_platform.fault_injection import KILL_DRIVER_ENV
-from nvae_platform.outcomes import OUTCOME_FILE
-from nvae_platform.study_runner import StudySettings, plan_study
-from nvae_platform.tracking import PARENT_TAG
+from nvae_platform.record.outcomes import OUTCOME_FILE
+from nvae_platform.record.tracking import PARENT_TAG
+from nvae_platform.study.runner import StudySettings, plan_study
+from nvae_platform.train.fault_injection import KILL_DRIVER_ENV
 from studies.ablation_norm import STUDY as NORM
 
 EPOCHS = 2

@@ -14,8 +14,8 @@ ROUNDS, PROCESSES = 5, 3
 # record a run. Two of the three processes share an experiment (the same study started twice).
 COMMAND = """
 import sys, time
-from nvae_platform.store import StoreClient, experiment_id
-from nvae_platform.tracking import check_tracking_uri
+from nvae_platform.record.store import StoreClient, experiment_id
+from nvae_platform.record.tracking import check_tracking_uri
 uri, name, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 time.sleep(max(0.0, start - time.time()))
 check_tracking_uri(uri, name)

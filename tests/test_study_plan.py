@@ -4,10 +4,10 @@ from types import SimpleNamespace
 import pytest
 
 from nvae_core import ConfigError
-from nvae_platform.study import Factor, Study, field_factor, grid, resolve
-from nvae_platform.study_cli import main
-from nvae_platform.study_runner import StudySettings, check_storage, pareto_front, plan_study, summary_table
-from nvae_platform.tracking import check_tracking_uri, status_of
+from nvae_platform.record.tracking import check_tracking_uri, status_of
+from nvae_platform.study.cli import main
+from nvae_platform.study.declaration import Factor, Study, field_factor, grid, resolve
+from nvae_platform.study.runner import StudySettings, check_storage, pareto_front, plan_study, summary_table
 from studies.ablation_norm import STUDY as NORM
 from studies.search_architecture import STUDY as SEARCH
 
@@ -194,7 +194,7 @@ def test_the_tracker_is_plain_data_until_tunes_setup_hook_opens_the_store(tmp_pa
     pickles without a store connection, and setup() (Tune's hook, on every fit) opens and reads it."""
     import pickle
 
-    from nvae_platform.tracking import MlflowTracker
+    from nvae_platform.record.tracking import MlflowTracker
 
     plan = plan_study(NORM, StudySettings(storage_path=str(tmp_path / "runs")))
     uri = f"sqlite:///{tmp_path}/mlflow.db"

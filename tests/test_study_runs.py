@@ -9,10 +9,10 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from nvae_platform.study import Factor, Search, Study
-from nvae_platform.study_cli import main
-from nvae_platform.study_runner import StudySettings, run_study
-from nvae_platform.tracking import PARENT_TAG, STUDY_KEY_TAG
+from nvae_platform.record.tracking import PARENT_TAG, STUDY_KEY_TAG
+from nvae_platform.study.cli import main
+from nvae_platform.study.declaration import Factor, Search, Study
+from nvae_platform.study.runner import StudySettings, run_study
 from studies.ablation_norm import STUDY as NORM
 
 EPOCHS = 2

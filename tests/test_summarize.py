@@ -10,8 +10,8 @@ import json
 import pyarrow.fs
 import ray.train
 
-from nvae_platform.checkpoints import CHECKPOINT_PREFIX, METRICS_FILE
-from nvae_platform.training_run import summarize
+from nvae_platform.train.checkpoints import CHECKPOINT_PREFIX, METRICS_FILE
+from nvae_platform.train.run import summarize
 
 
 def _run_folder(tmp_path, statuses):

@@ -1,4 +1,4 @@
-"""The tracking server as a cluster's head runs it (python -m nvae_platform.tracking_server):
+"""The tracking server as a cluster's head runs it (python -m nvae_platform.record.tracking_server):
 PostgreSQL behind it, MLflow's basic-auth app in front. Without valid credentials nothing is served,
 and a study pointed at it without them stops before it starts anything."""
 import base64
@@ -59,7 +59,7 @@ def test_a_study_without_credentials_stops_before_it_starts_naming_the_fix(track
 
 
 def _server(*args, **env):
-    return subprocess.run([sys.executable, "-m", "nvae_platform.tracking_server", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "nvae_platform.record.tracking_server", *args], cwd=REPO,
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
 
 

@@ -14,8 +14,8 @@ import torch
 from conftest import fault_rng
 from ray.cluster_utils import Cluster
 
-from nvae_platform.scales import run_config, run_options
-from nvae_platform.training_run import CHECKPOINT_FILE, run_training
+from nvae_platform.train.run import CHECKPOINT_FILE, run_training
+from nvae_platform.train.scales import run_config, run_options
 
 EPOCHS = 4
 

@@ -5,11 +5,11 @@ import os
 
 import torch
 
-from nvae_platform.checkpoints import CHECKPOINT_FILE, METRICS_FILE, epoch_checkpoints
-from nvae_platform.failures import FAILURE_FILE
-from nvae_platform.scales import run_config, run_options
-from nvae_platform.training_run import run_in_this_process
-from nvae_platform.worker_session import TrialSession
+from nvae_platform.train.checkpoints import CHECKPOINT_FILE, METRICS_FILE, epoch_checkpoints
+from nvae_platform.train.failures import FAILURE_FILE
+from nvae_platform.train.run import run_in_this_process
+from nvae_platform.train.scales import run_config, run_options
+from nvae_platform.train.worker_session import TrialSession
 
 EPOCHS = 3
 

@@ -1,0 +1,279 @@
+"""MLflow records of a study, written by one process: the driver.
+
+Trial workers may run on nodes with no route to the tracking store, and many processes writing one
+SQLite file lose writes or lock it, so workers report to Ray and this Tune callback, on the driver,
+writes MLflow: a parent run per study, a nested child run per trial (params = the resolved config,
+tags = factor levels, status and provenance, one metric point per epoch, artifacts = config JSON
+and sample grid). A resumed study finds its parent and child runs by tag and continues them.
+
+The tracker's state is the store itself: it holds only plain data until Tune calls its `setup`
+hook (at the start of every fit, a restored one included), which opens the store and reads what
+earlier invocations recorded. So Tune may pickle it with the experiment and restore it as it is.
+"""
+import functools
+import os
+import platform
+import sqlite3
+import subprocess
+
+import requests
+import sqlalchemy.exc
+from mlflow.exceptions import MlflowException
+from ray import tune
+
+from nvae_platform.record.outcomes import read_outcome
+from nvae_platform.record.run_writer import CHECKPOINT_TAG, CONFIG_ARTIFACT, NODES_TAG, STATUS_TAG, RunWriter
+from nvae_platform.record.store import StoreClient, experiment_id, sqlite_path
+from nvae_platform.train import fault_injection
+
+STUDY_KEY_TAG = "nvae.study_key"
+TRIAL_KEY_TAG = "nvae.trial_key"
+PARENT_TAG = "mlflow.parentRunId"
+__all__ = ["CHECKPOINT_TAG", "CONFIG_ARTIFACT", "NODES_TAG", "PARENT_TAG", "STATUS_TAG", "STUDY_KEY_TAG",
+           "TRIAL_KEY_TAG", "MlflowTracker", "StoreWriteError", "check_tracking_uri", "provenance_tags", "status_of"]
+
+
+def default_artifact_location(tracking_uri, experiment):
+    """Artifacts of a local SQLite store live beside it in mlartifacts/; a server chooses its own."""
+    if tracking_uri.startswith("sqlite:///"):
+        folder = os.path.dirname(tracking_uri[len("sqlite:///"):])
+        return "file://" + os.path.join(folder, "mlartifacts", experiment)
+    return None
+
+
+WRITE_PROBE_TAG = "nvae.write_probe"
+
+
+def _probe_sqlite_write(path):
+    """Attempt a write inside a transaction and roll it back: the store is left as it was."""
+    connection = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("CREATE TABLE nvae_write_probe (x)")
+        connection.execute("ROLLBACK")
+    finally:
+        connection.close()
+
+
+def _probe_server_write(client, experiment):
+    """Set and delete a tag on the experiment the command will write to, if it exists yet."""
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        client.set_experiment_tag(found.experiment_id, WRITE_PROBE_TAG, "ok")
+        client.delete_experiment_tag(found.experiment_id, WRITE_PROBE_TAG)
+
+
+def check_tracking_uri(tracking_uri, experiment=None):
+    """Raise ValueError naming the problem unless the store can be reached and takes a write (a
+    SQLite file: a rolled-back write; a server: a tag set and deleted on `experiment` if it exists).
+    A SQLite file that does not exist yet is not created here: its folder must be writable."""
+    path = sqlite_path(tracking_uri)
+    if path is not None:
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"--tracking-uri {tracking_uri}: the folder {folder} does not exist or is not "
+                             "writable; choose another path, or omit --tracking-uri for ./mlflow.db")
+        if not os.path.exists(path):
+            return
+        try:
+            _probe_sqlite_write(path)
+        except sqlite3.Error as error:
+            raise ValueError(f"--tracking-uri {tracking_uri} does not take a write ({error}); make the file "
+                             "writable, or choose another store") from None
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    try:
+        client = StoreClient(tracking_uri)  # reaches the store (and migrates an old SQLite schema)
+        if experiment and path is None:
+            _probe_server_write(client, experiment)
+    except Exception as error:  # noqa: BLE001  any failure here means no study can be recorded
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        if "error code 401" in str(error) or "error code 403" in str(error):  # a server with authentication
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            fix = (f"check MLFLOW_TRACKING_PASSWORD, and that user {user!r} may write experiments" if user
+                   else "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+            raise ValueError(f"--tracking-uri {tracking_uri} refused the request ({first}): {fix}") from None
+        raise ValueError(f"--tracking-uri {tracking_uri} cannot be reached ({first}); start the MLflow "
+                         "server, fix the URI, or omit --tracking-uri for a SQLite store in this folder") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def provenance_tags():
+    """git commit, library versions and host: where a result came from."""
+    import mlflow
+    import optuna
+    import ray
+    import torch
+
+    tags = {"nvae.python": platform.python_version(), "nvae.torch": torch.__version__, "nvae.ray": ray.__version__,
+            "nvae.mlflow": mlflow.__version__, "nvae.optuna": optuna.__version__, "nvae.host": platform.node()}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+            tags["nvae.git_dirty"] = str(bool(dirty)).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def status_of(result, trial_status):
+    """finished / diverged / failed / stopped early, from a trial's last result and Tune status."""
+    status = str((result or {}).get("status", ""))
+    if status in ("finished", "diverged") or status.startswith("diverged"):
+        return "diverged" if status.startswith("diverged") else "finished"
+    if status.startswith("failed") or trial_status == "ERROR":
+        return "failed"
+    return "stopped early" if trial_status == "TERMINATED" else "interrupted"
+
+
+class StoreWriteError(RuntimeError):
+    """The tracking store stopped taking writes (disk full, read-only file, server gone)."""
+
+    def __init__(self, tracking_uri, error):
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        super().__init__(f"the MLflow store {tracking_uri} stopped taking writes ({first}). Nothing trained is "
+                         "lost: free space or make the store writable, then run the same command again; it "
+                         "resumes from the checkpoints and completes the record")
+
+
+STORE_ERRORS = (MlflowException, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, OSError,
+                requests.exceptions.RequestException)
+
+
+def _writes_store(hook):
+    """A Tune hook of the tracker: a store error in it becomes a StoreWriteError, which ends the study."""
+    @functools.wraps(hook)
+    def guarded(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except STORE_ERRORS as error:
+            raise StoreWriteError(self.tracking_uri, error) from error
+    return guarded
+
+
+class MlflowTracker(tune.Callback):
+    """Tune callback writing a study to MLflow from the driver. `plan` describes each trial
+    (StudyPlan: key, levels, seed and resolved config of a Tune trial config)."""
+
+    def __init__(self, plan, tracking_uri, experiment):
+        self.plan, self.tracking_uri, self.experiment = plan, tracking_uri, experiment
+        self.client = None  # opened by setup(): until then the tracker is plain, picklable data
+
+    @_writes_store
+    def setup(self, **info):
+        """Tune's hook at the start of every fit: open the store and read what is recorded."""
+        self.open()
+
+    def open(self):
+        """Find or create the experiment and this study's parent run; load its children, complete any
+        that a failed write left half-made, and log every epoch their checkpoints hold that MLflow lacks."""
+        self.client = StoreClient(self.tracking_uri)
+        self.provenance = provenance_tags()
+        self.parent_id = None
+        self.runs = {}  # trial key -> RunWriter
+        self.experiment_id = experiment_id(self.client, self.experiment,
+                                           default_artifact_location(self.tracking_uri, self.experiment))
+        found = self.client.search_runs([self.experiment_id], f"tags.`{STUDY_KEY_TAG}` = '{self.plan.study_key}'",
+                                        max_results=1)
+        if found:
+            self.parent_id = found[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=self.plan.experiment_dir,
+                                         tags={STUDY_KEY_TAG: self.plan.study_key, **self.plan.study_tags(),
+                                               **self.provenance})
+            self.parent_id = run.info.run_id
+        if not found or not found[0].data.params:  # new, or a write failed right after its creation
+            RunWriter(self.client, self.parent_id, "").log_batch(params=self.plan.study_params())
+        children = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
+                                           max_results=10000)
+        for run in children:
+            key = run.data.tags.get(TRIAL_KEY_TAG)
+            self.runs[key] = RunWriter.found(self.client, run, self._folder(key))
+            self.runs[key].backfill()
+        configs = {t.key: t.config for t in self.plan.trials} if not self.plan.is_search else {}
+        for key, writer in sorted(self.runs.items()):  # a search's trial is completed when it reports
+            if not writer.complete and key in configs:
+                writer.log_config(configs[key], self.plan.option_params(), skipped=self.plan.options.skip_files)
+        return self
+
+    def _folder(self, key):
+        return f"{self.plan.trials_path}/{key}"
+
+    def _child(self, trial):
+        """The RunWriter of a trial's child run, created (and completed) as needed."""
+        key = self.plan.key_of(trial)
+        writer = self.runs.get(key)
+        if writer is not None and writer.complete:
+            return writer
+        levels, seed, cfg = self.plan.describe(trial)
+        if writer is None:
+            tags = {PARENT_TAG: self.parent_id, TRIAL_KEY_TAG: key, "nvae.seed": seed, STATUS_TAG: "running",
+                    "nvae.tune_trial_id": trial.trial_id, **{f"factor.{k}": v for k, v in levels.items()},
+                    **self.provenance}
+            # A tracking server takes string tags only (a SQLite store converts them itself).
+            run = self.client.create_run(self.experiment_id, run_name=key, tags={k: str(v) for k, v in tags.items()})
+            writer = self.runs[key] = RunWriter(self.client, run.info.run_id, self._folder(key))
+        writer.log_config(cfg, self.plan.option_params(), skipped=self.plan.options.skip_files)
+        return writer
+
+    @_writes_store
+    def on_trial_start(self, iteration, trials, trial, **info):
+        writer = self._child(trial)
+        if not writer.closed:
+            self.client.update_run(writer.run_id, status="RUNNING")
+
+    @_writes_store
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        writer = self._child(trial)
+        if not writer.closed:
+            fault_injection.kill_driver_before_recording(self.plan.key_of(trial), result.get("epoch"))
+            writer.log_epoch(result)
+
+    @_writes_store
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        writer = self._child(trial)
+        if not writer.closed:
+            result = trial.last_result or {}
+            writer.finish(result, status_of(result, "TERMINATED"))
+
+    @_writes_store
+    def on_trial_error(self, iteration, trials, trial, **info):
+        writer = self._child(trial)
+        error = ""
+        if trial.error_file and os.path.exists(trial.error_file):
+            with open(trial.error_file) as f:
+                error = f.read()[-2000:]
+        if not writer.closed:
+            writer.finish(trial.last_result or {}, "failed", error)
+
+    @property
+    def interrupted(self):
+        """Whether some trial of the study has no terminal record yet."""
+        return sum(w.closed for w in self.runs.values()) < self.plan.trial_count
+
+    def close(self):
+        """End every child still open (from its outcome file if the trial ended while no driver
+        listened, else KILLED), then the parent: KILLED if the study was interrupted."""
+        for key, writer in self.runs.items():
+            if writer.closed:
+                continue
+            outcome = read_outcome(self.plan.trials_path, key)
+            if outcome is not None:  # it ended while no driver listened
+                writer.finish(outcome, status_of(outcome, "TERMINATED"))
+                print(f"[study] {key}: {outcome.get('status')} (recorded from its outcome file)", flush=True)
+            else:
+                writer.interrupt()
+        self.client.set_terminated(self.parent_id, "KILLED" if self.interrupted else "FINISHED")
+
+

@@ -1,0 +1,117 @@
+"""The command line every study script shares: `python studies/ablation_norm.py --help`."""
+import argparse
+import sys
+
+from nvae_core import ConfigError
+from nvae_core.datasets import DatasetNotFoundError
+from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path
+from nvae_platform.preflight import CommandLine, at_least
+from nvae_platform.process_exit import exit_with
+from nvae_platform.record.tracking import StoreWriteError
+from nvae_platform.study.runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
+from nvae_platform.train.scales import SCALES
+
+STUDY_DATA_HINT = " In a study: add --download, or run --scale smoke, which needs no files."
+
+
+def parse_value(text):
+    """'3' -> 3, '0.1' -> 0.1, 'true' -> True, anything else stays a string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_pairs(parser, items, flag):
+    """{NAME: VALUE} of repeated NAME=VALUE flags; a malformed one is a parser error naming flag."""
+    pairs = {}
+    for item in items:
+        if "=" not in item:
+            parser.error(f"{flag} {item!r}: expected NAME=VALUE")
+        key, value = item.split("=", 1)
+        pairs[key] = value
+    return pairs
+
+
+def build_parser(study):
+    parser = CommandLine(
+        prog=f"{study.name}.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{study.description}\n\nFactors: " + "; ".join(
+            f"{f.name} in {{{', '.join(f.levels)}}}" + (f" (smoke: {{{', '.join(f.smoke_levels)}}})"
+                                                        if f.smoke_levels else "") for f in study.factors),
+        epilog="Re-running the same command resumes an interrupted study. Results: MLflow (./mlflow.db unless "
+               "--tracking-uri or $MLFLOW_TRACKING_URI) and checkpoints under --storage-path.")
+    add = parser.add_argument
+    add("--scale", default="smoke", choices=SCALES,
+        help="smoke: offline data, tiny model, minutes on a CPU; small: CIFAR-10, one GPU per trial; "
+             "paper: the paper's settings, multi-GPU trials (default: smoke)")
+    add("--seeds", type=at_least(1), default=1, help="seeds per level combination (default: 1)")
+    add("--workers-per-trial", type=at_least(1), help="data-parallel workers of each trial (default: the scale's)")
+    add("--gpus-per-worker", type=at_least(0, float), help="0 trains on CPUs (default: the scale's)")
+    add("--cpus-per-worker", type=at_least(0, float, strictly=True), help="default: the scale's")
+    add("--max-concurrent", type=at_least(1),
+        help="trials running at once, >= 1 (default: as many as the cluster holds)")
+    add("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db)")
+    add("--experiment", help=f"MLflow experiment name (default: {study.name})")
+    add("--storage-path", default=default_storage_path(),
+        help=f"checkpoints and Tune state: a folder or s3:// gs:// URI (default: ${STORAGE_ENV}, else runs)")
+    add("--data-dir", default=default_data_dir(),
+        help=f"where datasets live, or are downloaded to with --download (default: ${DATA_ENV}, else data)")
+    add("--download", action="store_true", help="download a missing dataset")
+    add("--skip-unreadable", action="store_true",
+        help="train without the image-folder files that cannot be read (default: refuse to start, naming them)")
+    add("--levels", action="append", default=[], metavar="FACTOR=L1,L2",
+        help="run only these levels of a factor, e.g. --levels groups=10,20")
+    add("--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="override an NVAEConfig field in every trial, e.g. --set epochs=50")
+    add("--samples", type=at_least(1), help="trials of a search (default: the study's)")
+    add("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a cluster started on this machine "
+                          "with `ray start`, else a new local Ray)")
+    add("--num-cpus", type=at_least(1), help="CPUs of a new local Ray (default: all)")
+    add("--dry-run", action="store_true", help="print the trials and their resources; start nothing")
+    return parser
+
+
+def main(study, argv=None):
+    """Parse the shared flags, then plan (--dry-run) or run the study. Returns the exit code."""
+    parser = build_parser(study)
+    args = parser.parse_args(argv)
+    levels = {k: [v for v in vs.split(",") if v] for k, vs in parse_pairs(parser, args.levels, "--levels").items()}
+    overrides = {k: parse_value(v) for k, v in parse_pairs(parser, args.set, "--set").items()}
+    settings = StudySettings(
+        scale=args.scale, seeds=args.seeds, workers_per_trial=args.workers_per_trial,
+        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        max_concurrent=args.max_concurrent, tracking_uri=args.tracking_uri, experiment=args.experiment,
+        storage_path=args.storage_path, data_dir=args.data_dir, download=args.download,
+        skip_unreadable=args.skip_unreadable, levels=levels,
+        overrides=overrides, samples=args.samples, address=args.address, num_cpus=args.num_cpus)
+    try:  # every check before anything is recorded or trained
+        if args.dry_run:
+            plan = plan_study(study, settings, check_data=False)
+            print(describe_plan(plan, args.max_concurrent))
+            try:
+                plan_study(study, settings)
+            except DatasetNotFoundError as error:
+                print(f"  note: {error}{STUDY_DATA_HINT}")
+            return 0
+        prepared = prepare_study(study, settings)
+    except DatasetNotFoundError as error:
+        parser.error(f"{error}{STUDY_DATA_HINT}")
+    except (ConfigError, ValueError) as error:
+        parser.error(str(error))
+    try:
+        outcome = run_study(study, settings, prepared)
+    except StoreWriteError as error:
+        print(f"[study] stopped: {error}", file=sys.stderr, flush=True)
+        return 1
+    return 130 if outcome.interrupted else 0
+
+
+def run(study):
+    """Entry point of a study script: exit with main(study)'s code."""
+    exit_with(main(study))

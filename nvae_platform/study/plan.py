@@ -1,0 +1,184 @@
+"""A study's plan: every trial's configuration and the options they share, resolved and validated
+before anything starts (plan_study), and what a trial process needs to know of its study (StudyPlan,
+picklable). Kept apart from the driver's modules (Tune's search, MLflow), which a trial process does
+not import.
+"""
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from ray import tune
+
+from nvae_core import ConfigError, data_check
+from nvae_core.datasets import check_available
+from nvae_core.paths import absolute
+from nvae_platform.defaults import default_data_dir, default_storage_path
+from nvae_platform.study.declaration import Study, factor_levels, grid, resolve, trial_key
+from nvae_platform.train.run_options import RunOptions
+from nvae_platform.train.scales import run_options
+
+
+@dataclass
+class StudySettings:
+    """The shared flags of every study script."""
+
+    scale: str = "smoke"
+    seeds: int = 1
+    workers_per_trial: int = None  # None: the scale's default
+    gpus_per_worker: float = None
+    cpus_per_worker: float = None
+    max_concurrent: int = None  # None: as many as a local Ray holds; on a cluster, all (the autoscaler grows)
+    tracking_uri: str = None  # None: $MLFLOW_TRACKING_URI, else ./mlflow.db
+    experiment: str = None  # MLflow experiment; None: the study's name
+    storage_path: str = field(default_factory=default_storage_path)  # $NVAE_STORAGE_PATH, else ./runs
+    data_dir: str = field(default_factory=default_data_dir)  # $NVAE_DATA_DIR, else ./data
+    download: bool = False
+    skip_unreadable: bool = False  # leave unreadable image-folder files out instead of refusing to start
+    levels: dict = field(default_factory=dict)  # factor -> level names to keep
+    overrides: dict = field(default_factory=dict)  # NVAEConfig fields every trial shares
+    samples: int = None  # trials of a search; None: the study's
+    address: str = None  # Ray cluster; None: $RAY_ADDRESS or one started on this machine, else a local Ray
+    num_cpus: int = None  # CPUs of a local Ray
+
+
+@dataclass
+class StudyPlan:
+    """Everything a trial and the tracker need, fixed before anything starts (picklable)."""
+
+    study: Study
+    scale: str
+    seeds: list
+    levels: dict  # factor -> level names
+    overrides: dict
+    options: RunOptions  # resources and evaluation of every trial; name set per trial
+    trials: list  # the grid's Trials (every combination, also for a search: all validated)
+    storage_path: str  # the study's storage root (local folder or URI)
+    experiment_dir: str  # Tune experiment name under storage_path: study-scale-digest
+    num_samples: int
+    train_in_trial: bool = False  # set by prepare_study: one-worker trials on a local Ray train in the trial's process
+
+    @property
+    def is_search(self):
+        return self.study.search is not None
+
+    @property
+    def study_key(self):
+        return f"{self.storage_path}/{self.experiment_dir}"
+
+    @property
+    def trial_count(self):
+        return self.num_samples if self.is_search else len(self.trials)
+
+    @property
+    def trials_path(self):
+        return f"{self.study_key}/trials"
+
+    def param_space(self):
+        if self.is_search:
+            return {name: tune.choice(levels) for name, levels in self.levels.items()}
+        return {**{name: tune.grid_search(self.longest_first(name)) for name in self.levels},
+                "seed": tune.grid_search(self.seeds)}
+
+    def longest_first(self, factor):
+        """The factor's levels, those whose trials look longest first (estimated_work): Tune starts a
+        grid's trials in order, and a study that ends on one long trial leaves the other slots idle."""
+        def mean_work(level):
+            works = [estimated_work(t.config) for t in self.trials if t.levels[factor] == level]
+            return -sum(works) / len(works)
+
+        return sorted(self.levels[factor], key=mean_work)  # stable: equal levels keep their order
+
+    def levels_and_seed(self, config):
+        """({factor: level}, seed) of a Tune trial config."""
+        return {name: config[name] for name in self.levels}, config.get("seed", self.seeds[0])
+
+    def describe_config(self, config):
+        """(levels, seed, NVAEConfig) of a Tune trial config."""
+        levels, seed = self.levels_and_seed(config)
+        return levels, seed, resolve(self.study, self.scale, levels, seed, self.overrides)
+
+    def describe(self, trial):
+        return self.describe_config(trial.config)
+
+    def key_for(self, config, trial_id):
+        key = trial_key(*self.levels_and_seed(config))
+        return f"{trial_id},{key}" if self.is_search else key  # a search may sample a level set twice
+
+    def key_of(self, trial):
+        return self.key_for(trial.config, trial.trial_id)
+
+    def option_params(self):
+        return self.options.params()
+
+    def study_tags(self):
+        return {"nvae.study": self.study.name, "nvae.scale": self.scale,
+                "nvae.dataset": self.study.dataset_at(self.scale), "nvae.kind": "search" if self.is_search else "grid",
+                "nvae.storage": self.study_key, "mlflow.note.content": self.study.description}
+
+    def study_params(self):
+        params = {f"levels.{name}": ",".join(levels) for name, levels in self.levels.items()}
+        params.update({"seeds": ",".join(map(str, self.seeds)), "scale": self.scale,
+                       "trials": self.trial_count})
+        params.update({f"set.{k}": v for k, v in self.overrides.items()})
+        params.update({"factors": ",".join(self.levels), "table.columns": ",".join(self.study.columns),
+                       "table.across": self.study.across or "",
+                       "table.baseline": json.dumps(self.study.baseline or {})})
+        if self.is_search:
+            params["objectives"] = ",".join(f"{k}:{v}" for k, v in self.study.search.objectives.items())
+        return params
+
+
+def estimated_work(cfg):
+    """A rough measure of a configuration's training time (a scheduling hint, not a prediction):
+    epochs x latent groups x cells per group x channels^2 x (1 + flows)."""
+    cells = cfg.num_cell_per_cond_enc + cfg.num_cell_per_cond_dec
+    return cfg.epochs * cfg.num_groups * cells * cfg.num_channels_enc ** 2 * (1 + cfg.num_flows)
+
+
+def plan_study(study, settings, check_data=True):
+    """Resolve and validate every trial and option (and that the dataset is there, if check_data);
+    raise ConfigError/ValueError/DatasetNotFoundError naming the problem."""
+    for flag, value in (("--seeds", settings.seeds), ("--max-concurrent", settings.max_concurrent),
+                        ("--samples", settings.samples), ("--num-cpus", settings.num_cpus)):
+        if value is not None and value < 1:
+            raise ValueError(f"argument {flag}: {value} is not allowed: expected an integer >= 1")
+    if study.search is not None and settings.seeds != 1:
+        raise ValueError("--seeds: a search trains one seed per trial; repeat its best trials as a grid study")
+    seeds = list(range(settings.seeds))
+    levels = factor_levels(study, settings.scale, settings.levels)
+    trials = grid(study, settings.scale, seeds, settings.levels, settings.overrides)
+    dataset = study.dataset_at(settings.scale)
+    resources = {k: v for k, v in dict(workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_worker,
+                                       cpus_per_worker=settings.cpus_per_worker).items() if v is not None}
+    options = run_options(dataset, settings.scale, data_dir=absolute(settings.data_dir), download=settings.download,
+                          storage_path="", **resources)
+    for trial in trials:  # precision against device; the dataset's files are checked once below
+        dataclasses.replace(options, download=True).validate(trial.config)
+    if check_data and not options.download:
+        first = trials[0].config
+        check_available(first.dataset, options.data_dir, seed=first.seed, image_size=first.image_size)
+        skipped = data_check.check_data(first.dataset, options.data_dir, seed=first.seed,
+                                        image_size=first.image_size, evaluation_split=first.evaluation_split,
+                                        skip_unreadable=settings.skip_unreadable)
+        options = dataclasses.replace(options, skip_files=tuple(skipped))
+    num_samples = 0
+    if study.across is not None:
+        study.factor(study.across)
+    for name, level in (study.baseline or {}).items():
+        if level not in study.factor(name).at(settings.scale):
+            raise ConfigError(f"study {study.name}: baseline {name}={level} is not a level of {name}")
+    if study.search is not None:
+        num_samples = settings.samples or (study.search.smoke_samples if settings.scale == "smoke"
+                                           else study.search.num_samples)
+        if len(study.search.objectives) > 1 and study.search.early_stopping:
+            raise ValueError(f"study {study.name}: early stopping (ASHA) ranks trials by one metric; "
+                             "use one objective or early_stopping=False")
+    storage = absolute(settings.storage_path)
+    identity = json.dumps({"levels": levels, "seeds": seeds, "configs": [t.config.to_dict() for t in trials],
+                           "workers": options.workers, "samples": num_samples}, sort_keys=True)
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
+    plan = StudyPlan(study, settings.scale, seeds, levels, dict(settings.overrides), options, trials, storage,
+                     f"{study.name}-{settings.scale}-{digest}", num_samples)
+    plan.options = dataclasses.replace(options, storage_path=plan.trials_path)
+    return plan

@@ -1,0 +1,243 @@
+"""Run a study: a Ray Tune experiment whose trials are Ray Train runs, recorded in MLflow.
+
+    plan = plan_study(study, StudySettings(scale="smoke"))   # validated; nothing started
+    outcome = run_study(study, StudySettings(scale="smoke"))
+
+A grid study is a Tune grid over the factors' levels x seeds; a search study samples levels with
+Optuna (OptunaSearch, optionally ASHA early stopping). Each trial is a Tune function that launches
+the TorchTrainer of its configuration and forwards every epoch's report to Tune; on a local Ray, a
+one-worker trial trains in the trial's own process instead (no Train controller and worker actors
+to start per trial: worker_session.py), writing the same checkpoints. Re-running the same
+command resumes: Tune restores its experiment, an unfinished trial's Train run resumes from its last
+checkpoint, and a trial whose outcome file exists is reported, not retrained.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from nvae_platform.defaults import default_tracking_uri
+from nvae_platform.preflight import check_local_resources, check_resources, check_storage
+from nvae_platform.ray_cluster import cluster_address, init_ray, shutdown_ray
+from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
+from nvae_platform.record.store import open_in_background
+from nvae_platform.record.tracking import STORE_ERRORS, MlflowTracker, check_tracking_uri, status_of
+from nvae_platform.study.declaration import trial_key
+from nvae_platform.study.plan import StudyPlan, StudySettings, estimated_work, plan_study
+from nvae_platform.study.progress_callback import ProgressCallback
+from nvae_platform.study.trial import run_trial
+from nvae_platform.summaries import mean_sd_of, non_dominated
+
+# A trial's own process only launches and waits on its Train run: it takes no CPU from the
+# workers, and reserves the memory it does use (Ray rejects an empty request).
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 512 * 2**20}
+# A cluster's head advertises this resource (cluster.yaml) so that trial processes, and with them
+# the Train controllers that Ray keeps on their node, stay on a node that is never scaled down or
+# preempted; a lost GPU node then costs its workers only, which resume from the last checkpoint.
+TRIAL_DRIVER_RESOURCE = "nvae_trial_driver"
+TRIAL_RETRIES = 2  # a trial whose own process is lost (its node died) restarts, resuming its Train run
+
+
+
+class FinalOptunaSearch(OptunaSearch):
+    """Optuna learns a trial's objectives at its end: test bpd exists only then, and ASHA, not an
+    Optuna pruner, judges the epochs in between."""
+
+    def on_trial_result(self, trial_id, result):
+        pass
+
+
+def _tune_config(plan, max_concurrent):
+    search = plan.study.search
+    if search is None:
+        return tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True)
+    metrics, modes = list(search.objectives), list(search.objectives.values())
+    searcher = FinalOptunaSearch(metric=metrics if len(metrics) > 1 else metrics[0],
+                                 mode=modes if len(modes) > 1 else modes[0], seed=0)
+    scheduler = None
+    if search.early_stopping:
+        # One Tune result per epoch, then the trial's outcome report: epochs + 1 iterations in all.
+        scheduler = ASHAScheduler(metric="val_bpd", mode="min", time_attr="training_iteration", grace_period=1,
+                                  max_t=max(t.config.epochs for t in plan.trials) + 1)
+    return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
+                           max_concurrent_trials=max_concurrent, reuse_actors=True)
+
+
+def trial_resources(plan):
+    """What each trial's own process reserves: its worker's CPUs and GPUs when it trains itself; else
+    only memory, pinned to the nodes advertising TRIAL_DRIVER_RESOURCE when the cluster has any."""
+    if plan.train_in_trial:
+        o = plan.options
+        return {"CPU": o.cpus_per_worker, **({"GPU": o.gpus_per_worker} if o.gpus_per_worker else {})}
+    if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) >= 1:
+        return {**TRIAL_DRIVER_RESOURCES, TRIAL_DRIVER_RESOURCE: 1}
+    return dict(TRIAL_DRIVER_RESOURCES)
+
+
+def _default_concurrency(plan, settings, joined):
+    """Trials at once: as many as the local Ray holds; on a cluster, unlimited (pending trials are
+    the demand its autoscaler grows from); --max-concurrent wins."""
+    opts, have = plan.options, ray.cluster_resources()
+    need = check_resources(opts.workers, opts.cpus_per_worker, opts.gpus_per_worker, have, "--workers-per-trial",
+                           on_cluster=joined, where="the Ray cluster" if joined else "the local Ray")
+    if settings.max_concurrent or joined:
+        return settings.max_concurrent
+    fits = [have.get(kind, 0) // amount for kind, amount in need.items() if amount > 0]
+    return max(1, int(min(fits))) if fits else 1
+
+
+def describe_plan(plan, max_concurrent=None):
+    """The trials and their resources, as printed by --dry-run."""
+    o = plan.options
+    lines = [f"study {plan.study.name} at scale {plan.scale}: {plan.study.description}".rstrip(": "),
+             (f"  dataset {plan.study.dataset_at(plan.scale)}; each trial: {o.workers} worker(s) x "
+             f"{o.cpus_per_worker:g} CPU, {o.gpus_per_worker:g} GPU; "
+             f"max concurrent trials: {max_concurrent or 'as many as the cluster holds'}"),
+             f"  checkpoints: {plan.trials_path}"]
+    if o.skip_files:
+        lines.append(f"  --skip-unreadable: {len(o.skip_files)} unreadable image file(s) left out, e.g. "
+                     f"{o.skip_files[0]} (all named in each run's unreadable_files.txt)")
+    if plan.is_search:
+        s = plan.study.search
+        lines.append(f"  Optuna search: {plan.num_samples} trials over {len(plan.trials)} level combinations; "
+                     f"objectives {s.objectives}; early stopping {'ASHA on val_bpd' if s.early_stopping else 'off'}")
+        lines += [f"  {name}: {', '.join(levels)}" for name, levels in plan.levels.items()]
+    else:
+        lines.append(f"  {len(plan.trials)} trials (grid over {' x '.join(plan.levels)} x seed):")
+        for trial in plan.trials:
+            c = trial.config
+            lines.append(f"    {trial.key:<40} epochs {c.epochs}, groups {c.num_groups}, "
+                         f"channels {c.num_channels_enc}, batch {c.batch_size}")
+    return "\n".join(lines)
+
+
+def summary_table(plan, results):
+    """Markdown table of the trials, each level combination averaged over its finished seeds."""
+    columns = list(plan.study.columns)
+    rows = {}
+    order = {key: i for i, key in enumerate(t.key for t in plan.trials)}
+    results = sorted(results, key=lambda r: order.get(trial_key(*plan.levels_and_seed(r.config)), 0))
+    for result in results:
+        metrics = result.metrics or {}
+        levels = {name: result.config.get(name) for name in plan.levels}
+        status = status_of(metrics, "ERROR" if result.error else "TERMINATED")
+        label = tuple(levels.values())
+        if plan.is_search:
+            label = (metrics.get("trial_id", ""), *label)
+        row = rows.setdefault(label, {"statuses": [], **{c: [] for c in columns}})
+        row["statuses"].append(status)
+        for c in columns:
+            if status == "finished" and isinstance(metrics.get(c), (int, float)) and math.isfinite(metrics[c]):
+                row[c].append(metrics[c])
+    names = (["trial"] if plan.is_search else []) + list(plan.levels)
+    lines = ["| " + " | ".join(names + columns + ["trials"]) + " |", "|" + "---|" * (len(names) + len(columns) + 1)]
+    for label, row in rows.items():
+        cells = [mean_sd_of(row[c]) for c in columns]
+        counts = {s: row["statuses"].count(s) for s in dict.fromkeys(row["statuses"])}
+        lines.append("| " + " | ".join(list(label) + cells + [", ".join(f"{n} {s}" for s, n in counts.items())]) + " |")
+    return "\n".join(lines)
+
+
+def pareto_front(results, objectives):
+    """The finished Tune results no other finished result beats on every objective."""
+    front = non_dominated([r.metrics or {} for r in results], objectives)
+    return [r for r in results if any(r.metrics is m for m in front)]
+
+
+@dataclass
+class StudyOutcome:
+    plan: StudyPlan
+    results: list  # ray.tune Results, one per trial
+    table: str
+    tracking_uri: str
+    parent_run_id: str
+    interrupted: bool
+
+
+def prepare_study(study, settings):
+    """Every check that needs no trial, before Ray starts: plan (numbers, configs, data), storage,
+    the resources of a local Ray, and last the tracking store (a write probe). Raises
+    ConfigError/ValueError/DatasetNotFoundError naming the problem; records nothing."""
+    plan = plan_study(study, settings)
+    joining = cluster_address(settings.address, settings.num_cpus) is not None
+    check_storage(plan.storage_path)
+    if not joining:  # a local Ray cannot grow: refuse what it could never schedule, before starting it
+        opts = plan.options
+        check_local_resources(opts.workers, opts.cpus_per_worker, opts.gpus_per_worker, settings.num_cpus,
+                              "--workers-per-trial")
+    check_tracking_uri(settings.tracking_uri or default_tracking_uri(), settings.experiment or study.name)
+    send_ray_logs_to(ray_log_path(plan.study_key, plan.experiment_dir))  # Ray's start-up messages included
+    store = open_in_background(settings.tracking_uri or default_tracking_uri())  # while Ray starts
+    joined = init_ray(settings.address, num_cpus=settings.num_cpus)
+    store.join()
+    # On a cluster every trial is a Train run: its controller stays on the head, and a lost node costs
+    # only its workers.
+    plan.train_in_trial = not joined and plan.options.workers == 1
+    try:
+        return plan, _default_concurrency(plan, settings, joined)
+    except ValueError:
+        shutdown_ray()
+        raise
+
+
+def run_study(study, settings, prepared=None):
+    """Run the study on Ray Tune and record it in MLflow (see module doc); prepared is
+    prepare_study's (plan, max_concurrent), computed here if not given."""
+    plan, max_concurrent = prepared or prepare_study(study, settings)
+    tracking_uri = settings.tracking_uri or default_tracking_uri()
+    print(describe_plan(plan, max_concurrent), flush=True)
+
+    experiment = settings.experiment or study.name
+    tracker = MlflowTracker(plan, tracking_uri, experiment)  # Tune opens it (its setup hook), also on a restore
+    progress = ProgressCallback(plan, max_concurrent, ray_log_path(plan.study_key, plan.experiment_dir))
+    # A trial reports test_bpd only with its last epoch; Tune otherwise rejects a search's earlier reports.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Tune's own output engine prints its experiment table even at verbose=0; the legacy one is silent.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune saves which trials ended at most every 10 s by default; a driver killed sooner restarts them
+    # (they report their outcome files without training, but show as started again).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources(plan))
+    path = plan.study_key  # the Tune experiment folder
+    if tune.Tuner.can_restore(path):
+        print(f"[study] resuming {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=plan.param_space(), tune_config=_tune_config(plan, max_concurrent),
+                           run_config=tune.RunConfig(name=plan.experiment_dir, storage_path=plan.storage_path,
+                                                     callbacks=[progress, tracker], verbose=0,
+                                                     failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
+    try:
+        grid_results = tuner.fit()
+    except BaseException:
+        try:
+            MlflowTracker(plan, tracking_uri, experiment).open().close()  # no run stays RUNNING; resumable
+        except STORE_ERRORS:
+            pass  # the store still refuses writes: the next invocation's tracker completes the record
+        raise
+    results = [grid_results[i] for i in range(len(grid_results))]
+    results = [r for r in results if r.config]  # a trial never started has no config
+    record = MlflowTracker(plan, tracking_uri, experiment).open()  # what the store holds now
+    interrupted = record.interrupted
+    record.close()
+    table = summary_table(plan, results)
+    print(f"\n{study.name} at scale {settings.scale}: bits/dim of the finished trials\n{table}")
+    if study.search is not None and len(study.search.objectives) > 1:
+        front = pareto_front(results, study.search.objectives)
+        print("\nPareto front (" + " vs ".join(study.search.objectives) + "):")
+        for r in sorted(front, key=lambda r: r.metrics[next(iter(study.search.objectives))]):
+            print("  " + ", ".join(f"{k} {r.metrics[k]:.4g}" for k in study.search.objectives) + "  "
+                  + trial_key({n: r.config[n] for n in plan.levels}, plan.seeds[0]))
+    if interrupted:
+        print("\nThe study was interrupted: re-run the same command to resume it.")
+    print(f"\nMLflow: experiment {experiment!r}, parent run {record.parent_id}; browse with\n"
+          f"  mlflow ui --backend-store-uri {tracking_uri}", flush=True)
+    return StudyOutcome(plan, results, table, tracking_uri, record.parent_id, interrupted)
+
+
+__all__ = ["StudyOutcome", "StudyPlan", "StudySettings", "check_storage", "estimated_work", "pareto_front", "plan_study",
+           "prepare_study", "run_study", "run_trial", "summary_table"]

@@ -1,0 +1,74 @@
+"""Deterministic failures end a run at once instead of being retried.
+
+Ray Train restarts a worker group after any exception, which is right for a lost worker or node and
+wasted on a bad dataset or config: those fail the same way every time, `max_failures` times over.
+So the rank that meets one writes it beside the run's checkpoints (failure.json: the reason and the
+traceback) before raising; every later attempt Ray Train makes reads it and ends at once with the
+status "failed: <reason>". The driver clears it before the next run, so a rerun after a fix trains.
+"""
+import json
+import re
+import traceback
+
+from PIL import UnidentifiedImageError
+
+from nvae_core import ConfigError
+from nvae_core.data_check import BadDataError
+from nvae_core.datasets import DatasetNotFoundError
+from nvae_platform.train.checkpoints import is_file, open_storage
+
+FAILURE_FILE = "failure.json"
+DETERMINISTIC = (ConfigError, DatasetNotFoundError, BadDataError, UnidentifiedImageError)
+UNREADABLE_IMAGE = ("image file is truncated", "cannot identify image file")  # PIL's OSError texts
+NO_SPACE = "No space left on device"
+_ERROR_LINE = re.compile(r"^\s*[\w.]+(Error|Exception)\b.*")
+
+
+def is_deterministic(error):
+    """Whether the error fails again on a retry: bad data or config (not a lost worker or node)."""
+    if isinstance(error, DETERMINISTIC):
+        return True
+    return isinstance(error, OSError) and any(text in str(error) for text in UNREADABLE_IMAGE)
+
+
+def reason(error):
+    """One line for an error Ray Train reports with its workers' tracebacks inside: the last
+    exception line, and for a full disk what to do."""
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    lines = [line.strip() for line in text.splitlines() if _ERROR_LINE.match(line)]
+    last = lines[-1] if lines else ([line.strip() for line in text.splitlines() if line.strip()] or ["unknown error"])[-1]
+    if NO_SPACE in text:
+        return (f"the run's storage is full ({last}); free space and run the same command: it resumes "
+                "from the newest whole checkpoint")
+    return last
+
+
+def _location(run_folder):
+    return open_storage(f"{str(run_folder).rstrip('/')}/{FAILURE_FILE}")
+
+
+def write_failure(run_folder, error):
+    """Record a deterministic error of this run (called while handling it); returns the record."""
+    record = {"status": f"failed: {type(error).__name__}: {str(error)[:500]}", "traceback": traceback.format_exc()}
+    filesystem, path = _location(run_folder)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as f:
+        f.write(json.dumps(record).encode())
+    return record
+
+
+def read_failure(run_folder):
+    """The run's recorded deterministic failure, or None."""
+    filesystem, path = _location(run_folder)
+    try:
+        with filesystem.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def clear_failure(run_folder):
+    """Forget a recorded failure: the next attempt trains (the data or config may have been fixed)."""
+    filesystem, path = _location(run_folder)
+    if is_file(filesystem, path):
+        filesystem.delete_file(path)
