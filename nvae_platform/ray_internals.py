@@ -1,12 +1,10 @@
-"""The only five things the platform takes from Ray's non-public modules, for want of a public way.
+"""The only three things the platform takes from Ray's non-public modules, for want of a public way.
 
 tests/test_ray_internals.py fails loudly, naming the symbol, when an upgrade of Ray moves one.
 """
 import ray._private.worker
-from ray._private import ray_constants
 from ray._private.services import canonicalize_bootstrap_address
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-from ray.tune.result import AUTO_RESULT_KEYS
 
 
 def find_cluster(address):
@@ -16,9 +14,6 @@ def find_cluster(address):
     but only by connecting."""
     return canonicalize_bootstrap_address(address)
 
-
-# The keys Tune adds to every reported result (training_iteration, time_total_s, pid, ...): not metrics.
-TUNE_RESULT_KEYS = frozenset(AUTO_RESULT_KEYS)
 
 # Ray Train's record of a run's checkpoints, in the run folder. A resume that sets a damaged
 # checkpoint aside deletes it: Ray refuses to start while it names a checkpoint that is gone.
@@ -33,12 +28,3 @@ def print_ray_output_with(printer):
     task_name, is_err and lines. Call it before ray.init, which binds the printer of forwarded output."""
     ray._private.worker.print_to_stdstream = printer
 
-
-def stop_autoscaler_monitor():
-    """SIGKILL the autoscaler monitor of the local Ray this process started (a driver that joined a
-    cluster holds no processes). ray.shutdown sends it SIGTERM after stopping the GCS, and it sits
-    out the whole second Ray then waits before a SIGKILL: 1.0 of the 1.4 s a shutdown took here. A
-    local Ray has nothing to scale and its monitor keeps no state."""
-    node = ray._private.worker._global_node
-    for info in (node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []):
-        info.process.kill()

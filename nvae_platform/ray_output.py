@@ -1,8 +1,9 @@
-"""Ray's own console output goes to one log file, so that a study's console shows the study.
+"""Ray's and MLflow's own console output goes to one log file, so that a study's console shows the study.
 
 That is Ray's start-up and shutdown messages, the INFO and WARNING lines of its Python loggers (Tune,
 Train), what its processes print (each trial's Train controller and workers) and the warnings and
-errors the cluster publishes (a raylet's, a worker killed for memory). What a person needs still
+errors the cluster publishes (a raylet's, a worker killed for memory); and MLflow's log lines (a new
+store's "Creating initial MLflow database tables") and its "View run ... at" links. What a person needs still
 reaches the console: a trial's failure through its result (the progress view names its reason), a
 crash of the driver as its traceback. Every invocation of the study appends to the log.
 """
@@ -32,9 +33,9 @@ def _is_console(handler):
 
 
 def send_ray_logs_to(path):
-    """From now on Ray's Python loggers in this process, and what Ray forwards to it from its other
-    processes, write to path (appended), not the console. Call it before ray.init: its start-up
-    messages go there too, and it binds the printer of forwarded output."""
+    """From now on Ray's and MLflow's Python loggers in this process, and what Ray forwards to it from
+    its other processes, write to path (appended), not the console; MLflow prints no run links. Call
+    it before ray.init: its start-up messages go there too, and it binds the printer of forwarded output."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with _log["lock"]:
         if _log["file"] is not None:
@@ -43,12 +44,14 @@ def send_ray_logs_to(path):
     handler = logging.StreamHandler(_log["file"])
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.nvae_ray_log = True
-    names = ["ray"] + [name for name in logging.Logger.manager.loggerDict if name.startswith("ray.")]
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # its "View run ... at" lines, on stdout
+    names = ["ray", "mlflow"] + [name for name in logging.Logger.manager.loggerDict
+                                 if name.startswith(("ray.", "mlflow."))]
     for logger in map(logging.getLogger, names):
         console = [h for h in logger.handlers if _is_console(h)]
         for h in console:
             logger.removeHandler(h)
-        if console or logger.name == "ray":  # a logger that had its own console handler does not propagate
+        if console or logger.name in ("ray", "mlflow"):  # a logger that had its own console handler does not propagate
             logger.addHandler(handler)
     print_ray_output_with(_write_ray_output)
 

@@ -2,12 +2,14 @@
 against the factor spread across the table, and a search's Pareto front."""
 import io
 import re
+from itertools import product
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from nvae_platform.summaries import non_dominated
 
@@ -27,6 +29,7 @@ def validation_curves(histories):
             epochs, values = zip(*sorted(points))
             axes.plot(np.array(epochs) + 1, values, marker="o" if len(points) < 12 else None, label=name, lw=1)
     axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
     axes.set_ylabel("validation bits/dim")
     axes.set_title("Validation bits/dim of every trial")
     if len(histories) <= 12:
@@ -34,15 +37,26 @@ def validation_curves(histories):
     return _png(figure)
 
 
-def kl_per_group(study):
-    """Heatmap of the final training KL (nats) of each latent group, per configuration: a group near
-    zero has collapsed onto its prior."""
+def kl_means(study):
+    """The mean final training KL of each latent group (columns, top group first) per configuration
+    (rows, in the study's level order, not the order the trials ran in); None without such metrics."""
     finished = study.trials[study.trials["status"] == "finished"]
     columns = sorted((c for c in finished.columns if re.fullmatch(r"metrics\.train_kl_group_\d+", c)),
                      key=lambda c: int(c.rsplit("_", 1)[1]))
     if finished.empty or not columns:
         return None
     means = finished.groupby(study.factors, sort=False)[columns].mean()
+    order = [c if len(c) > 1 else c[0] for c in product(*study.levels.values())]
+    return means.reindex([key for key in order if key in means.index])
+
+
+def kl_per_group(study):
+    """Heatmap of the final training KL (nats) of each latent group, per configuration: a group near
+    zero has collapsed onto its prior."""
+    means = kl_means(study)
+    if means is None:
+        return None
+    columns = list(means.columns)
     labels = [", ".join(map(str, k if isinstance(k, tuple) else (k,))) for k in means.index]
     figure, axes = plt.subplots(figsize=(1.2 + 0.45 * len(columns), 1 + 0.35 * len(labels)))
     image = axes.imshow(means.to_numpy(dtype=float), aspect="auto", cmap="viridis")

@@ -138,6 +138,7 @@ def test_a_study_run_on_the_head_joins_its_cluster_as_under_ray_submit(cluster):
     with open(re.search(r"Ray's own messages .* go to (\S+)", run.stdout).group(1)) as f:
         ray_log = f.read()  # Ray's start-up messages go there, not to the console
     assert "Connected to Ray cluster" in ray_log and "Started a local Ray instance" not in ray_log + run.stderr
+    assert "View run" not in run.stdout + run.stderr and "View experiment" not in run.stdout  # MLflow's run links
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name("via-ray-submit")
     (trial,) = client.search_runs([experiment.experiment_id], "tags.`nvae.status` = 'finished'")

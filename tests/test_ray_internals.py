@@ -6,22 +6,22 @@ import pytest
 
 
 @pytest.mark.parametrize("module, name", [("ray._private.services", "canonicalize_bootstrap_address"),
-                                          ("ray.tune.result", "AUTO_RESULT_KEYS"),
                                           ("ray.train.v2._internal.constants", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME"),
-                                          ("ray._private.worker", "print_to_stdstream"),
-                                          ("ray._private.worker", "_global_node"),
-                                          ("ray._private.ray_constants", "PROCESS_TYPE_MONITOR")])
+                                          ("ray._private.worker", "print_to_stdstream")])
 def test_the_private_ray_symbol_still_exists(module, name):
     assert hasattr(importlib.import_module(module), name), (
         f"Ray {importlib.import_module('ray').__version__} no longer has {module}.{name}: "
         "update nvae_platform/ray_internals.py")
 
 
-def test_tune_result_keys_are_the_ones_tune_adds():
-    from nvae_platform.ray_internals import TUNE_RESULT_KEYS
+def test_the_tune_keys_the_record_leaves_out_are_the_ones_tune_adds():
+    """run_writer's own list of Tune's auto-filled keys holds every key Tune adds, and no metric of ours."""
+    from ray.tune.result import AUTO_RESULT_KEYS  # only here, as the canary of that list
 
-    assert {"training_iteration", "time_total_s", "timestamp", "pid", "hostname"} <= TUNE_RESULT_KEYS
-    assert not {"train_bpd", "val_bpd", "test_bpd", "lr", "epoch"} & TUNE_RESULT_KEYS
+    from nvae_platform.record.run_writer import TUNE_AUTO_FILLED
+
+    assert set(AUTO_RESULT_KEYS) <= TUNE_AUTO_FILLED, f"Tune now adds {set(AUTO_RESULT_KEYS) - TUNE_AUTO_FILLED}"
+    assert not {"train_bpd", "val_bpd", "test_bpd", "lr", "epoch"} & TUNE_AUTO_FILLED
 
 
 def test_find_cluster_resolves_addresses_without_connecting(monkeypatch):
@@ -45,22 +45,21 @@ def test_the_driver_prints_ray_output_through_the_function_it_finds_at_call_time
     assert "functools.partial(print_to_stdstream," in source and "print_to_stdstream(\n" in source
 
 
-def test_shutdown_ray_stops_a_local_ray_and_its_monitor(monkeypatch):
-    """A local Ray started by init_ray has an autoscaler monitor among its processes; shutdown_ray
-    leaves none of its processes running."""
+def test_shutdown_ray_stops_a_local_ray_and_all_its_processes(monkeypatch):
+    """A local Ray started by init_ray (its GCS, raylet, autoscaler monitor, workers: this process's
+    children) leaves none of its processes running after shutdown_ray."""
+    import psutil
     import ray
-    from ray._private import ray_constants
 
     from nvae_platform.ray_cluster import init_ray, shutdown_ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if ray.is_initialized():
         ray.shutdown()
-    init_ray(num_cpus=1)
-    processes = ray._private.worker._global_node.all_processes
-    monitor = processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
-    everything = [info.process for infos in processes.values() for info in infos]
+    init_ray(address="local", num_cpus=1)
+    started = psutil.Process().children(recursive=True)
+    assert any("monitor" in " ".join(p.cmdline()) for p in started), [p.cmdline()[:2] for p in started]
     shutdown_ray()
     assert not ray.is_initialized()
-    assert monitor.poll() is not None
-    assert all(p.poll() is not None for p in everything)
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, [p.cmdline()[:2] for p in alive]

@@ -22,7 +22,8 @@ PER_EPOCH = ("train_bpd", "val_bpd", "lr", "epoch_seconds", "train_kl_group_0")
 # What Ray prints on its own: its start-up line, its processes' forwarded output, Tune's table; and
 # any line of its loggers ("2026-01-01 10:00:00,000<TAB>INFO worker.py:2038 -- ...").
 RAY_NOISE = ("Started a local Ray instance", "pid=", "(raylet)", "Reporting training result", "[nvae] epoch",
-             "Configuration for experiment", "View detailed results")
+             "Configuration for experiment", "View detailed results",
+             "Creating initial MLflow database tables", "View run", "View experiment")  # MLflow's own
 RAY_LOG_LINE = re.compile(r"\t(DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+\.py:\d+ -- ")
 
 
@@ -67,6 +68,8 @@ def _assert_readable(out, err):
     with open(re.search(r"Ray's own messages .* go to (\S+)", out).group(1)) as f:
         log = f.read()
     assert "Started a local Ray instance" in log and "[nvae] epoch 1/" in log  # the trials' own lines
+    if "resumed:" not in out:  # a new store: MLflow's line about its schema is in the log, not the console
+        assert "Creating initial MLflow database tables" in log
 
 
 def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_path):

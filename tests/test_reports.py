@@ -248,3 +248,20 @@ def test_welch_interval_without_variance():
     delta, *rest = welch_interval([3.3], [3.1, 3.2])
     assert delta == pytest.approx(0.15) and all(math.isnan(x) for x in rest)
     assert welch_interval([2.0, 2.0], [1.0, 1.0])[:3] == (1.0, 1.0, 1.0)
+
+
+def test_the_kl_heatmap_lists_configurations_in_the_studys_level_order_not_the_run_order():
+    from reports.plots import kl_means
+    from reports.runs import StudyRuns
+
+    ran = [("WN+ELU", "2"), ("WN+ELU", "8"), ("BN+Swish", "4"), ("WN+ELU", "4"), ("BN+Swish", "2")]  # longest first
+    trials = pd.DataFrame([{"norm_act": n, "groups": g, "status": "finished", "metrics.train_kl_group_0": float(i),
+                            "metrics.train_kl_group_1": 1.0} for i, (n, g) in enumerate(ran)])
+    study = StudyRuns(name="ablation_norm", run_name="r", parent_id="p", scale="smoke", kind="grid",
+                  levels={"norm_act": ["WN+ELU", "BN+Swish"], "groups": ["2", "4", "8"]}, columns=["test_bpd"],
+                  trials=trials)
+    means = kl_means(study)
+    assert list(means.index) == [("WN+ELU", "2"), ("WN+ELU", "4"), ("WN+ELU", "8"), ("BN+Swish", "2"), ("BN+Swish", "4")]
+    assert means.loc[("WN+ELU", "4"), "metrics.train_kl_group_0"] == 3.0
+    one_factor = StudyRuns(**{**study.__dict__, "levels": {"groups": ["2", "4", "8"]}, "trials": trials.drop(columns="norm_act")})
+    assert list(kl_means(one_factor).index) == ["2", "4", "8"]

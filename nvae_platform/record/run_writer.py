@@ -12,7 +12,6 @@ import time
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
-from nvae_platform.ray_internals import TUNE_RESULT_KEYS
 from nvae_platform.train.checkpoints import epoch_checkpoints, fetch_file
 
 STATUS_TAG = "nvae.status"
@@ -22,7 +21,12 @@ CONFIG_ARTIFACT = "config.json"
 UNREADABLE_ARTIFACT = "unreadable_files.txt"
 ERROR_ARTIFACT = "error.txt"
 DATA_DIGEST_TAG = "nvae.data_digest"
-NOT_METRICS = set(TUNE_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "epoch", "should_checkpoint"}
+# The numbers Tune adds to every reported result (its documented "auto-filled metrics"), and ours that
+# are not metrics; tests/test_ray_internals.py checks this list against Tune's own.
+TUNE_AUTO_FILLED = frozenset({"training_iteration", "iterations_since_restore", "time_this_iter_s", "time_total_s",
+                              "time_since_restore", "timestamp", "timesteps_total", "timesteps_since_restore",
+                              "episodes_total", "pid", "date", "hostname", "node_ip", "config", "checkpoint_dir_name"})
+NOT_METRICS = TUNE_AUTO_FILLED | {"done", "trial_id", "experiment_tag", "epoch", "should_checkpoint"}
 
 
 class RunWriter:
