@@ -28,8 +28,9 @@ def ray_log_path(study_key, experiment_dir):
 
 
 def _is_console(handler):
-    return getattr(handler, "nvae_ray_log", False) or getattr(handler, "stream", None) in (
-        sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    stream = getattr(handler, "stream", None)
+    return (getattr(handler, "nvae_ray_log", False) or stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+            or type(stream).__name__ == "MlflowLoggingStream")  # MLflow's handlers write to sys.stderr through it
 
 
 def send_ray_logs_to(path):
@@ -45,13 +46,13 @@ def send_ray_logs_to(path):
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.nvae_ray_log = True
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # its "View run ... at" lines, on stdout
-    names = ["ray", "mlflow"] + [name for name in logging.Logger.manager.loggerDict
-                                 if name.startswith(("ray.", "mlflow."))]
+    names = ["ray", "mlflow", "alembic"] + [name for name in logging.Logger.manager.loggerDict
+                                            if name.startswith(("ray.", "mlflow.", "alembic."))]
     for logger in map(logging.getLogger, names):
         console = [h for h in logger.handlers if _is_console(h)]
         for h in console:
             logger.removeHandler(h)
-        if console or logger.name in ("ray", "mlflow"):  # a logger that had its own console handler does not propagate
+        if console or logger.name in ("ray", "mlflow", "alembic"):  # a logger that had its own console handler does not propagate
             logger.addHandler(handler)
     print_ray_output_with(_write_ray_output)
 
