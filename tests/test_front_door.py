@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRY_POINTS = {"study": "studies/ablation_sr.py", "train": "studies/train.py"}
+ENTRY_POINTS = {"study": "studies/ablation_sr.py", "norm": "studies/ablation_norm.py", "train": "studies/train.py"}
 NO_GPUS = ["--gpus-per-worker", "64"]  # more than any machine this runs on
 
 # (entry point, arguments, the flag the one line must name). {ro} is a read-only store file.
@@ -33,6 +33,18 @@ CASES = [
     ("train", NO_GPUS, "--workers x --gpus-per-worker"),
     ("study", ["--workers-per-trial", "64"], "--workers-per-trial x --cpus-per-worker"),  # more CPUs than here
     ("train", ["--workers", "64"], "--workers x --cpus-per-worker"),
+    # every --set checked against the plan: unknown, wrong type, out of range, fixed by the study or
+    # its scale, a factor's own field
+    ("study", ["--set", "no_such_field=1"], "--set"),
+    ("study", ["--set", "epochs=abc"], "--set"),
+    ("study", ["--set", "epochs=0"], "--set"),
+    ("study", ["--set", "learning_rate=-1"], "--set"),
+    ("study", ["--set", "batch_size=0"], "--set"),
+    ("study", ["--set", "kl_anneal_portion=1.5"], "--set"),
+    ("study", ["--set", "dataset=mnist"], "--set dataset"),
+    ("study", ["--set", "image_size=16"], "--set"),
+    ("norm", ["--set", "num_latent_scales=2"], "--set num_latent_scales"),
+    ("study", ["--set", "sr_lambda=1"], "--set sr_lambda"),
 ]
 
 

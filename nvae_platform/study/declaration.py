@@ -104,22 +104,40 @@ def factor_levels(study, scale, only=None):
 def resolve(study, scale, levels, seed, overrides=None):
     """The NVAEConfig of one trial: the scale, the study's fixed fields, each factor's level,
     then the user's overrides (which may not touch a field a factor varies)."""
+    check_overrides(study, scale, overrides or {})
     changes = dict(study.fixed)
-    varied = set()
     for f in study.factors:
         level_map = f.at(scale)
         if levels[f.name] not in level_map:
             raise ConfigError(f"unknown level {levels[f.name]!r} of factor {f.name!r}: "
                               f"expected one of {', '.join(level_map)}")
         changes.update(level_map[levels[f.name]])
-        varied |= {k for level in level_map.values() for k in level}
-    clash = sorted(set(overrides or {}) & varied)
-    if clash:
-        raise ConfigError(f"--set {', '.join(clash)}: the study varies this field; "
-                          f"choose its levels with --levels FACTOR=LEVEL[,LEVEL] instead")
     changes.update(overrides or {})
     changes["seed"] = seed
     return run_config(study.dataset_at(scale), scale, model=study.model, **changes)
+
+
+def check_overrides(study, scale, overrides):
+    """Refuse, naming the flag to use instead, a --set of a field the study or its scale fixes or a
+    factor varies, and a value its field does not allow (ConfigError)."""
+    dataset = study.dataset_at(scale)
+    if "dataset" in overrides:
+        raise ConfigError(f"--set dataset: study {study.name} trains on {study.dataset} ({study.smoke_dataset} at "
+                          "--scale smoke): choose the scale with --scale, or train another dataset with "
+                          "studies/train.py --dataset")
+    fixed = sorted(set(overrides) & set(study.fixed))
+    if fixed:
+        raise ConfigError(f"--set {', '.join(fixed)}: study {study.name} fixes "
+                          f"{', '.join(f'{k}={study.fixed[k]!r}' for k in fixed)} in every row of its table; "
+                          "declare a study of your own to change it")
+    varied = sorted({k for f in study.factors for level in f.at(scale).values() for k in level} & set(overrides))
+    if varied:
+        raise ConfigError(f"--set {', '.join(varied)}: the study varies this field; "
+                          f"choose its levels with --levels FACTOR=LEVEL[,LEVEL] instead")
+    try:
+        run_config(dataset, scale, model=study.model, **{**study.fixed, **overrides})
+    except ConfigError as error:
+        raise ConfigError(f"--set: {error}") from None
 
 
 def grid(study, scale, seeds, only=None, overrides=None):
