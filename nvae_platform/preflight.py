@@ -2,6 +2,7 @@
 starts, so that bad input costs seconds and records nothing.
 
 - numbers in range, as argparse types (`at_least`), so the error names the flag;
+- names are labels, never paths (`label`: no '/', '..', nothing a file system or MLflow cannot hold);
 - storage writable, by writing and deleting a probe file (a folder or s3:// gs://);
 - the tracking store takes a write (tracking.check_tracking_uri);
 - the data is there (nvae_core.datasets.check_available, through RunOptions.validate);
@@ -14,6 +15,7 @@ Every failure is one line naming the flag, the problem and the fix, and exit cod
 import argparse
 import math
 import os
+import re
 import sys
 
 import pyarrow.fs
@@ -44,6 +46,33 @@ def at_least(minimum, kind=int, strictly=False, note=""):
 
     parse.__name__ = name  # argparse names the type in "invalid <type> value" messages
     return parse
+
+
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,=+@-]{0,199}")
+
+
+def label_error(text):
+    """Why text cannot be a name (a run's, a study's, an MLflow experiment's), or None. A name is a
+    label, never a path: it becomes a folder under the storage and an MLflow name."""
+    if not text:
+        return "an empty name is not allowed"
+    if "/" in text or "\\" in text or ".." in text:
+        return f"{text!r} is a path, not a name: no '/', '\\' or '..'"
+    if not LABEL.fullmatch(text):
+        return (f"{text!r} is not allowed: expected up to 200 letters, digits and _ . , = + @ -, "
+                "starting with a letter or digit")
+    return None
+
+
+def label(text):
+    """An argparse type: a name (see label_error)."""
+    error = label_error(text)
+    if error:
+        raise argparse.ArgumentTypeError(error)
+    return text
+
+
+label.__name__ = "name"
 
 
 def check_storage(storage_path, flag="--storage-path"):

@@ -24,7 +24,7 @@ from nvae_core.dataset_registry import DATASETS
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path, default_tracking_uri
-from nvae_platform.preflight import CommandLine, at_least, check_local_resources, check_resources, check_storage
+from nvae_platform.preflight import CommandLine, at_least, check_local_resources, check_resources, check_storage, label
 from nvae_platform.process_exit import exit_with
 from nvae_platform.ray_cluster import cluster_address, init_ray
 from nvae_platform.record.tracking import StoreWriteError, check_tracking_uri
@@ -49,12 +49,12 @@ def build_parser():
         help="train without the image-folder files that cannot be read (default: refuse to start, naming them)")
     add("--storage-path", default=default_storage_path(),
         help="checkpoints and trial state, local or s3:// (default: $NVAE_STORAGE_PATH, else runs)")
-    add("--name", help="start of the run's name, which ends with a digest of the config (default: dataset-scale)")
-    add("--resume-from", metavar="RUN",
+    add("--name", type=label, help="start of the run's name, which ends with a digest of the config (default: dataset-scale)")
+    add("--resume-from", type=label, metavar="RUN",
         help="continue this run (its folder name under --storage-path) with the config given here, e.g. "
              "--set epochs=50 to extend it; fields that change the model's shapes are refused")
     add("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db)")
-    add("--experiment", default="train", help="MLflow experiment (default: train)")
+    add("--experiment", default="train", type=label, help="MLflow experiment (default: train)")
     add("--max-failures", type=at_least(0, note="; Ray's -1 (unlimited) is refused: a failure that repeats would "
                                               "be retried forever"), default=2,
         help="restarts of the worker group from the latest checkpoint after a lost worker (default: 2; "

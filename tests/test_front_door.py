@@ -45,6 +45,12 @@ CASES = [
     ("study", ["--set", "image_size=16"], "--set"),
     ("norm", ["--set", "num_latent_scales=2"], "--set num_latent_scales"),
     ("study", ["--set", "sr_lambda=1"], "--set sr_lambda"),
+    # names are labels, never paths
+    ("train", ["--name", "../../escape"], "--name"),
+    ("train", ["--name", ""], "--name"),
+    ("train", ["--experiment", "a/b"], "--experiment"),
+    ("study", ["--experiment", ""], "--experiment"),
+    ("study", ["--experiment", "x\ty"], "--experiment"),
 ]
 
 

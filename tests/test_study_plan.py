@@ -205,3 +205,9 @@ def test_the_tracker_is_plain_data_until_tunes_setup_hook_opens_the_store(tmp_pa
     again = MlflowTracker(plan, uri, "pickled")
     again.setup()
     assert again.parent_id == parent and again.interrupted  # the same parent run, found in the store
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", "tab\there"])
+def test_a_study_name_is_a_label_never_a_path(name):
+    with pytest.raises(ConfigError, match=r"Study\(name="):
+        Study(name=name, factors=NORM.factors)

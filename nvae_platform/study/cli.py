@@ -5,7 +5,7 @@ import sys
 from nvae_core import ConfigError
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path
-from nvae_platform.preflight import CommandLine, at_least
+from nvae_platform.preflight import CommandLine, at_least, label
 from nvae_platform.process_exit import exit_with
 from nvae_platform.record.tracking import StoreWriteError
 from nvae_platform.study.runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
@@ -57,7 +57,7 @@ def build_parser(study):
     add("--max-concurrent", type=at_least(1),
         help="trials running at once, >= 1 (default: as many as the cluster holds)")
     add("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db)")
-    add("--experiment", help=f"MLflow experiment name (default: {study.name})")
+    add("--experiment", type=label, help=f"MLflow experiment name (default: {study.name})")
     add("--storage-path", default=default_storage_path(),
         help=f"checkpoints and Tune state: a folder or s3:// gs:// URI (default: ${STORAGE_ENV}, else runs)")
     add("--data-dir", default=default_data_dir(),

@@ -7,6 +7,7 @@ the levels of each trial instead.
 from dataclasses import dataclass, field
 
 from nvae_core import ConfigError, NVAEConfig
+from nvae_platform.preflight import label_error
 from nvae_platform.train.scales import run_config
 
 
@@ -57,6 +58,10 @@ class Study:
     search: Search = None
     across: str = None  # a factor whose levels are the report table's columns (e.g. groups)
     baseline: dict = None  # {factor: level} of the row the report compares every other row with
+
+    def __post_init__(self):
+        if label_error(self.name):
+            raise ConfigError(f"Study(name={self.name!r}): {label_error(self.name)}")
 
     def dataset_at(self, scale):
         return self.smoke_dataset if scale == "smoke" else self.dataset
