@@ -8,6 +8,7 @@ from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, defa
 from nvae_platform.preflight import CommandLine, at_least, label
 from nvae_platform.process_exit import exit_with
 from nvae_platform.record.tracking import StoreWriteError
+from nvae_platform.study.plan import MAX_TRIALS
 from nvae_platform.study.runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
 from nvae_platform.train.scales import SCALES
 
@@ -70,6 +71,8 @@ def build_parser(study):
     add("--set", action="append", default=[], metavar="FIELD=VALUE",
         help="override an NVAEConfig field in every trial, e.g. --set epochs=50")
     add("--samples", type=at_least(1), help="trials of a search (default: the study's)")
+    add("--max-trials", type=at_least(1), default=MAX_TRIALS,
+        help=f"refuse a plan of more trials than this, before building it (default: {MAX_TRIALS:,})")
     add("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a cluster started on this machine "
                           "with `ray start`, else a new local Ray)")
     add("--num-cpus", type=at_least(1), help="CPUs of a new local Ray (default: all)")
@@ -89,7 +92,8 @@ def main(study, argv=None):
         max_concurrent=args.max_concurrent, tracking_uri=args.tracking_uri, experiment=args.experiment,
         storage_path=args.storage_path, data_dir=args.data_dir, download=args.download,
         skip_unreadable=args.skip_unreadable, levels=levels,
-        overrides=overrides, samples=args.samples, address=args.address, num_cpus=args.num_cpus)
+        overrides=overrides, samples=args.samples, address=args.address, num_cpus=args.num_cpus,
+        max_trials=args.max_trials)
     try:  # every check before anything is recorded or trained
         if args.dry_run:
             plan = plan_study(study, settings, check_data=False)

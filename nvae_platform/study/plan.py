@@ -6,6 +6,7 @@ not import.
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 from ray import tune
@@ -17,6 +18,8 @@ from nvae_platform.defaults import default_data_dir, default_storage_path
 from nvae_platform.study.declaration import Study, factor_levels, grid, resolve, trial_key
 from nvae_platform.train.run_options import RunOptions
 from nvae_platform.train.scales import run_options
+
+MAX_TRIALS = 10_000  # more is a typo (--seeds 1000000) far more often than a study; --max-trials raises it
 
 
 @dataclass
@@ -40,6 +43,7 @@ class StudySettings:
     samples: int = None  # trials of a search; None: the study's
     address: str = None  # Ray cluster; None: $RAY_ADDRESS or one started on this machine, else a local Ray
     num_cpus: int = None  # CPUs of a local Ray
+    max_trials: int = MAX_TRIALS  # a plan above it is refused before it is built
 
 
 @dataclass
@@ -136,6 +140,21 @@ def estimated_work(cfg):
     return cfg.epochs * cfg.num_groups * cells * cfg.num_channels_enc ** 2 * (1 + cfg.num_flows)
 
 
+def _check_size(study, settings, levels):
+    """Refuse a plan of more than settings.max_trials trials before any of it is built, saying how
+    many trials and GPUs it asked for."""
+    if study.search is not None:
+        count, asked = settings.samples or 0, f"--samples {settings.samples}"
+    else:
+        count, asked = settings.seeds * math.prod(len(v) for v in levels.values()), f"--seeds {settings.seeds}"
+    if count > settings.max_trials:
+        scale = run_options(study.dataset_at(settings.scale), settings.scale)
+        per_trial = (settings.workers_per_trial or scale.workers) * (settings.gpus_per_worker or scale.gpus_per_worker)
+        gpus = f" of {per_trial:g} GPU(s) each: {count * per_trial:,.0f} GPUs for a trial's time" if per_trial else ""
+        raise ValueError(f"{asked}: the plan would hold {count:,} trials{gpus}, above --max-trials "
+                         f"{settings.max_trials:,}; ask for fewer, or raise --max-trials if you mean it")
+
+
 def plan_study(study, settings, check_data=True):
     """Resolve and validate every trial and option (and that the dataset is there, if check_data);
     raise ConfigError/ValueError/DatasetNotFoundError naming the problem."""
@@ -145,8 +164,9 @@ def plan_study(study, settings, check_data=True):
             raise ValueError(f"argument {flag}: {value} is not allowed: expected an integer >= 1")
     if study.search is not None and settings.seeds != 1:
         raise ValueError("--seeds: a search trains one seed per trial; repeat its best trials as a grid study")
-    seeds = list(range(settings.seeds))
     levels = factor_levels(study, settings.scale, settings.levels)
+    _check_size(study, settings, levels)
+    seeds = list(range(settings.seeds))
     trials = grid(study, settings.scale, seeds, settings.levels, settings.overrides)
     dataset = study.dataset_at(settings.scale)
     resources = {k: v for k, v in dict(workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_worker,
