@@ -5,6 +5,7 @@ interpreter runs while it tears down its modules took 1.5 s on a 2-core machine,
 was recorded and Ray had shut down: a tenth of a smoke study's time outside training.
 """
 import gc
+import signal
 import sys
 
 
@@ -13,3 +14,22 @@ def exit_with(code):
     among them, still run, and nothing is left for the final collections to walk."""
     gc.freeze()
     sys.exit(code)
+
+
+_TERMINATED = []  # set once SIGTERM arrived
+
+
+def stop_on_sigterm_as_on_sigint():
+    """From now on SIGTERM (what `ray job stop`, Slurm, Kubernetes and systemd send) stops the command
+    as Ctrl-C does: the same handler runs (Tune's, which ends the study cleanly). Call it after
+    ray.init, whose own handler prints C++ lines and exits 1."""
+    def on_sigterm(signum, frame):
+        _TERMINATED.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def interrupted_code():
+    """The exit code of an interrupted command: 143 after SIGTERM (128 + 15), else 130 (Ctrl-C)."""
+    return 128 + signal.SIGTERM if _TERMINATED else 128 + signal.SIGINT

@@ -6,7 +6,7 @@ from nvae_core import ConfigError
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path
 from nvae_platform.preflight import CommandLine, at_least, label
-from nvae_platform.process_exit import exit_with
+from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
 from nvae_platform.record.tracking import StoreWriteError
 from nvae_platform.study.plan import MAX_TRIALS
 from nvae_platform.study.runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
@@ -108,12 +108,13 @@ def main(study, argv=None):
         parser.error(f"{error}{STUDY_DATA_HINT}")
     except (ConfigError, ValueError) as error:
         parser.error(str(error))
+    stop_on_sigterm_as_on_sigint()
     try:
         outcome = run_study(study, settings, prepared)
     except StoreWriteError as error:
         print(f"[study] stopped: {error}", file=sys.stderr, flush=True)
         return 1
-    return 130 if outcome.interrupted else 0
+    return interrupted_code() if outcome.interrupted else 0
 
 
 def run(study):
