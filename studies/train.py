@@ -72,6 +72,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides = {k: parse_value(v) for k, v in parse_pairs(parser, args.set, "--set").items()}
+    if "dataset" in overrides:
+        parser.error("--set dataset: choose the dataset with --dataset")
     option_overrides = {k: v for k, v in dict(
         workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         iw_samples=args.iw_samples).items() if v is not None}

@@ -45,6 +45,8 @@ CASES = [
     ("study", ["--set", "image_size=16"], "--set"),
     ("norm", ["--set", "num_latent_scales=2"], "--set num_latent_scales"),
     ("study", ["--set", "sr_lambda=1"], "--set sr_lambda"),
+    ("train", ["--set", "dataset=mnist"], "--dataset"),
+    ("train", ["--set", "epochs=0"], "epochs"),
     # plans are bounded: refused before they are built, with their size
     ("study", ["--seeds", "1000000"], "--seeds 1000000"),
     # names are labels, never paths
