@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from nvae_core import NVAE, NVAEConfig, TrainStep, bits_per_dim, sample_images
+from nvae_core.compiling import maybe_compile
 from nvae_core.datasets import Batches, load_dataset
 from nvae_core.layers import synchronize_batchnorm
 from nvae_core.lineage import dataset_lineage
@@ -195,7 +196,7 @@ def restore(w):
     if w.world > 1:
         w.model = nn.parallel.DistributedDataParallel(
             synchronize_batchnorm(w.model), device_ids=[w.device.index] if w.device.type == "cuda" else None)
-        w.step.model = w.model
+    w.model = w.step.model = maybe_compile(w.model, w.cfg.compile, w.device)  # after data init and DDP
     nodes = [w.session.node()] * w.world
     if w.world > 1:
         dist.all_gather_object(nodes, nodes[0])
