@@ -24,7 +24,9 @@ run "$PY" -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torc
 # GPU-only tests (skip-unless-cuda) and the mixed-precision and compile tests, on the GPU's machine
 run "$PY" -m pytest -q -rs tests/test_mixed_precision.py tests/test_compile.py
 # throughput: images/s, peak memory, MFU against the matmul peak in each precision, eager and compiled
-run timeout 240 "$PY" benchmarks/benchmark_throughput.py --config cifar-small cifar10 --device cuda \
+BENCH=benchmarks/benchmark_throughput.py
+[ -f "$BENCH" ] || BENCH=studies/benchmark_throughput.py  # its place before the benchmarks/ move
+run timeout 240 "$PY" "$BENCH" --config cifar-small cifar10 --device cuda \
     --precision fp32 bf16 fp16 --compile both --warmup 3 --steps 10 --json "$OUT/throughput.json"
 # one epoch through Ray Train on the GPU, then evaluate.py on that run
 run timeout 150 "$PY" studies/train.py --dataset photo-patches --scale small --set epochs=1 --workers 1 \
