@@ -103,3 +103,13 @@ def test_folded_eval_and_iw_nll_under_autocast_are_close_to_fp32(precision):
         results[p] = (nelbo.float(), iw.float())
     for a, b in zip(results["fp32"], results[precision]):
         torch.testing.assert_close(b, a, rtol=0.02, atol=0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: precision='auto' is fp16 on CUDA")
+def test_auto_precision_on_cuda_is_fp16_with_a_scaler():
+    """On a GPU, 'auto' trains under fp16 autocast with the gradient scaler, and the loss is finite."""
+    cfg = tiny_config(precision="auto")
+    step = TrainStep(NVAE(cfg).cuda(), steps_per_epoch=4, device="cuda")
+    assert step.precision == "fp16" and step.scaler.is_enabled()
+    for _ in range(3):
+        assert torch.isfinite(step(tiny_batch(cfg).cuda())["loss"])

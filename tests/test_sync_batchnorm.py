@@ -100,6 +100,40 @@ def _large_mean_variance_errors():
             "naive": ((naive.double() - exact) / exact).abs().max().item()}
 
 
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _autocast_errors(sizes=(3, 5)):
+    """Per half precision, the largest |synced - one process| of the fused unit's output, input
+    gradient and conv-weight gradient under CPU autocast, relative to the largest |one process|."""
+    rank, errors = dist.get_rank(), {}
+    start = sum(sizes[:rank])
+    mine = slice(start, start + sizes[rank])
+    for name, dtype in AUTOCAST.items():
+        torch.manual_seed(0)
+        synced = NormActConv(4, 6, 3, CFG)
+        reference = copy.deepcopy(synced)
+        synchronize_batchnorm(synced)
+        g = torch.Generator().manual_seed(0)
+        x = (torch.randn(sum(sizes), 4, 5, 5, generator=g) * 3 + 2).requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            want = _reference(reference, x)
+        upstream = torch.randn(want.shape, generator=g)
+        (want.float() * upstream).sum().backward()
+        x_mine = x.detach()[mine].clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            got = synced(x_mine)
+        (got.float() * upstream[mine]).sum().backward()
+        weight_grad = synced.conv.weight.grad.clone()
+        dist.all_reduce(weight_grad)
+        for q, a, b in [("output", got, want[mine]), ("grad_x", x_mine.grad, x.grad[mine]),
+                        ("grad_conv.weight", weight_grad, reference.conv.weight.grad)]:
+            rel = ((a.float() - b.float()).abs().max() / b.float().abs().max()).reshape(1)
+            dist.all_reduce(rel, op=dist.ReduceOp.MAX)
+            errors[f"{name}_{q}"] = rel.item()
+    return errors
+
+
 def _saved_bytes(module, x):
     """Bytes autograd saves for backward in one forward pass of module on x."""
     total = [0]
@@ -123,6 +157,7 @@ def _worker(rank, port, out):
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
             errors.update(zip(errors, worst.tolist()))
         results["large_mean"] = _large_mean_variance_errors()
+        results["autocast"] = _autocast_errors()
         torch.manual_seed(0)
         module = NormActConv(32, 32, 3, CFG, upsample=True, bias=False, weight_norm=False)
         x = torch.randn(4, 32, 16, 16)
@@ -169,3 +204,14 @@ def test_synced_fused_unit_saves_no_activations(results):
     assert saved["synced"] == saved["unsynced"], saved
     # x, the conv weight and four per-channel vectors (BN weight and bias, mean, 1/std): nothing else
     assert saved["synced"] == saved["x"] + saved["conv_weight"] + 4 * 32 * 4, saved
+
+
+def test_synced_equals_one_process_under_autocast(results):
+    """Under fp16 and bf16 autocast the synced fused unit (BN statistics in fp32, conv in half) equals
+    one process within 4 units in the last place of the half type, relative to the largest value:
+    the two sides round the same fp32 activations to half, and fp32 statistics that differ in their
+    last bits flip at most a few of those roundings, each by one half-precision ulp."""
+    errors = results["autocast"]
+    for name, dtype in AUTOCAST.items():
+        tolerance = 4 * torch.finfo(dtype).eps
+        assert {k: v for k, v in errors.items() if k.startswith(name) and v > tolerance} == {}, (tolerance, errors)
