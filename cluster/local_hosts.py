@@ -57,7 +57,9 @@ def host_env(extra=None):
     """The environment of a command on a host: this tree first on PYTHONPATH, the venv on PATH."""
     venv_bin = os.path.dirname(sys.executable)
     env = {"PATH": f"{venv_bin}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/tmp/home", "PYTHONPATH": REPO,
-           "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+           "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+           # the hosts share this machine's hostname, which resolves to loopback: gloo must use the bridge
+           "GLOO_SOCKET_IFNAME": "eth0"}
     env.update(extra or {})
     return env
 
