@@ -1,0 +1,219 @@
+"""A multi-host cluster on one machine (needs root): every host has its own network, PID and mount
+namespace, its own IP on a private bridge, its own /tmp (tmpfs, home inside), and sees the code
+tree and /root read-only, so no writable folder is shared between hosts. Hosts: `store` (moto's S3 server with the
+bucket), `head` (ray start --head with cluster.yaml's head resources), `worker1`, `worker2` (1 CPU
+each), `laptop` (the user's side). A host can be lost (all its processes SIGKILLed, its /tmp gone)
+and a fresh one can join.
+
+    python -m cluster.local_hosts up      # prints the addresses; state in /run/nvae-local-hosts.json
+    python -m cluster.local_hosts exec head -- ray status
+    python -m cluster.local_hosts down
+"""
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+BRIDGE, SUBNET = "nvaebr0", "10.200.0"
+ADDRESSES = {"store": 2, "head": 3, "worker1": 4, "worker2": 5, "worker3": 6, "worker4": 7, "laptop": 9}
+STATE = "/run/nvae-local-hosts.json"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET, S3_PORT, RAY_PORT, DASHBOARD_PORT = "nvae", 9000, 6379, 8265
+# Inside a host: private tmpfs over every writable place a process would use; the code tree read-only.
+# /root holds the interpreter (pyenv), so it is read-only too; HOME is under the host's /tmp.
+HOST_INIT = ("mount --make-rprivate / && for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs tmpfs $d; done"
+             " && mkdir /tmp/home && for d in {repo} /root; do mount --bind $d $d && mount -o remount,ro,bind $d; done"
+             " && ip link set lo up && exec sleep infinity")
+
+
+def sh(command, check=True):
+    """Run a command on this machine (the root namespaces), return its stdout."""
+    return subprocess.run(command, shell=True, check=check, capture_output=True, text=True).stdout
+
+
+def ip(name):
+    """The host's address on the bridge."""
+    return f"{SUBNET}.{ADDRESSES[name]}"
+
+
+def load_state():
+    """{host: pid of the host's PID 1 as seen from here}."""
+    if not os.path.exists(STATE):
+        return {}
+    with open(STATE) as f:
+        return json.load(f)
+
+
+def save_state(state):
+    with open(STATE, "w") as f:
+        json.dump(state, f)
+
+
+def host_env(extra=None):
+    """The environment of a command on a host: this tree first on PYTHONPATH, the venv on PATH."""
+    venv_bin = os.path.dirname(sys.executable)
+    env = {"PATH": f"{venv_bin}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/tmp/home", "PYTHONPATH": REPO,
+           "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+           # the hosts share this machine's hostname, which resolves to loopback: gloo must use the bridge
+           "GLOO_SOCKET_IFNAME": "eth0"}
+    env.update(extra or {})
+    return env
+
+
+def add_host(name):
+    """Create host `name`: netns with a veth on the bridge, then a PID+mount namespace whose PID 1 waits."""
+    netns, veth = f"nvae-{name}", f"nv-{name}"[:15]
+    sh(f"ip netns add {netns}")
+    sh(f"ip link add {veth} type veth peer name eth0 netns {netns}")
+    sh(f"ip link set {veth} master {BRIDGE} up")
+    sh(f"ip netns exec {netns} ip addr add {ip(name)}/24 dev eth0 && ip netns exec {netns} ip link set eth0 up")
+    unshare = subprocess.Popen(
+        ["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--mount-proc", "--mount", "sh", "-c",
+         HOST_INIT.format(repo=shlex.quote(REPO))], start_new_session=True, stdin=subprocess.DEVNULL)
+    for _ in range(100):  # PID 1 of the host is unshare's child, once `sleep` runs
+        children = sh(f"pgrep -P {unshare.pid}", check=False).split()
+        if children and sh(f"cat /proc/{children[0]}/comm", check=False).strip() == "sleep":
+            break
+        time.sleep(0.1)
+    else:
+        raise RuntimeError(f"host {name} did not start")
+    state = load_state()
+    state[name] = int(children[0])
+    save_state(state)
+    return state[name]
+
+
+def run(name, command, env=None, check=True, timeout=None, background=False, log=None):
+    """Run a shell command on host `name` (in all its namespaces). background: don't wait; output to log."""
+    pid = load_state()[name]
+    argv = ["nsenter", "-t", str(pid), "-n", "-p", "-m", "--", "env", "-i",
+            *[f"{k}={v}" for k, v in host_env(env).items()], "bash", "-c", command]
+    if background:
+        argv[-1] = f"setsid nohup bash -c {shlex.quote(command)} > {log or '/dev/null'} 2>&1 < /dev/null &"
+    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(name, url, seconds=120):
+    """Wait until url answers from host `name` (any HTTP status)."""
+    probe = ("import sys, urllib.request, urllib.error\ntry: urllib.request.urlopen(sys.argv[1], timeout=2)\n"
+             "except urllib.error.HTTPError: pass")
+    deadline = time.time() + seconds
+    while run(name, f"python -c {shlex.quote(probe)} {url}", check=False).returncode != 0:
+        if time.time() > deadline:
+            raise RuntimeError(f"{url} did not answer from {name} within {seconds} s")
+        time.sleep(1)
+
+
+def lose_host(name):
+    """Every process of the host SIGKILLed at once (its PID 1 dies), its /tmp gone, its network removed."""
+    pid = load_state().pop(name)
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        time.sleep(0.1)
+    sh(f"ip netns del nvae-{name}", check=False)
+    state = load_state()
+    state.pop(name, None)
+    save_state(state)
+
+
+def start_store():
+    """moto's S3 server on the store host, with the bucket."""
+    run("store", f"python -m moto.server -H 0.0.0.0 -p {S3_PORT}", background=True, log="/tmp/moto.log")
+    wait_for("store", f"http://{ip('store')}:{S3_PORT}/")
+    make_bucket = (f"import boto3; boto3.client('s3', endpoint_url='{s3_endpoint()}', region_name='us-east-1', "
+                   f"aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='{BUCKET}')")
+    run("store", f"python -c {shlex.quote(make_bucket)}")
+
+
+def s3_endpoint():
+    return f"http://{ip('store')}:{S3_PORT}"
+
+
+def s3_env():
+    """What every host needs to reach the bucket."""
+    return {"AWS_ENDPOINT_URL": s3_endpoint(), "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_head():
+    """ray start --head with cluster.yaml's head resources: no CPUs, the trial drivers' resource."""
+    run("head", f"ray start --head --node-ip-address={ip('head')} --port={RAY_PORT} --num-cpus=0 "
+                f"--resources='{{\"nvae_trial_driver\": 1000}}' --dashboard-host=0.0.0.0 "
+                f"--dashboard-port={DASHBOARD_PORT} --include-dashboard=true", env=s3_env(), timeout=300)
+    wait_for("head", f"http://{ip('head')}:{DASHBOARD_PORT}/api/version")
+
+
+def start_worker(name):
+    """A fresh worker host joining the head with 1 CPU."""
+    add_host(name)
+    run(name, f"ray start --address={ip('head')}:{RAY_PORT} --node-ip-address={ip(name)} --num-cpus=1",
+        env=s3_env(), timeout=300)
+
+
+def up(workers=2):
+    """Bridge, store, head, workers, laptop."""
+    down()
+    sh(f"ip link add {BRIDGE} type bridge && ip link set {BRIDGE} up")
+    for name in ("store", "head", "laptop"):
+        add_host(name)
+    start_store()
+    start_head()
+    for i in range(1, workers + 1):
+        start_worker(f"worker{i}")
+
+
+def down():
+    """Kill every host (its whole PID namespace) and remove the namespaces and the bridge."""
+    for name in list(load_state()):
+        lose_host(name)
+    for netns in sh("ip netns list", check=False).split():
+        if netns.startswith("nvae-"):
+            sh(f"ip netns del {netns}", check=False)
+    sh(f"ip link del {BRIDGE}", check=False)
+    if os.path.exists(STATE):
+        os.remove(STATE)
+
+
+def unavailable():
+    """Why namespaced hosts cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "namespaced hosts need root (ip netns, unshare, mount)"
+    for tool in ("ip", "unshare", "nsenter"):
+        if not sh(f"command -v {tool}", check=False):
+            return f"{tool} is not installed"
+    return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("up", "down", "exec", "lose", "join"))
+    parser.add_argument("host", nargs="?")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    if args.action == "up":
+        up(args.workers)
+        print(f"store {s3_endpoint()} (bucket {BUCKET}); head {ip('head')} ray :{RAY_PORT} dashboard "
+              f":{DASHBOARD_PORT}; hosts {', '.join(load_state())}")
+    elif args.action == "down":
+        down()
+    elif args.action == "exec":
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        done = run(args.host, " ".join(map(shlex.quote, command)), env=s3_env(), check=False)
+        sys.stdout.write(done.stdout)
+        sys.stderr.write(done.stderr)
+        sys.exit(done.returncode)
+    elif args.action == "lose":
+        lose_host(args.host)
+    elif args.action == "join":
+        start_worker(args.host)
+
+
+if __name__ == "__main__":
+    main()
