@@ -56,8 +56,9 @@ def test_shutdown_ray_stops_a_local_ray_and_all_its_processes(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if ray.is_initialized():
         ray.shutdown()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # other fixtures' servers
     init_ray(address="local", num_cpus=1)
-    started = psutil.Process().children(recursive=True)
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert any("monitor" in " ".join(p.cmdline()) for p in started), [p.cmdline()[:2] for p in started]
     shutdown_ray()
     assert not ray.is_initialized()
