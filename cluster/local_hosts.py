@@ -23,11 +23,16 @@ ADDRESSES = {"store": 2, "head": 3, "worker1": 4, "worker2": 5, "worker3": 6, "w
 STATE = "/run/nvae-local-hosts.json"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET, S3_PORT, RAY_PORT, DASHBOARD_PORT = "nvae", 9000, 6379, 8265
-# Inside a host: private tmpfs over every writable place a process would use; the code tree read-only.
-# /root holds the interpreter (pyenv), so it is read-only too; HOME is under the host's /tmp.
-HOST_INIT = ("mount --make-rprivate / && for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs tmpfs $d; done"
-             " && mkdir /tmp/home && for d in {repo} /root; do mount --bind $d $d && mount -o remount,ro,bind $d; done"
-             " && ip link set lo up && exec sleep infinity")
+# Inside a host: a private tmpfs over every writable place a process would use (scratch, and
+# PostgreSQL's folders: a head's database is its own); the code tree read-only. /root holds the
+# interpreter (pyenv), so it is read-only too; HOME is under the host's /tmp.
+PRIVATE = "/tmp /var/tmp /dev/shm /etc/postgresql /var/lib/postgresql /var/log/postgresql /run/postgresql"
+HOST_INIT = ("mount --make-rprivate / && for d in {private}; do if [ -d $d ]; then mount -t tmpfs tmpfs $d; fi; done"
+             " && (! id postgres >/dev/null 2>&1 || chown postgres:postgres /var/lib/postgresql /var/log/postgresql"
+             " /run/postgresql) && mkdir /tmp/home && for d in {repo} /root; do mount --bind $d $d"
+             " && mount -o remount,ro,bind $d; done && ip link set lo up && exec sleep infinity")
+STORAGE = f"s3://{BUCKET}/nvae"  # the head's NVAE_STORAGE_PATH, as cluster.yaml's setup_head.sh line gives it
+TRACKING_PORT = 5000
 
 
 def sh(command, check=True):
@@ -73,7 +78,8 @@ def add_host(name):
     sh(f"ip netns exec {netns} ip addr add {ip(name)}/24 dev eth0 && ip netns exec {netns} ip link set eth0 up")
     unshare = subprocess.Popen(
         ["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--mount-proc", "--mount", "sh", "-c",
-         HOST_INIT.format(repo=shlex.quote(REPO))], start_new_session=True, stdin=subprocess.DEVNULL)
+         HOST_INIT.format(private=PRIVATE, repo=shlex.quote(REPO))], start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(100):  # PID 1 of the host is unshare's child, once `sleep` runs
         children = sh(f"pgrep -P {unshare.pid}", check=False).split()
         if children and sh(f"cat /proc/{children[0]}/comm", check=False).strip() == "sleep":
@@ -94,7 +100,8 @@ def run(name, command, env=None, check=True, timeout=None, background=False, log
             *[f"{k}={v}" for k, v in host_env(env).items()], "bash", "-c", command]
     if background:
         argv[-1] = f"setsid nohup bash -c {shlex.quote(command)} > {log or '/dev/null'} 2>&1 < /dev/null &"
-    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=timeout)
+    # a session of its own: daemons a command starts (ray start) never share the caller's process group
+    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
 def wait_for(name, url, seconds=120):
@@ -142,11 +149,47 @@ def s3_env():
 
 
 def start_head():
-    """ray start --head with cluster.yaml's head resources: no CPUs, the trial drivers' resource."""
-    run("head", f"ray start --head --node-ip-address={ip('head')} --port={RAY_PORT} --num-cpus=0 "
-                f"--resources='{{\"nvae_trial_driver\": 1000}}' --dashboard-host=0.0.0.0 "
+    """The head as `ray up cluster-local.yaml` makes it: cluster/setup_head.sh (PostgreSQL, secrets,
+    ~/.nvae/cluster.env), ray start --head in that environment with cluster.yaml's head resources (no
+    CPUs, the trial drivers' resource) and the dashboard, then cluster/start_tracking_server.sh,
+    served on the bridge (the laptop's stand-in for an SSH port-forward)."""
+    version = max(os.listdir("/usr/lib/postgresql"), key=int)
+    run("head", f"pg_createcluster {version} main", timeout=120)  # what Debian's postgresql package does at install
+    run("head", f"bash {REPO}/cluster/setup_head.sh {STORAGE}", env=s3_env(), timeout=300)
+    run("head", f". ~/.nvae/cluster.env && ray start --head --node-ip-address={ip('head')} --port={RAY_PORT} "
+                f"--num-cpus=0 --resources='{{\"nvae_trial_driver\": 1000}}' --dashboard-host=0.0.0.0 "
                 f"--dashboard-port={DASHBOARD_PORT} --include-dashboard=true", env=s3_env(), timeout=300)
     wait_for("head", f"http://{ip('head')}:{DASHBOARD_PORT}/api/version")
+    start_tracking_server()
+
+
+def start_tracking_server():
+    """cluster/start_tracking_server.sh on the head (it replaces a running server)."""
+    run("head", f"bash {REPO}/cluster/start_tracking_server.sh {TRACKING_PORT}",
+        env={**s3_env(), "NVAE_TRACKING_HOST": "0.0.0.0"}, timeout=180)
+
+
+def stop_tracking_server():
+    """SIGKILL the tracking server's processes on the head (its database stays up)."""
+    run("head", f"pkill -9 -f 'mlflow server --app-name basic-auth .*--port {TRACKING_PORT} '", check=False)
+
+
+def refuse_store(refuse=True):
+    """The store's S3 port refuses every connection (refuse=True), as a killed store does, or serves
+    again. moto keeps the bucket in memory, so killing its process would lose what a real store's
+    disk keeps; refusing its connections is the outage a client sees."""
+    rule = f"INPUT -p tcp --dport {S3_PORT} -j REJECT --reject-with tcp-reset"
+    run("store", f"iptables {'-I' if refuse else '-D'} {rule}")
+
+
+def cluster_env():
+    """The head's ~/.nvae/cluster.env (what setup_head.sh exported) as a dict, for the laptop's view
+    of it: the tracking server at the head's bridge address, with the same credentials."""
+    done = run("head", ". ~/.nvae/cluster.env && env -0")
+    env = dict(item.split("=", 1) for item in done.stdout.split("\0") if "=" in item)
+    names = ("NVAE_STORAGE_PATH", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    return {**{name: env[name] for name in names},
+            "MLFLOW_TRACKING_URI": f"http://{ip('head')}:{TRACKING_PORT}"}
 
 
 def start_worker(name):
@@ -184,9 +227,9 @@ def unavailable():
     """Why namespaced hosts cannot be made here, or None."""
     if os.geteuid() != 0:
         return "namespaced hosts need root (ip netns, unshare, mount)"
-    for tool in ("ip", "unshare", "nsenter"):
+    for tool in ("ip", "unshare", "nsenter", "iptables", "pg_createcluster"):
         if not sh(f"command -v {tool}", check=False):
-            return f"{tool} is not installed"
+            return f"{tool} is not installed (.ci/run installs Debian's iproute2, util-linux, iptables, postgresql)"
     return None
 
 
