@@ -8,11 +8,15 @@ STORAGE=${1:?usage: setup_head.sh STORAGE (s3://bucket/prefix, or a folder every
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p ~/.nvae && chmod 700 ~/.nvae
 
+SUDO=sudo; AS_POSTGRES="sudo -u postgres"
+[ "$(id -u)" -eq 0 ] && { SUDO=""; AS_POSTGRES="runuser -u postgres --"; }
 if ! command -v psql >/dev/null; then
-    sudo apt-get update -qq
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
 fi
-sudo systemctl enable --now postgresql   # listens on loopback only (Debian's default)
+# Listens on loopback only (Debian's default). A host without systemd (a container) starts it with
+# Debian's init script.
+if [ -d /run/systemd/system ]; then $SUDO systemctl enable --now postgresql; else $SUDO service postgresql start; fi
 
 if [ ! -f ~/.nvae/secrets.env ]; then
     (umask 077; cat > ~/.nvae/secrets.env <<SECRETS
@@ -23,7 +27,7 @@ SECRETS
     )
 fi
 . ~/.nvae/secrets.env
-sudo -u postgres psql -q -v ON_ERROR_STOP=1 -v password="$PGPASSWORD" < "$HERE/create_databases.sql"
+$AS_POSTGRES psql -q -v ON_ERROR_STOP=1 -v password="$PGPASSWORD" < "$HERE/create_databases.sql"
 
 (umask 077; cat > ~/.nvae/cluster.env <<ENV
 . ~/.nvae/secrets.env
@@ -36,5 +40,9 @@ ENV
 )
 grep -q '.nvae/cluster.env' ~/.bashrc || echo '[ -f ~/.nvae/cluster.env ] && . ~/.nvae/cluster.env' >> ~/.bashrc
 # Hourly copy of the MLflow database to the storage, so that results outlive the head.
-(crontab -l 2>/dev/null | grep -v backup_tracking.sh || true
- echo "17 * * * * bash $HERE/backup_tracking.sh >> $HOME/.nvae/backup.log 2>&1") | crontab -
+if command -v crontab >/dev/null; then
+    (crontab -l 2>/dev/null | grep -v backup_tracking.sh || true
+     echo "17 * * * * bash $HERE/backup_tracking.sh >> $HOME/.nvae/backup.log 2>&1") | crontab -
+else
+    echo "no cron on this host: run cluster/backup_tracking.sh yourself to copy the MLflow databases to $STORAGE" >&2
+fi

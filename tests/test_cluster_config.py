@@ -51,7 +51,8 @@ def test_the_head_hosts_the_trial_processes_and_listens_on_loopback_only(name):
         assert f'"{TRIAL_DRIVER_RESOURCE}"' in head_start
     assert "start_tracking_server.sh" in head_start
     with open(os.path.join(REPO, "cluster/start_tracking_server.sh")) as f:
-        assert "--host" not in f.read()  # the server's default host is loopback
+        # loopback unless NVAE_TRACKING_HOST says otherwise (only cluster/local_hosts.py's private bridge does)
+        assert '--host "${NVAE_TRACKING_HOST:-127.0.0.1}"' in f.read()
     from nvae_platform.record.tracking_server import build_parser
     assert build_parser().get_default("host") == "127.0.0.1"
 
