@@ -20,10 +20,11 @@ _log = {"file": None, "lock": threading.Lock()}  # the one open log of this proc
 
 
 def ray_log_path(study_key, experiment_dir):
-    """ray.log in the study's folder when it is local, else <experiment_dir>.ray.log in the working
-    directory (a study stored at s3:// keeps its log on the machine of its driver)."""
+    """ray.log in the study's folder when it is local, else ~/.nvae/logs/<experiment_dir>.ray.log on
+    the machine of its driver (a study stored at s3://; a Ray job's driver runs in no folder of the
+    user's: on a head it starts in /)."""
     if "://" in study_key:
-        return os.path.abspath(f"{experiment_dir}.{LOG_FILE}")
+        return os.path.join(os.path.expanduser("~"), ".nvae", "logs", f"{experiment_dir}.{LOG_FILE}")
     return os.path.join(study_key, LOG_FILE)
 
 

@@ -234,8 +234,8 @@ def run_study(study, settings, prepared=None):
                   + trial_key({n: r.config[n] for n in plan.levels}, plan.seeds[0]))
     if interrupted:
         print("\nThe study was interrupted: re-run the same command to resume it.")
-    print(f"\nMLflow: experiment {experiment!r}, parent run {record.parent_id}; browse with\n"
-          f"  mlflow ui --backend-store-uri {tracking_uri}", flush=True)
+    browse = tracking_uri if tracking_uri.startswith("http") else f"mlflow ui --backend-store-uri {tracking_uri}"
+    print(f"\nMLflow: experiment {experiment!r}, parent run {record.parent_id}; browse with\n  {browse}", flush=True)
     return StudyOutcome(plan, results, table, tracking_uri, record.parent_id, interrupted)
 
 
