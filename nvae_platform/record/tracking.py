@@ -81,7 +81,9 @@ def check_tracking_uri(tracking_uri, experiment=None):
             raise ValueError(f"--tracking-uri {tracking_uri} does not take a write ({error}); make the file "
                              "writable, or choose another store") from None
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    # No retries: a server that is down refuses at once. A server that is up may be slow to answer its
+    # first request (5 s was too short for a new one on a loaded head), so a generous read timeout.
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="30")
     try:
         client = StoreClient(tracking_uri)  # reaches the store (and migrates an old SQLite schema)
         if experiment and path is None:
