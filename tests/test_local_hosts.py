@@ -16,19 +16,6 @@ ALIVE_NODES = ("import json, ray; ray.init(address='auto', logging_level='ERROR'
                "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))")
 
 
-@pytest.fixture(scope="module")
-def local_hosts():
-    """The cluster up for this module; down afterwards."""
-    why = hosts.unavailable()
-    if why:
-        pytest.skip(why)
-    hosts.up(workers=2)
-    try:
-        yield hosts
-    finally:
-        hosts.down()
-
-
 def on(name, command):
     """stdout of a command on a host; fails the test on a non-zero exit."""
     done = hosts.run(name, command, env=hosts.s3_env(), check=False, timeout=300)

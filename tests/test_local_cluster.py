@@ -1,0 +1,187 @@
+"""Studies on separate hosts, as a user at scale runs them (cluster/local_hosts.py: every host its own
+network, PID and mount namespace, no writable folder shared). The head was set up by
+cluster/setup_head.sh and cluster/start_tracking_server.sh (PostgreSQL, MLflow with basic auth, its
+artifacts proxied to the bucket); storage is s3:// on the store host's S3 server; the study is
+submitted from the laptop host with `ray job submit` and no storage or tracking flag: the driver reads
+the environment setup_head.sh exported. Each test asserts what MLflow and the bucket hold afterwards."""
+import json
+import shlex
+import time
+
+import pytest
+
+from nvae_platform.train.checkpoints import CHECKPOINT_FILE
+
+pytestmark = pytest.mark.timeout(1200)
+
+EPOCHS = 3
+# Smoke scale, the digits set. Each test runs its own levels: a study's folder is named by its plan
+# (not by its MLflow experiment), so two tests with one plan would share their trials.
+STUDY = "studies/ablation_sr.py"
+
+
+def on(hosts, name, command, timeout=900, env=None):
+    """stdout of a command on a host with the laptop's environment (the bucket, the tracking server);
+    fails the test on a non-zero exit."""
+    done = hosts.run(name, command, env={**hosts.s3_env(), **hosts.cluster_env(), **(env or {})}, check=False,
+                     timeout=timeout)
+    assert done.returncode == 0, f"{name}: {command}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done.stdout
+
+
+def probe(hosts, *args, timeout=900):
+    """tests/cluster_probe.py on the laptop, its JSON answer."""
+    return json.loads(on(hosts, "laptop", f"python {hosts.REPO}/tests/cluster_probe.py "
+                                          + " ".join(map(shlex.quote, map(str, args))), timeout=timeout))
+
+
+def dashboard(hosts):
+    return f"http://{hosts.ip('head')}:{hosts.DASHBOARD_PORT}"
+
+
+def submit(hosts, job_id, experiment, *flags):
+    """`ray job submit --no-wait` from the laptop: the study, 2 workers per trial (one per worker host)."""
+    command = (f"ray job submit --address {dashboard(hosts)} --submission-id {job_id} --no-wait -- "
+               f"python {hosts.REPO}/{STUDY} --workers-per-trial 2 --set epochs={EPOCHS} --experiment {experiment} "
+               + " ".join(flags))
+    on(hosts, "laptop", command, timeout=300)
+
+
+def job_end(hosts, job_id, timeout=900):
+    """{status, logs} of the job once it has ended."""
+    return probe(hosts, "job", dashboard(hosts), job_id, "--timeout", timeout, timeout=timeout + 120)
+
+
+def check_complete(runs, trials):
+    """1 finished parent, `trials` finished children, every per-epoch metric at each epoch once, no
+    metric twice at a step. Returns the children."""
+    parents = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
+    children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
+    assert len(parents) == 1 and parents[0]["status"] == "FINISHED", [(r["name"], r["status"]) for r in parents]
+    assert len(children) == trials, [r["name"] for r in children]
+    for run in children:
+        assert run["status"] == "FINISHED" and run["tags"]["nvae.status"] == "finished", run["name"]
+        for key, steps in run["steps"].items():
+            assert len(steps) == len(set(steps)), f"{run['name']}: {key} logged twice at a step: {steps}"
+        per_epoch = [key for key in run["steps"] if key.startswith(("train_", "val_"))]
+        assert "train_bpd" in per_epoch and "val_bpd" in per_epoch
+        for key in per_epoch:
+            assert run["steps"][key] == list(range(EPOCHS)), f"{run['name']}: {key} at steps {run['steps'][key]}"
+    return children
+
+
+def bucket_listing(hosts, prefix):
+    """Keys under s3://BUCKET/prefix, from the laptop."""
+    script = ("import boto3, sys; pages = boto3.client('s3').get_paginator('list_objects_v2')"
+              ".paginate(Bucket=sys.argv[1], Prefix=sys.argv[2]); "
+              "print('\\n'.join(o['Key'] for p in pages for o in p.get('Contents', [])))")
+    return on(hosts, "laptop", f"python -c {shlex.quote(script)} {hosts.BUCKET} {prefix}").split()
+
+
+@pytest.fixture(scope="module")
+def first_study(local_hosts):
+    """Two trials of 2 workers each, spanning the two worker hosts; (record, job logs)."""
+    submit(local_hosts, "spans-hosts", "spans-hosts", "--levels", "sr_lambda=0.0,0.1")
+    end = job_end(local_hosts, "spans-hosts")
+    assert end["status"] == "SUCCEEDED", end["logs"][-5000:]
+    return probe(local_hosts, "record", "spans-hosts"), end["logs"]
+
+
+def test_a_study_spans_the_worker_hosts_and_lands_in_the_bucket_and_on_the_head(local_hosts, first_study):
+    runs, logs = first_study
+    children = check_complete(runs, trials=2)
+    assert "checkpoints: s3://nvae/nvae/" in logs and "| 0.1 |" in logs
+    for run in children:
+        assert run["metrics"]["worker_nodes"] == 2  # DDP over gloo between the two worker hosts
+        assert run["metrics"]["replica_bn_spread"] == 0  # synchronized BN kept the replicas' statistics equal
+        assert len(run["tags"]["nvae.nodes"].split(",")) == 2
+        assert run["tags"]["nvae.checkpoint"].startswith("s3://nvae/nvae/")
+        assert "samples.png" in run["artifacts"] and "config.json" in run["artifacts"]
+    keys = bucket_listing(local_hosts, "nvae/")
+    print("\nthe bucket after the study:\n  " + "\n  ".join(keys))
+    checkpoint = children[0]["tags"]["nvae.checkpoint"][len("s3://nvae/"):]
+    assert f"{checkpoint}/{CHECKPOINT_FILE}" in keys and f"{checkpoint}/metrics.json" in keys
+    assert any(k.startswith("nvae/mlartifacts/") and k.endswith("samples.png") for k in keys)  # proxied by the server
+    load = (f"from nvae_platform.evaluate.trained_model import load_trained; t = load_trained({children[0]['id']!r}); "
+            "print(t.checkpoint, t.epoch, sum(p.numel() for p in t.model.parameters()))")
+    checkpoint_uri, epoch, _ = on(local_hosts, "laptop", f"python -c {shlex.quote(load)}").split()[-3:]
+    assert checkpoint_uri == children[0]["tags"]["nvae.checkpoint"] and int(epoch) == EPOCHS - 1
+
+
+def test_the_laptop_evaluates_a_trial_from_the_bucket_and_reports_through_the_server(local_hosts, first_study):
+    runs, _ = first_study
+    trial = next(r for r in runs if "mlflow.parentRunId" in r["tags"])
+    on(local_hosts, "laptop", f"cd /tmp/home && python {local_hosts.REPO}/studies/evaluate.py {trial['id']} "
+                              "--iw-samples 10 --num-cpus 1", timeout=900)
+    after = next(r for r in probe(local_hosts, "record", "spans-hosts") if r["id"] == trial["id"])
+    assert 0 < after["metrics"]["test_bpd_iw10"] < 1.5 and "evaluation_iw10.json" in after["artifacts"]
+    report = on(local_hosts, "laptop", "cd /tmp/home && python -m reports spans-hosts --out /tmp/home/report "
+                                       "&& cat /tmp/home/report/spans-hosts/*/table.md")
+    assert "| 0.0 |" in report and "| 0.1 |" in report
+
+
+def wait_for_trial(hosts, experiment, state="running", epochs=1):
+    """A trial of the experiment in that state with that many epochs recorded: {id, name, epochs, tags}."""
+    return probe(hosts, state, experiment, "--epochs", epochs)
+
+
+def test_a_job_stopped_and_submitted_again_completes_without_duplicates_or_retraining(local_hosts):
+    """`ray job stop` (SIGTERM to the driver) after one trial finished; the same study submitted again."""
+    flags = ("--levels", "sr_lambda=0.0,0.01")
+    submit(local_hosts, "stopped-1", "stopped", *flags)
+    finished = wait_for_trial(local_hosts, "stopped", "finished", EPOCHS)
+    on(local_hosts, "laptop", f"ray job stop --address {dashboard(local_hosts)} stopped-1", timeout=300)
+    stopped = job_end(local_hosts, "stopped-1")
+    assert stopped["status"] == "STOPPED", stopped["logs"][-3000:]
+    before = probe(local_hosts, "record", "stopped")
+    print(f"\nafter ray job stop: {sorted((r['name'], r['status']) for r in before)}")
+    assert sorted(r["status"] for r in before) == ["FINISHED", "KILLED", "KILLED"]  # parent, running trial
+    assert "The study was interrupted: re-run the same command to resume it." in stopped["logs"]
+
+    submit(local_hosts, "stopped-2", "stopped", *flags)
+    end = job_end(local_hosts, "stopped-2")
+    assert end["status"] == "SUCCEEDED", end["logs"][-5000:]
+    assert "resumed: " in end["logs"] and f"started {finished['name']}" not in end["logs"], end["logs"][-5000:]
+    after = check_complete(probe(local_hosts, "record", "stopped"), trials=2)
+    print(f"after the second job: {sorted((r['name'], r['status']) for r in after)}")
+    assert {r["id"] for r in after} == {r["id"] for r in before if "mlflow.parentRunId" in r["tags"]}
+
+
+def test_a_tracking_server_down_for_30_s_mid_study_loses_no_epoch(local_hosts):
+    submit(local_hosts, "tracking-outage", "tracking-outage", "--levels", "sr_lambda=0.01")
+    wait_for_trial(local_hosts, "tracking-outage")
+    local_hosts.stop_tracking_server()
+    time.sleep(30)
+    local_hosts.start_tracking_server()
+    end = job_end(local_hosts, "tracking-outage")
+    assert end["status"] == "SUCCEEDED", end["logs"][-5000:]
+    check_complete(probe(local_hosts, "record", "tracking-outage"), trials=1)
+
+
+def test_a_store_refusing_connections_for_20_s_mid_epoch_loses_nothing(local_hosts):
+    submit(local_hosts, "store-outage", "store-outage", "--levels", "sr_lambda=0.1")
+    wait_for_trial(local_hosts, "store-outage")
+    local_hosts.refuse_store()
+    try:
+        time.sleep(20)
+    finally:
+        local_hosts.refuse_store(False)
+    end = job_end(local_hosts, "store-outage")
+    assert end["status"] == "SUCCEEDED", end["logs"][-5000:]
+    check_complete(probe(local_hosts, "record", "store-outage"), trials=1)
+
+
+def test_a_lost_worker_host_is_replaced_and_the_trial_resumes_from_the_buckets_checkpoint(local_hosts):
+    """worker2 is lost (every process SIGKILLed, its disk gone) after the first checkpoint, and a fresh
+    host joins: the trial continues on it from the checkpoint in the bucket."""
+    submit(local_hosts, "host-lost", "host-lost", "--levels", "sr_lambda=0.0")
+    trial = wait_for_trial(local_hosts, "host-lost")
+    local_hosts.lose_host("worker2")
+    local_hosts.start_worker("worker2")
+    end = job_end(local_hosts, "host-lost")
+    assert end["status"] == "SUCCEEDED", end["logs"][-5000:]
+    (run,) = check_complete(probe(local_hosts, "record", "host-lost"), trials=1)
+    nodes_before, nodes_after = set(trial["tags"]["nvae.nodes"].split(",")), set(run["tags"]["nvae.nodes"].split(","))
+    assert len(nodes_after) == 2 and nodes_after != nodes_before  # one of them the fresh host
+    assert run["metrics"]["start_epoch"] >= trial["epochs"]  # resumed from the checkpoint, not from scratch
+    print(f"\nworker2 lost after {trial['epochs']} epoch(s); resumed at epoch {run['metrics']['start_epoch']:g}")
