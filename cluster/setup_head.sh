@@ -36,6 +36,9 @@ export NVAE_STORAGE_PATH=$STORAGE
 export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
 export MLFLOW_TRACKING_USERNAME=admin
 export MLFLOW_TRACKING_PASSWORD=\$MLFLOW_AUTH_ADMIN_PASSWORD
+# ray job stop gives a study's driver this long after its SIGTERM to mark its runs KILLED and print
+# its table, before Ray's SIGKILL (Ray's default is 3 s); ray start passes it to the job supervisor.
+export RAY_JOB_STOP_WAIT_TIME_S=30
 ENV
 )
 grep -q '.nvae/cluster.env' ~/.bashrc || echo '[ -f ~/.nvae/cluster.env ] && . ~/.nvae/cluster.env' >> ~/.bashrc
