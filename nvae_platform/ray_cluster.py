@@ -2,10 +2,39 @@
 machine), else a local Ray it starts and stops."""
 import atexit
 import os
+import sys
 
 import ray
 
-from nvae_platform.ray_internals import find_cluster
+
+def find_cluster(address=None):
+    """The Ray cluster ray.init(address) joins, found without contacting it or starting Ray, by the
+    order Ray documents (ray.init; "Starting Ray"): address; for none or "auto", $RAY_ADDRESS, else
+    the latest cluster `ray start` started on this machine. None when ray.init would start a local
+    Ray ("local", or none of these). Raises ConnectionError for "auto" when there is no cluster
+    (where ray.init would still join a Ray another process started with ray.init, this refuses)."""
+    if address not in (None, "auto"):
+        return None if address == "local" else address
+    found = os.environ.get("RAY_ADDRESS") or ray_start_address()
+    if found is None and address == "auto":
+        raise ConnectionError("no running Ray cluster was found on this machine")
+    return None if found == "local" else found
+
+
+def ray_start_address():
+    """The address `ray start` last wrote on this machine (and removes on `ray stop`), or None: the
+    file ray_current_cluster in Ray's temp folder, which ray.init's documentation names
+    (/tmp/ray/ray_current_cluster; $RAY_TMPDIR, on Linux else $TMPDIR, in place of /tmp).
+    tests/test_ray_internals.py checks this path against Ray's own."""
+    if "RAY_TMPDIR" in os.environ:
+        temp = os.environ["RAY_TMPDIR"]
+    else:
+        temp = os.environ.get("TMPDIR", "/tmp") if sys.platform.startswith("linux") else "/tmp"
+    try:
+        with open(os.path.join(temp, "ray", "ray_current_cluster")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def cluster_address(address=None, num_cpus=None):
@@ -38,7 +67,9 @@ def init_ray(address=None, num_cpus=None, **kwargs):
     if not joined:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         kwargs.update(num_cpus=num_cpus, include_dashboard=kwargs.get("include_dashboard", False))
-    ray.init(address=address, **kwargs)
+    # what find_cluster found, and no other: given "auto", ray.init would also join a Ray that another
+    # process started with ray.init (any GCS process on this machine)
+    ray.init(address=(None if address == "auto" else address) if joined else "local", **kwargs)
     if not joined:
         if not _LOCAL_RAY:  # once per process; it runs before ray.init's own handler, which then has nothing to do
             atexit.register(shutdown_ray)
