@@ -6,6 +6,8 @@ import sys
 
 import ray
 
+from nvae_platform.preflight import at_least, check_local_resources, check_resources
+
 
 def find_cluster(address=None):
     """The Ray cluster ray.init(address) joins, found without contacting it or starting Ray, by the
@@ -35,6 +37,13 @@ def ray_start_address():
             return f.read().strip() or None
     except OSError:
         return None
+
+
+def add_ray_arguments(parser):
+    """--address and --num-cpus, the flags of every command that runs on Ray."""
+    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a cluster started on "
+                                          "this machine with `ray start`, else a new local Ray)")
+    parser.add_argument("--num-cpus", type=at_least(1), help="CPUs of a new local Ray (default: all)")
 
 
 def cluster_address(address=None, num_cpus=None):
@@ -74,6 +83,19 @@ def init_ray(address=None, num_cpus=None, **kwargs):
         if not _LOCAL_RAY:  # once per process; it runs before ray.init's own handler, which then has nothing to do
             atexit.register(shutdown_ray)
         _LOCAL_RAY.add(ray.get_runtime_context().gcs_address)
+    return joined
+
+
+def init_ray_for_run(address, num_cpus, workers, cpus_per_worker, gpus_per_worker, workers_flag):
+    """init_ray for one run of `workers` workers: a local Ray that could never hold it is refused (a
+    ValueError naming workers_flag) before it starts; on a cluster, which may autoscale, a warning says
+    what the run waits for. Returns True when it joined a cluster."""
+    if cluster_address(address, num_cpus) is None:
+        check_local_resources(workers, cpus_per_worker, gpus_per_worker, num_cpus, workers_flag)
+    joined = init_ray(address, num_cpus=num_cpus)
+    if joined:
+        check_resources(workers, cpus_per_worker, gpus_per_worker, ray.cluster_resources(), workers_flag,
+                        on_cluster=True, where="the Ray cluster")
     return joined
 
 
