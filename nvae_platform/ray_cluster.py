@@ -2,10 +2,48 @@
 machine), else a local Ray it starts and stops."""
 import atexit
 import os
+import sys
 
 import ray
 
-from nvae_platform.ray_internals import find_cluster
+from nvae_platform.preflight import at_least, check_local_resources, check_resources
+
+
+def find_cluster(address=None):
+    """The Ray cluster ray.init(address) joins, found without contacting it or starting Ray, by the
+    order Ray documents (ray.init; "Starting Ray"): address; for none or "auto", $RAY_ADDRESS, else
+    the latest cluster `ray start` started on this machine. None when ray.init would start a local
+    Ray ("local", or none of these). Raises ConnectionError for "auto" when there is no cluster
+    (where ray.init would still join a Ray another process started with ray.init, this refuses)."""
+    if address not in (None, "auto"):
+        return None if address == "local" else address
+    found = os.environ.get("RAY_ADDRESS") or ray_start_address()
+    if found is None and address == "auto":
+        raise ConnectionError("no running Ray cluster was found on this machine")
+    return None if found == "local" else found
+
+
+def ray_start_address():
+    """The address `ray start` last wrote on this machine (and removes on `ray stop`), or None: the
+    file ray_current_cluster in Ray's temp folder, which ray.init's documentation names
+    (/tmp/ray/ray_current_cluster; $RAY_TMPDIR, on Linux else $TMPDIR, in place of /tmp).
+    tests/test_ray_internals.py checks this path against Ray's own."""
+    if "RAY_TMPDIR" in os.environ:
+        temp = os.environ["RAY_TMPDIR"]
+    else:
+        temp = os.environ.get("TMPDIR", "/tmp") if sys.platform.startswith("linux") else "/tmp"
+    try:
+        with open(os.path.join(temp, "ray", "ray_current_cluster")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def add_ray_arguments(parser):
+    """--address and --num-cpus, the flags of every command that runs on Ray."""
+    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a cluster started on "
+                                          "this machine with `ray start`, else a new local Ray)")
+    parser.add_argument("--num-cpus", type=at_least(1), help="CPUs of a new local Ray (default: all)")
 
 
 def cluster_address(address=None, num_cpus=None):
@@ -38,11 +76,26 @@ def init_ray(address=None, num_cpus=None, **kwargs):
     if not joined:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         kwargs.update(num_cpus=num_cpus, include_dashboard=kwargs.get("include_dashboard", False))
-    ray.init(address=address, **kwargs)
+    # what find_cluster found, and no other: given "auto", ray.init would also join a Ray that another
+    # process started with ray.init (any GCS process on this machine)
+    ray.init(address=(None if address == "auto" else address) if joined else "local", **kwargs)
     if not joined:
         if not _LOCAL_RAY:  # once per process; it runs before ray.init's own handler, which then has nothing to do
             atexit.register(shutdown_ray)
         _LOCAL_RAY.add(ray.get_runtime_context().gcs_address)
+    return joined
+
+
+def init_ray_for_run(address, num_cpus, workers, cpus_per_worker, gpus_per_worker, workers_flag):
+    """init_ray for one run of `workers` workers: a local Ray that could never hold it is refused (a
+    ValueError naming workers_flag) before it starts; on a cluster, which may autoscale, a warning says
+    what the run waits for. Returns True when it joined a cluster."""
+    if cluster_address(address, num_cpus) is None:
+        check_local_resources(workers, cpus_per_worker, gpus_per_worker, num_cpus, workers_flag)
+    joined = init_ray(address, num_cpus=num_cpus)
+    if joined:
+        check_resources(workers, cpus_per_worker, gpus_per_worker, ray.cluster_resources(), workers_flag,
+                        on_cluster=True, where="the Ray cluster")
     return joined
 
 

@@ -1,19 +1,9 @@
-"""The only three things the platform takes from Ray's non-public modules, for want of a public way.
+"""The only two things the platform takes from Ray's non-public modules, for want of a public way.
 
 tests/test_ray_internals.py fails loudly, naming the symbol, when an upgrade of Ray moves one.
 """
 import ray._private.worker
-from ray._private.services import canonicalize_bootstrap_address
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-
-
-def find_cluster(address):
-    """The GCS address of the Ray cluster ray.init(address) would join (address, else $RAY_ADDRESS,
-    else a cluster started on this machine by `ray start`), or None when there is none. Raises
-    ConnectionError for "auto" with no cluster running. ray.init resolves addresses the same way,
-    but only by connecting."""
-    return canonicalize_bootstrap_address(address)
-
 
 # Ray Train's record of a run's checkpoints, in the run folder. A resume that sets a damaged
 # checkpoint aside deletes it: Ray refuses to start while it names a checkpoint that is gone.

@@ -16,8 +16,6 @@ import os
 import sys
 import tempfile
 
-import ray
-
 from nvae_core import ConfigError
 from nvae_core.datasets import DatasetNotFoundError, check_available
 from nvae_core.paths import absolute
@@ -25,8 +23,8 @@ from nvae_core.training import check_precision
 from nvae_platform.defaults import default_data_dir, default_tracking_uri
 from nvae_platform.evaluate.run import EvaluationSettings, evaluate, record, write_files
 from nvae_platform.evaluate.trained_model import load_trained
-from nvae_platform.preflight import CommandLine, at_least, check_local_resources, check_resources
-from nvae_platform.ray_cluster import cluster_address, init_ray
+from nvae_platform.preflight import CommandLine, at_least
+from nvae_platform.ray_cluster import add_ray_arguments, init_ray_for_run
 from nvae_platform.record.tracking import check_tracking_uri
 from nvae_platform.train.run_options import RunOptions
 
@@ -53,9 +51,7 @@ def build_parser():
     add("--workers", type=at_least(1), default=1, help="Ray workers sharing the IW shards (default: 1)")
     add("--gpus-per-worker", type=at_least(0, float), default=0.0, help="0 evaluates on CPUs (default)")
     add("--cpus-per-worker", type=at_least(0, float, strictly=True), default=1.0)
-    add("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a cluster started "
-                          "on this machine with `ray start`, else a new local Ray)")
-    add("--num-cpus", type=at_least(1), help="CPUs of a new local Ray instance")
+    add_ray_arguments(parser)
     return parser
 
 
@@ -91,14 +87,8 @@ def main(argv=None):
                 os.makedirs(out, exist_ok=True)
             except OSError as error:
                 raise ValueError(f"--out {out} cannot be created ({error.strerror}); choose a folder you can write")
-        joining = cluster_address(args.address, args.num_cpus) is not None
-        if not joining:  # a local Ray cannot grow: refuse what it could never schedule
-            check_local_resources(settings.workers, settings.cpus_per_worker, settings.gpus_per_worker,
-                                  args.num_cpus, "--workers")
-        init_ray(args.address, num_cpus=args.num_cpus)
-        if joining:
-            check_resources(settings.workers, settings.cpus_per_worker, settings.gpus_per_worker,
-                            ray.cluster_resources(), "--workers", on_cluster=True, where="the Ray cluster")
+        init_ray_for_run(args.address, args.num_cpus, settings.workers, settings.cpus_per_worker,
+                         settings.gpus_per_worker, "--workers")
     except (ConfigError, ValueError, DatasetNotFoundError) as error:
         parser.error(str(error))
     print(f"[evaluate] {trained.checkpoint} (epoch {trained.epoch + 1}"

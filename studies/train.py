@@ -16,17 +16,15 @@ import json
 import sys
 from dataclasses import replace
 
-import ray
-
 from nvae_core import ConfigError
 from nvae_core.data_check import check_data
 from nvae_core.dataset_registry import DATASETS
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path, default_tracking_uri
-from nvae_platform.preflight import CommandLine, at_least, check_local_resources, check_resources, check_storage, label
+from nvae_platform.preflight import CommandLine, at_least, check_storage, label
 from nvae_platform.process_exit import exit_with
-from nvae_platform.ray_cluster import cluster_address, init_ray
+from nvae_platform.ray_cluster import add_ray_arguments, init_ray_for_run
 from nvae_platform.record.tracking import StoreWriteError, check_tracking_uri
 from nvae_platform.record.train_record import TrainRecord, describe_changes, resume_changes, run_name
 from nvae_platform.study.cli import parse_pairs, parse_value
@@ -62,9 +60,7 @@ def build_parser():
     add("--iw-samples", type=at_least(1), help="K of the importance-weighted test NLL")
     add("--set", action="append", default=[], metavar="FIELD=VALUE",
         help="override an NVAEConfig field, e.g. --set normalization=weight_norm")
-    add("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a cluster started "
-                          "on this machine with `ray start`, else a new local Ray)")
-    add("--num-cpus", type=at_least(1), help="CPUs of a new local Ray instance")
+    add_ray_arguments(parser)
     return parser
 
 
@@ -89,20 +85,14 @@ def main(argv=None):
             options = replace(options, skip_files=tuple(check_data(
                 cfg.dataset, options.data_dir, seed=cfg.seed, image_size=cfg.image_size,
                 evaluation_split=cfg.evaluation_split, skip_unreadable=args.skip_unreadable)))
-        joining = cluster_address(args.address, args.num_cpus) is not None
         check_storage(options.storage_path)
         tracking_uri = args.tracking_uri or default_tracking_uri()
         check_tracking_uri(tracking_uri, args.experiment)
         record = TrainRecord(tracking_uri, args.experiment, options.storage_path, cfg, options,
                              tags={"nvae.kind": "train", "nvae.dataset": args.dataset, "nvae.scale": args.scale})
         changes = resume_changes(record.run_folder, cfg) if args.resume_from else {}
-        if not joining:  # a local Ray cannot grow: refuse what it could never schedule
-            check_local_resources(options.workers, options.cpus_per_worker, options.gpus_per_worker,
-                                  args.num_cpus, "--workers")
-        init_ray(args.address, num_cpus=args.num_cpus)
-        if joining:  # a cluster may autoscale: say what the run waits for
-            check_resources(options.workers, options.cpus_per_worker, options.gpus_per_worker,
-                            ray.cluster_resources(), "--workers", on_cluster=True, where="the Ray cluster")
+        init_ray_for_run(args.address, args.num_cpus, options.workers, options.cpus_per_worker,
+                         options.gpus_per_worker, "--workers")
     except (ConfigError, ValueError, DatasetNotFoundError) as error:
         parser.error(str(error))
     try:

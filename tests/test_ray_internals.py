@@ -5,8 +5,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module, name", [("ray._private.services", "canonicalize_bootstrap_address"),
-                                          ("ray.train.v2._internal.constants", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME"),
+@pytest.mark.parametrize("module, name", [("ray.train.v2._internal.constants", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME"),
                                           ("ray._private.worker", "print_to_stdstream")])
 def test_the_private_ray_symbol_still_exists(module, name):
     assert hasattr(importlib.import_module(module), name), (
@@ -24,14 +23,36 @@ def test_the_tune_keys_the_record_leaves_out_are_the_ones_tune_adds():
     assert not {"train_bpd", "val_bpd", "test_bpd", "lr", "epoch"} & TUNE_AUTO_FILLED
 
 
-def test_find_cluster_resolves_addresses_without_connecting(monkeypatch):
-    from nvae_platform.ray_internals import find_cluster
+def test_find_cluster_finds_what_ray_init_would_join_without_connecting(monkeypatch, tmp_path):
+    """find_cluster (public means: the address, $RAY_ADDRESS, the file `ray start` writes) agrees with
+    the resolution ray.init runs, Ray's private canonicalize_bootstrap_address (used here only)."""
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray._private.utils import write_ray_address
+
+    from nvae_platform.ray_cluster import find_cluster
+
+    def both(address):  # Ray's turns a loopback host into this node's address: compare the ports
+        ours, rays = find_cluster(address), canonicalize_bootstrap_address(address)
+        assert (ours is None) == (rays is None), (address, ours, rays)
+        return ours and (ours.rsplit(":", 1)[1], rays.rsplit(":", 1)[1])
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    # Resolving only parses (a loopback host becomes this node's address): nothing is contacted.
-    assert find_cluster("127.0.0.1:6379").endswith(":6379")  # an explicit address
+    for temp in ("RAY_TMPDIR", "TMPDIR"):  # where Ray keeps the address `ray start` wrote
+        monkeypatch.delenv("RAY_TMPDIR", raising=False)
+        monkeypatch.setenv(temp, str(tmp_path / temp))
+        (tmp_path / temp / "ray").mkdir(parents=True)
+        assert both(None) is None  # nothing started: a local Ray
+        write_ray_address("127.0.0.1:6390")  # as `ray start --head` does
+        assert both(None) == ("6390", "6390") and find_cluster("auto") == "127.0.0.1:6390"
+    assert both("127.0.0.1:6379") == ("6379", "6379")  # an explicit address
+    assert both("local") is None
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6380")
-    assert find_cluster(None).endswith(":6380")  # $RAY_ADDRESS, as ray.init reads it
+    assert both(None) == ("6380", "6380")  # $RAY_ADDRESS wins over `ray start`'s
+    assert both("127.0.0.1:6379") == ("6379", "6379")  # and an explicit address over $RAY_ADDRESS
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "nothing-started"))
+    with pytest.raises(ConnectionError):
+        find_cluster("auto")
 
 
 def test_the_driver_prints_ray_output_through_the_function_it_finds_at_call_time():

@@ -7,6 +7,7 @@ from nvae_core.datasets import DatasetNotFoundError
 from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path
 from nvae_platform.preflight import CommandLine, at_least, label
 from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
+from nvae_platform.ray_cluster import add_ray_arguments
 from nvae_platform.record.tracking import StoreWriteError
 from nvae_platform.study.plan import MAX_TRIALS
 from nvae_platform.study.runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
@@ -73,9 +74,7 @@ def build_parser(study):
     add("--samples", type=at_least(1), help="trials of a search (default: the study's)")
     add("--max-trials", type=at_least(1), default=MAX_TRIALS,
         help=f"refuse a plan of more trials than this, before building it (default: {MAX_TRIALS:,})")
-    add("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a cluster started on this machine "
-                          "with `ray start`, else a new local Ray)")
-    add("--num-cpus", type=at_least(1), help="CPUs of a new local Ray (default: all)")
+    add_ray_arguments(parser)
     add("--dry-run", action="store_true", help="print the trials and their resources; start nothing")
     return parser
 
