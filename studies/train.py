@@ -8,7 +8,8 @@ The run is named by what it trains, <--name>-<digest of the config and workers>,
 each epoch under --storage-path/<run name>: the same command again resumes it (or says it is
 finished), a changed --set starts a new run. To continue a run with a changed config (say more
 epochs), name it with --resume-from. A worker that dies is replaced and training continues from the
-latest checkpoint (--max-failures times). MLflow gets one run per run name (experiment "train"):
+latest checkpoint (--max-failures times). A second invocation of the same run while it trains is
+refused (a lock file in its folder). MLflow gets one run per run name (experiment "train"):
 params, per-epoch metrics, final figures, config.json, the sample grid and the final checkpoint.
 """
 import argparse
@@ -24,6 +25,7 @@ from nvae_core.dataset_registry import DATASETS
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path, default_tracking_uri
+from nvae_platform.folder_lock import FolderLock
 from nvae_platform.preflight import CommandLine, at_least, check_local_resources, check_resources, check_storage, label
 from nvae_platform.process_exit import exit_with
 from nvae_platform.ray_cluster import cluster_address, init_ray
@@ -91,6 +93,8 @@ def main(argv=None):
                 evaluation_split=cfg.evaluation_split, skip_unreadable=args.skip_unreadable)))
         joining = cluster_address(args.address, args.num_cpus) is not None
         check_storage(options.storage_path)
+        lock = FolderLock(f"{options.storage_path.rstrip('/')}/{options.name}", f"run {options.name}")
+        gone = lock.acquire()  # released at exit; AlreadyRunning when another invocation trains this run
         tracking_uri = args.tracking_uri or default_tracking_uri()
         check_tracking_uri(tracking_uri, args.experiment)
         record = TrainRecord(tracking_uri, args.experiment, options.storage_path, cfg, options,
@@ -110,6 +114,8 @@ def main(argv=None):
     except StoreWriteError as error:
         print(f"[nvae] stopped: {error}", file=sys.stderr, flush=True)
         return 1
+    if gone:
+        print(f"[nvae] taking over from pid {gone.get('pid')} on host {gone.get('host')}, which is gone", flush=True)
     if record.finished_before:
         print(f"[nvae] run {options.name} is already finished (MLflow run {record.run_id}); to train it longer: "
               f"--resume-from {options.name} --set epochs=N", flush=True)
