@@ -8,7 +8,8 @@ The run is named by what it trains, <--name>-<digest of the config and workers>,
 each epoch under --storage-path/<run name>: the same command again resumes it (or says it is
 finished), a changed --set starts a new run. To continue a run with a changed config (say more
 epochs), name it with --resume-from. A worker that dies is replaced and training continues from the
-latest checkpoint (--max-failures times). A second invocation of the same run while it trains is
+latest checkpoint (--max-failures times). Ctrl-C or SIGTERM stops it (exit 130 or 143), its MLflow run
+marked KILLED; the same command resumes it. A second invocation of the same run while it trains is
 refused (a lock file in its folder). MLflow gets one run per run name (experiment "train"):
 params, per-epoch metrics, final figures, config.json, the sample grid and the final checkpoint.
 """
@@ -27,7 +28,7 @@ from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path, default_tracking_uri
 from nvae_platform.folder_lock import FolderLock
 from nvae_platform.preflight import CommandLine, at_least, check_local_resources, check_resources, check_storage, label
-from nvae_platform.process_exit import exit_with
+from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
 from nvae_platform.ray_cluster import cluster_address, init_ray
 from nvae_platform.record.tracking import StoreWriteError, check_tracking_uri
 from nvae_platform.record.train_record import TrainRecord, describe_changes, resume_changes, run_name
@@ -104,6 +105,7 @@ def main(argv=None):
             check_local_resources(options.workers, options.cpus_per_worker, options.gpus_per_worker,
                                   args.num_cpus, "--workers")
         init_ray(args.address, num_cpus=args.num_cpus)
+        stop_on_sigterm_as_on_sigint()
         if joining:  # a cluster may autoscale: say what the run waits for
             check_resources(options.workers, options.cpus_per_worker, options.gpus_per_worker,
                             ray.cluster_resources(), "--workers", on_cluster=True, where="the Ray cluster")
@@ -128,8 +130,17 @@ def main(argv=None):
               f"{options.skip_files[0]} (all named in the MLflow run's unreadable_files.txt)", flush=True)
     print(f"[nvae] training {args.dataset} at scale {args.scale} on {options.workers} worker(s); "
           f"run {options.name}, checkpoints in {record.run_folder}; MLflow run {record.run_id}", flush=True)
-    with record.watching():
-        result = run_training(cfg, options)
+    try:
+        with record.watching():
+            result = run_training(cfg, options)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (a job manager) turned into one; Ray Train's
+        # own SIGINT handler aborts the run, then raises SystemExit
+        try:
+            record.interrupt()
+        except StoreWriteError as error:
+            print(f"[nvae] {error}", file=sys.stderr, flush=True)
+        print("[nvae] the run was interrupted: re-run the same command to resume it.", flush=True)
+        return interrupted_code()
     try:
         record.finish(result)
     except StoreWriteError as error:
