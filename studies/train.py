@@ -94,8 +94,6 @@ def main(argv=None):
                 evaluation_split=cfg.evaluation_split, skip_unreadable=args.skip_unreadable)))
         joining = cluster_address(args.address, args.num_cpus) is not None
         check_storage(options.storage_path)
-        lock = FolderLock(f"{options.storage_path.rstrip('/')}/{options.name}", f"run {options.name}")
-        gone = lock.acquire()  # released at exit; AlreadyRunning when another invocation trains this run
         tracking_uri = args.tracking_uri or default_tracking_uri()
         check_tracking_uri(tracking_uri, args.experiment)
         record = TrainRecord(tracking_uri, args.experiment, options.storage_path, cfg, options,
@@ -104,6 +102,8 @@ def main(argv=None):
         if not joining:  # a local Ray cannot grow: refuse what it could never schedule
             check_local_resources(options.workers, options.cpus_per_worker, options.gpus_per_worker,
                                   args.num_cpus, "--workers")
+        lock = FolderLock(record.run_folder, f"run {options.name}")  # AlreadyRunning: another invocation trains it
+        gone = lock.acquire()  # released at exit
         init_ray(args.address, num_cpus=args.num_cpus)
         stop_on_sigterm_as_on_sigint()
         if joining:  # a cluster may autoscale: say what the run waits for

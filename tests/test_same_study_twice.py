@@ -14,6 +14,9 @@ import time
 import psutil
 from mlflow.tracking import MlflowClient
 
+from nvae_platform.record.train_record import run_name
+from nvae_platform.train.scales import run_config, run_options
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -100,17 +103,18 @@ def test_after_a_sigkilled_holder_the_next_invocation_takes_the_lock_over_and_re
 
 def test_a_training_run_in_progress_refuses_a_second_invocation_of_it(tmp_path):
     """studies/train.py shares the lock: a run folder locked by a live process on this host."""
+    name = run_name("digits-smoke", run_config("digits", "smoke", epochs=1), run_options("digits", "smoke"))
     holder = subprocess.Popen(["sleep", "120"])
     try:
-        (tmp_path / "runs" / "myrun").mkdir(parents=True)
-        (tmp_path / "runs" / "myrun" / ".lock").write_text(json.dumps(
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / ".lock").write_text(json.dumps(
             {"host": socket.gethostname(), "pid": holder.pid, "started": time.time(), "token": "t"}))
         started = time.time()
-        refused = subprocess.run([sys.executable, os.path.join(ROOT, "studies", "train.py"), "--resume-from", "myrun",
-                                  "--set", "epochs=1"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                                 timeout=120)
+        refused = subprocess.run([sys.executable, os.path.join(ROOT, "studies", "train.py"), "--set", "epochs=1"],
+                                 cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
         print(f"train.py refused in {time.time() - started:.1f} s")
     finally:
         holder.kill()
     assert refused.returncode == 2 and refused.stdout == "" and len(refused.stderr.splitlines()) == 1, refused.stderr
-    assert f"run myrun is already running in {tmp_path}/runs/myrun: pid {holder.pid} on host " in refused.stderr
+    assert f"run {name} is already running in {tmp_path}/runs/{name}: pid {holder.pid} on host " in refused.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing recorded

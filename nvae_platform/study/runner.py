@@ -161,24 +161,24 @@ class StudyOutcome:
 
 def prepare_study(study, settings):
     """Every check that needs no trial, before Ray starts: plan (numbers, configs, data), storage,
-    the study folder's lock (no other invocation runs this study there), the resources of a local
-    Ray, and last the tracking store (a write probe). Returns (plan, max concurrent trials, the held
+    the resources of a local Ray, the tracking store (a write probe), and last the study folder's
+    lock (no other invocation runs this study there). Returns (plan, max concurrent trials, the held
     FolderLock). Raises ConfigError/ValueError/DatasetNotFoundError (AlreadyRunning) naming the
     problem; records nothing."""
     plan = plan_study(study, settings)
     joining = cluster_address(settings.address, settings.num_cpus) is not None
     check_storage(plan.storage_path)
+    if not joining:  # a local Ray cannot grow: refuse what it could never schedule, before starting it
+        opts = plan.options
+        check_local_resources(opts.workers, opts.cpus_per_worker, opts.gpus_per_worker, settings.num_cpus,
+                              "--workers-per-trial")
+    check_tracking_uri(settings.tracking_uri or default_tracking_uri(), settings.experiment or study.name)
     lock = FolderLock(plan.study_key, f"study {plan.experiment_dir}")  # AlreadyRunning: a second invocation
     gone = lock.acquire()
     try:
         if gone:
             print(f"[study] taking over from pid {gone.get('pid')} on host {gone.get('host')}, which is gone",
                   flush=True)
-        if not joining:  # a local Ray cannot grow: refuse what it could never schedule, before starting it
-            opts = plan.options
-            check_local_resources(opts.workers, opts.cpus_per_worker, opts.gpus_per_worker, settings.num_cpus,
-                                  "--workers-per-trial")
-        check_tracking_uri(settings.tracking_uri or default_tracking_uri(), settings.experiment or study.name)
         send_ray_logs_to(ray_log_path(plan.study_key, plan.experiment_dir))  # Ray's start-up messages included
         store = open_in_background(settings.tracking_uri or default_tracking_uri())  # while Ray starts
         joined = init_ray(settings.address, num_cpus=settings.num_cpus)
