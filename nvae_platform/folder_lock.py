@@ -74,7 +74,8 @@ class FolderLock:
             raise AlreadyRunning(f"{self.what}: {self.folder}/{LOCK_FILE} keeps changing hands: another "
                                  "invocation of this command is starting there; wait for it, or stop it")
         self.held = True
-        threading.Thread(target=self._renew, name="nvae-lock-renew", daemon=True).start()
+        self.renewing = threading.Thread(target=self._renew, name="nvae-lock-renew", daemon=True)
+        self.renewing.start()
         atexit.register(self.release)
         return taken_over
 
@@ -84,6 +85,7 @@ class FolderLock:
             return
         self.held = False
         self.stop.set()
+        self.renewing.join(timeout=10)  # a renewal in flight would write the lock again
         try:
             held = self._read()
             if held is not None and held[0].get("token") == self.mine["token"]:

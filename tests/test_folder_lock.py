@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from nvae_platform import folder_lock
 from nvae_platform.folder_lock import LOCK_FILE, STALE_SECONDS, AlreadyRunning, FolderLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,3 +86,17 @@ def test_release_leaves_a_lock_that_is_not_its_own(tmp_path):
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 7, "started": 0, "token": "other"}))
     lock.release()
     assert (tmp_path / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("kind", ["local", "object-store"])
+def test_a_held_lock_is_renewed_until_released(kind, tmp_path, monkeypatch):
+    monkeypatch.setattr(folder_lock, "RENEW_SECONDS", 0.1)
+    lock = _lock(tmp_path, kind)
+    lock.acquire()
+    path = tmp_path / LOCK_FILE
+    old = time.time() - STALE_SECONDS - 10
+    os.utime(path, (old, old))
+    time.sleep(1)
+    assert time.time() - path.stat().st_mtime < 5  # renewed: another host would not take it over
+    lock.release()
+    assert not path.exists()

@@ -67,6 +67,7 @@ def test_a_stopped_study_says_so_marks_its_runs_killed_and_leaves_no_process(sig
     _, alive = psutil.wait_procs(tree, timeout=5)
     assert not alive, [" ".join(p.cmdline()[:3]) for p in alive]
     assert not _started_by_now(ray_dir)
+    assert not list((tmp_path / "runs").glob("*/.lock"))  # the study folder's lock is released
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("ablation_sr").experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
