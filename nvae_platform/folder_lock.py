@@ -46,7 +46,7 @@ class FolderLock:
     local path or a pyarrow URI (s3://, gs://)."""
 
     def __init__(self, folder, what):
-        self.folder, self.what = folder.rstrip("/"), what
+        self.folder, self.what = folder.split("?")[0].rstrip("/"), what  # as the user knows it: no URI options
         self.filesystem, base = pyarrow.fs.FileSystem.from_uri(folder)
         self.base = base.rstrip("/")
         self.path = f"{self.base}/{LOCK_FILE}"
