@@ -3,7 +3,8 @@ starts, so that bad input costs seconds and records nothing.
 
 - numbers in range, as argparse types (`at_least`), so the error names the flag;
 - names are labels, never paths (`label`: no '/', '..', nothing a file system or MLflow cannot hold);
-- storage writable, by writing and deleting a probe file (a folder or s3:// gs://);
+- storage writable, by writing and deleting a probe file of its own name (a folder or s3:// gs://);
+- one invocation at a time in a study's or run's folder (folder_lock.py);
 - the tracking store takes a write (tracking.check_tracking_uri);
 - the data is there (nvae_core.datasets.check_available, through RunOptions.validate);
 - the resources exist: a local Ray cannot grow, so a run it could never schedule is refused before
@@ -19,6 +20,8 @@ import re
 import sys
 
 import pyarrow.fs
+
+from nvae_platform.folder_lock import unique_name
 
 
 class CommandLine(argparse.ArgumentParser):
@@ -81,7 +84,7 @@ def check_storage(storage_path, flag="--storage-path"):
     try:
         filesystem, path = pyarrow.fs.FileSystem.from_uri(storage_path)
         filesystem.create_dir(path, recursive=True)
-        probe = f"{path}/.write-probe"
+        probe = f"{path}/{unique_name('.write-probe')}"  # two commands at once probe different files
         with filesystem.open_output_stream(probe) as f:
             f.write(b"ok")
         filesystem.delete_file(probe)

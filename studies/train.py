@@ -8,7 +8,9 @@ The run is named by what it trains, <--name>-<digest of the config and workers>,
 each epoch under --storage-path/<run name>: the same command again resumes it (or says it is
 finished), a changed --set starts a new run. To continue a run with a changed config (say more
 epochs), name it with --resume-from. A worker that dies is replaced and training continues from the
-latest checkpoint (--max-failures times). MLflow gets one run per run name (experiment "train"):
+latest checkpoint (--max-failures times). Ctrl-C or SIGTERM stops it (exit 130 or 143), its MLflow run
+marked KILLED; the same command resumes it. A second invocation of the same run while it trains is
+refused (a lock file in its folder). MLflow gets one run per run name (experiment "train"):
 params, per-epoch metrics, final figures, config.json, the sample grid and the final checkpoint.
 """
 import argparse
@@ -22,8 +24,9 @@ from nvae_core.dataset_registry import DATASETS
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path, default_tracking_uri
+from nvae_platform.folder_lock import FolderLock
 from nvae_platform.preflight import CommandLine, at_least, check_storage, label
-from nvae_platform.process_exit import exit_with
+from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
 from nvae_platform.ray_cluster import add_ray_arguments, init_ray_for_run
 from nvae_platform.record.tracking import StoreWriteError, check_tracking_uri
 from nvae_platform.record.train_record import TrainRecord, describe_changes, resume_changes, run_name
@@ -91,8 +94,11 @@ def main(argv=None):
         record = TrainRecord(tracking_uri, args.experiment, options.storage_path, cfg, options,
                              tags={"nvae.kind": "train", "nvae.dataset": args.dataset, "nvae.scale": args.scale})
         changes = resume_changes(record.run_folder, cfg) if args.resume_from else {}
+        lock = FolderLock(record.run_folder, f"run {options.name}")  # AlreadyRunning: another invocation trains it
+        gone = lock.acquire()  # released at exit
         init_ray_for_run(args.address, args.num_cpus, options.workers, options.cpus_per_worker,
                          options.gpus_per_worker, "--workers")
+        stop_on_sigterm_as_on_sigint()
     except (ConfigError, ValueError, DatasetNotFoundError) as error:
         parser.error(str(error))
     try:
@@ -100,6 +106,8 @@ def main(argv=None):
     except StoreWriteError as error:
         print(f"[nvae] stopped: {error}", file=sys.stderr, flush=True)
         return 1
+    if gone:
+        print(f"[nvae] taking over from pid {gone.get('pid')} on host {gone.get('host')}, which is gone", flush=True)
     if record.finished_before:
         print(f"[nvae] run {options.name} is already finished (MLflow run {record.run_id}); to train it longer: "
               f"--resume-from {options.name} --set epochs=N", flush=True)
@@ -112,8 +120,17 @@ def main(argv=None):
               f"{options.skip_files[0]} (all named in the MLflow run's unreadable_files.txt)", flush=True)
     print(f"[nvae] training {args.dataset} at scale {args.scale} on {options.workers} worker(s); "
           f"run {options.name}, checkpoints in {record.run_folder}; MLflow run {record.run_id}", flush=True)
-    with record.watching():
-        result = run_training(cfg, options)
+    try:
+        with record.watching():
+            result = run_training(cfg, options)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (a job manager) turned into one; Ray Train's
+        # own SIGINT handler aborts the run, then raises SystemExit
+        try:
+            record.interrupt()
+        except StoreWriteError as error:
+            print(f"[nvae] {error}", file=sys.stderr, flush=True)
+        print("[nvae] the run was interrupted: re-run the same command to resume it.", flush=True)
+        return interrupted_code()
     try:
         record.finish(result)
     except StoreWriteError as error:

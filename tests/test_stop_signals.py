@@ -1,11 +1,14 @@
 """A study stopped by Ctrl-C (SIGINT) or by a job manager (SIGTERM: `ray job stop`, Slurm,
 Kubernetes, systemd) stops the same way: its table, the one line of advice, its unfinished runs
-marked KILLED, exit 130 or 143, and no process it started left running. A real study, subprocess."""
+marked KILLED, exit 130 or 143, and no process it started left running; so does `studies/train.py`.
+A study that finishes or fails leaves no process either. Real commands, subprocesses."""
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import psutil
@@ -23,6 +26,11 @@ def _started_by(pid, folder):
         if str(folder) in " ".join(p.info["cmdline"] or []) and p.pid != pid:
             found[p.pid] = p
     return list(found.values())
+
+
+def _started_by_now(folder):
+    """The processes still naming the command's own Ray folder, once the command has exited."""
+    return [p for p in psutil.process_iter(["cmdline"]) if str(folder) in " ".join(p.info["cmdline"] or [])]
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
@@ -44,10 +52,13 @@ def test_a_stopped_study_says_so_marks_its_runs_killed_and_leaves_no_process(sig
         tree = _started_by(process.pid, ray_dir)
         assert len(tree) > 3, f"the study's Ray processes were not found: {''.join(out)[-2000:]}"
         process.send_signal(signum)
+        signalled = time.time()
         rest, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+    print(f"study: {len(tree)} processes, exit {process.returncode} {time.time() - signalled:.1f} s after the "
+          f"signal, {len(_started_by_now(ray_dir))} left")
     out = "".join(out) + rest
     assert process.returncode == code, err[-3000:]
     assert "The study was interrupted: re-run the same command to resume it." in out, out[-3000:]
@@ -55,6 +66,97 @@ def test_a_stopped_study_says_so_marks_its_runs_killed_and_leaves_no_process(sig
     assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
     _, alive = psutil.wait_procs(tree, timeout=5)
     assert not alive, [" ".join(p.cmdline()[:3]) for p in alive]
+    assert not _started_by_now(ray_dir)
+    assert not list((tmp_path / "runs").glob("*/.lock"))  # the study folder's lock is released
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("ablation_sr").experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_stopped_training_run_says_so_marks_its_run_killed_and_leaves_no_process(signum, code, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env.update(PYTHONPATH=ROOT, RAY_TMPDIR=ray_dir)
+    command = [sys.executable, os.path.join(ROOT, "studies", "train.py"), "--set", "epochs=20", "--num-cpus", "2",
+               "--address", "local"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        first = process.stdout.readline()  # "[nvae] training ... checkpoints in <run folder>; ..."
+        assert first.startswith("[nvae] training"), first + process.stderr.read()[-3000:]
+        run_folder = first.split("checkpoints in ")[1].split(";")[0]
+        started = time.time()
+        while not [n for n in os.listdir(run_folder) if n.startswith("checkpoint_")] and time.time() - started < 240:
+            time.sleep(0.5)  # until an epoch is checkpointed
+        tree = _started_by(process.pid, ray_dir)
+        assert len(tree) > 3, "the run's Ray processes were not found"
+        process.send_signal(signum)
+        signalled = time.time()
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    print(f"train.py: {len(tree)} processes, exit {process.returncode} {time.time() - signalled:.1f} s after the "
+          f"signal, {len(_started_by_now(ray_dir))} left")
+    assert process.returncode == code, err[-3000:]
+    assert "[nvae] the run was interrupted: re-run the same command to resume it." in out, out[-3000:]
+    own = "\n".join(line for line in err.splitlines() if "pid=" not in line)  # not Ray's processes' forwarded lines
+    assert "SIGTERM received" not in own and "Traceback" not in own, own[-3000:]
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    assert not alive, [" ".join(p.cmdline()[:3]) for p in alive]
+    assert not os.path.exists(os.path.join(run_folder, ".lock"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["nvae.status"] == "interrupted"
+    assert client.get_metric_history(run.info.run_id, "val_bpd")  # the epochs checkpointed before the stop
+
+
+def _watch(command, cwd, env):
+    """Run command to its end, listing its processes every 0.2 s: (process, stdout, stderr, every process seen)."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    output = {}
+    reader = threading.Thread(target=lambda: output.update(zip(("out", "err"), process.communicate(timeout=300))))
+    reader.start()
+    seen = {}
+    try:
+        while process.poll() is None:
+            try:
+                seen.update({(p.pid, p.create_time()): p for p in _started_by(process.pid, env["RAY_TMPDIR"])})
+            except psutil.Error:
+                pass  # the command ended, or one of its processes, while it was listed
+            time.sleep(0.2)
+        reader.join()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return process, output["out"], output["err"], list(seen.values())
+
+
+@pytest.mark.parametrize("end", ["finished", "failed"])
+def test_a_study_that_ends_leaves_no_process(end, tmp_path):
+    """A study that finishes (exit 0), and one whose MLflow store refuses a write once it has started
+    (exit 1), leave none of the processes they started."""
+    if end == "failed":  # the first child run's params are refused, as by a full disk
+        store = tmp_path / "mlflow.db"
+        MlflowClient(f"sqlite:///{store}").search_experiments()
+        with sqlite3.connect(store) as db:
+            db.execute("CREATE TRIGGER full_disk BEFORE INSERT ON params WHEN (SELECT count(*) FROM runs) >= 2 "
+                       "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env.update(PYTHONPATH=ROOT, RAY_TMPDIR=ray_dir)
+    command = [sys.executable, os.path.join(ROOT, "studies", "ablation_sr.py"), "--levels", "sr_lambda=0.0",
+               "--set", "epochs=1", "--num-cpus", "2", "--address", "local"]
+    process, out, err, seen = _watch(command, tmp_path, env)
+    _, alive = psutil.wait_procs(seen, timeout=5)
+    print(f"{end}: exit {process.returncode}, {len(seen)} processes seen, {len(alive)} alive 5 s after the exit, "
+          f"{len(_started_by_now(ray_dir))} naming its Ray folder")
+    assert process.returncode == (0 if end == "finished" else 1), (out + err)[-3000:]
+    if end == "failed":
+        assert "[study] stopped:" in err and "database or disk is full" in err, err[-3000:]
+    assert len(seen) > 3, f"the study's Ray processes were not found: {(out + err)[-2000:]}"
+    assert not alive, [" ".join(p.cmdline()[:3]) for p in alive]
+    assert not _started_by_now(ray_dir)
+    assert not list((tmp_path / "runs").glob("*/.lock"))  # the study folder's lock is released

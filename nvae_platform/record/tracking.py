@@ -13,6 +13,7 @@ earlier invocations recorded. So Tune may pickle it with the experiment and rest
 import functools
 import os
 import platform
+import re
 import sqlite3
 import subprocess
 
@@ -21,6 +22,7 @@ import sqlalchemy.exc
 from mlflow.exceptions import MlflowException
 from ray import tune
 
+from nvae_platform.folder_lock import unique_name
 from nvae_platform.record.outcomes import read_outcome
 from nvae_platform.record.run_writer import CHECKPOINT_TAG, CONFIG_ARTIFACT, NODES_TAG, STATUS_TAG, RunWriter
 from nvae_platform.record.store import StoreClient, experiment_id, sqlite_path
@@ -49,7 +51,8 @@ def _probe_sqlite_write(path):
     connection = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
         connection.execute("BEGIN IMMEDIATE")
-        connection.execute("CREATE TABLE nvae_write_probe (x)")
+        table = re.sub(r"\W", "_", unique_name("nvae_write_probe"))  # of its own name: two commands at once
+        connection.execute(f'CREATE TABLE "{table}" (x)')
         connection.execute("ROLLBACK")
     finally:
         connection.close()
@@ -59,8 +62,9 @@ def _probe_server_write(client, experiment):
     """Set and delete a tag on the experiment the command will write to, if it exists yet."""
     found = client.get_experiment_by_name(experiment)
     if found is not None:
-        client.set_experiment_tag(found.experiment_id, WRITE_PROBE_TAG, "ok")
-        client.delete_experiment_tag(found.experiment_id, WRITE_PROBE_TAG)
+        tag = f"{WRITE_PROBE_TAG}.{unique_name('probe')}"  # of its own name: two commands at once
+        client.set_experiment_tag(found.experiment_id, tag, "ok")
+        client.delete_experiment_tag(found.experiment_id, tag)
 
 
 def check_tracking_uri(tracking_uri, experiment=None):

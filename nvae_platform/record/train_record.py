@@ -127,6 +127,14 @@ class TrainRecord:
             stop.set()
             thread.join()
 
+    def interrupt(self):
+        """Record the epochs checkpointed so far and end the run KILLED (a Ctrl-C, a SIGTERM): resumable."""
+        try:
+            self.writer.backfill()
+            self.writer.interrupt()
+        except STORE_ERRORS as error:
+            raise StoreWriteError(self.tracking_uri, error) from error
+
     def finish(self, result):
         """Record how a RunResult ended: every checkpointed epoch, final figures, grid, checkpoint."""
         outcome = {**result.metrics, "status": result.status, "checkpoint_path": result.checkpoint_path,

@@ -21,6 +21,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from nvae_platform.defaults import default_tracking_uri
+from nvae_platform.folder_lock import FolderLock
 from nvae_platform.preflight import check_local_resources, check_resources, check_storage
 from nvae_platform.ray_cluster import cluster_address, init_ray, shutdown_ray
 from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
@@ -160,8 +161,10 @@ class StudyOutcome:
 
 def prepare_study(study, settings):
     """Every check that needs no trial, before Ray starts: plan (numbers, configs, data), storage,
-    the resources of a local Ray, and last the tracking store (a write probe). Raises
-    ConfigError/ValueError/DatasetNotFoundError naming the problem; records nothing."""
+    the resources of a local Ray, the tracking store (a write probe), and last the study folder's
+    lock (no other invocation runs this study there). Returns (plan, max concurrent trials, the held
+    FolderLock). Raises ConfigError/ValueError/DatasetNotFoundError (AlreadyRunning) naming the
+    problem; records nothing."""
     plan = plan_study(study, settings)
     joining = cluster_address(settings.address, settings.num_cpus) is not None
     check_storage(plan.storage_path)
@@ -170,24 +173,41 @@ def prepare_study(study, settings):
         check_local_resources(opts.workers, opts.cpus_per_worker, opts.gpus_per_worker, settings.num_cpus,
                               "--workers-per-trial")
     check_tracking_uri(settings.tracking_uri or default_tracking_uri(), settings.experiment or study.name)
-    send_ray_logs_to(ray_log_path(plan.study_key, plan.experiment_dir))  # Ray's start-up messages included
-    store = open_in_background(settings.tracking_uri or default_tracking_uri())  # while Ray starts
-    joined = init_ray(settings.address, num_cpus=settings.num_cpus)
-    store.join()
-    # On a cluster every trial is a Train run: its controller stays on the head, and a lost node costs
-    # only its workers.
-    plan.train_in_trial = not joined and plan.options.workers == 1
+    lock = FolderLock(plan.study_key, f"study {plan.experiment_dir}")  # AlreadyRunning: a second invocation
+    gone = lock.acquire()
     try:
-        return plan, _default_concurrency(plan, settings, joined)
-    except ValueError:
-        shutdown_ray()
+        if gone:
+            print(f"[study] taking over from pid {gone.get('pid')} on host {gone.get('host')}, which is gone",
+                  flush=True)
+        send_ray_logs_to(ray_log_path(plan.study_key, plan.experiment_dir))  # Ray's start-up messages included
+        store = open_in_background(settings.tracking_uri or default_tracking_uri())  # while Ray starts
+        joined = init_ray(settings.address, num_cpus=settings.num_cpus)
+        store.join()
+        # On a cluster every trial is a Train run: its controller stays on the head, and a lost node costs
+        # only its workers.
+        plan.train_in_trial = not joined and plan.options.workers == 1
+        try:
+            return plan, _default_concurrency(plan, settings, joined), lock
+        except ValueError:
+            shutdown_ray()
+            raise
+    except BaseException:
+        lock.release()
         raise
 
 
 def run_study(study, settings, prepared=None):
     """Run the study on Ray Tune and record it in MLflow (see module doc); prepared is
-    prepare_study's (plan, max_concurrent), computed here if not given."""
-    plan, max_concurrent = prepared or prepare_study(study, settings)
+    prepare_study's (plan, max_concurrent, lock), computed here if not given. The lock is released
+    when the study ends, however it ends."""
+    plan, max_concurrent, lock = prepared or prepare_study(study, settings)
+    try:
+        return _run_prepared(study, settings, plan, max_concurrent)
+    finally:
+        lock.release()
+
+
+def _run_prepared(study, settings, plan, max_concurrent):
     tracking_uri = settings.tracking_uri or default_tracking_uri()
     print(describe_plan(plan, max_concurrent), flush=True)
 

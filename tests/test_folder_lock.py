@@ -1,0 +1,146 @@
+"""A study's or run's folder lock (nvae_platform/folder_lock.py), held by real processes: refused while
+its holder runs, taken over once the holder is SIGKILLed or (another host's) no longer renewed,
+released at exit. Both ways of creating it: a local folder's atomic link, and an object store's
+write-and-read-back (forced on a local folder)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.fs
+import pytest
+from conftest import free_port
+
+from nvae_platform import folder_lock
+from nvae_platform.folder_lock import LOCK_FILE, STALE_SECONDS, AlreadyRunning, FolderLock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOLD = """
+import sys, time
+from nvae_platform.folder_lock import FolderLock
+lock = FolderLock(sys.argv[1], "study s")
+lock.local = sys.argv[2] == "local"
+lock.acquire()
+print("held", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def _holder(folder, kind, seconds=120):
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), kind, str(seconds)], text=True,
+                               stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": ROOT})
+    assert process.stdout.readline() == "held\n"
+    return process
+
+
+def _lock(folder, kind):
+    lock = FolderLock(str(folder), "study s")
+    lock.local = kind == "local"
+    return lock
+
+
+@pytest.mark.parametrize("kind", ["local", "object-store"])
+def test_a_held_lock_refuses_names_its_holder_and_is_taken_over_once_the_holder_is_killed(kind, tmp_path):
+    holder = _holder(tmp_path, kind)
+    try:
+        with pytest.raises(AlreadyRunning) as refused:
+            _lock(tmp_path, kind).acquire()
+        message = str(refused.value)
+        assert "\n" not in message and f"study s is already running in {tmp_path}" in message
+        assert f"pid {holder.pid} on host {socket.gethostname()}, since 20" in message
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = _lock(tmp_path, kind)
+    assert lock.acquire()["pid"] == holder.pid  # the holder it took over from
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists() and os.listdir(tmp_path) == []
+
+
+def test_a_holder_that_ends_releases_the_lock(tmp_path):
+    holder = _holder(tmp_path, "local", seconds=0)
+    assert holder.wait() == 0
+    assert not (tmp_path / LOCK_FILE).exists()
+    assert _lock(tmp_path, "local").acquire() is None
+
+
+def test_another_hosts_lock_is_judged_by_its_age(tmp_path):
+    path = tmp_path / LOCK_FILE
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 7, "started": time.time(), "token": "t"}))
+    with pytest.raises(AlreadyRunning) as refused:
+        _lock(tmp_path, "local").acquire()
+    assert "pid 7 on host elsewhere" in str(refused.value) and f"delete {path} if that process is gone" in str(
+        refused.value)
+    old = time.time() - STALE_SECONDS - 10
+    os.utime(path, (old, old))
+    lock = _lock(tmp_path, "local")
+    assert lock.acquire()["host"] == "elsewhere"
+    lock.release()
+
+
+def test_release_leaves_a_lock_that_is_not_its_own(tmp_path):
+    lock = _lock(tmp_path, "local")
+    lock.acquire()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 7, "started": 0, "token": "other"}))
+    lock.release()
+    assert (tmp_path / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("kind", ["local", "object-store"])
+def test_a_held_lock_is_renewed_until_released(kind, tmp_path, monkeypatch):
+    monkeypatch.setattr(folder_lock, "RENEW_SECONDS", 0.1)
+    lock = _lock(tmp_path, kind)
+    lock.acquire()
+    path = tmp_path / LOCK_FILE
+    old = time.time() - STALE_SECONDS - 10
+    os.utime(path, (old, old))
+    time.sleep(1)
+    assert time.time() - path.stat().st_mtime < 5  # renewed: another host would not take it over
+    lock.release()
+    assert not path.exists()
+
+
+@pytest.fixture
+def s3_folder(monkeypatch):
+    """s3://nvae/study on a moto S3 server of its own (the object store branch on a real S3 API)."""
+    pytest.importorskip("moto")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")  # the holder process inherits them
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    uri = (f"s3://nvae/study?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
+    filesystem, _ = pyarrow.fs.FileSystem.from_uri(uri + "&allow_bucket_creation=true")
+    try:
+        for attempt in range(100):  # until the server answers
+            try:
+                filesystem.create_dir("nvae")
+                break
+            except OSError:
+                if attempt == 99:
+                    raise
+                time.sleep(0.1)
+        yield uri, filesystem
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_an_s3_folders_lock_refuses_is_taken_over_and_released(s3_folder):
+    uri, filesystem = s3_folder
+    holder = _holder(uri, "s3")
+    try:
+        with pytest.raises(AlreadyRunning) as refused:
+            _lock(uri, "s3").acquire()
+        assert f"study s is already running in s3://nvae/study: pid {holder.pid} on host " in str(refused.value)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = _lock(uri, "s3")
+    assert lock.acquire()["pid"] == holder.pid
+    lock.release()
+    assert filesystem.get_file_info(f"nvae/study/{LOCK_FILE}").type == pyarrow.fs.FileType.NotFound
