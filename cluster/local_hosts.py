@@ -27,10 +27,13 @@ BUCKET, S3_PORT, RAY_PORT, DASHBOARD_PORT = "nvae", 9000, 6379, 8265
 # PostgreSQL's folders: a head's database is its own); the code tree read-only. /root holds the
 # interpreter (pyenv), so it is read-only too; HOME is under the host's /tmp.
 PRIVATE = "/tmp /var/tmp /dev/shm /etc/postgresql /var/lib/postgresql /var/log/postgresql /run/postgresql"
-HOST_INIT = ("mount --make-rprivate / && for d in {private}; do if [ -d $d ]; then mount -t tmpfs tmpfs $d; fi; done"
+HOST_INIT = ("mount --make-rprivate / && mount --bind {repo} {keep}"  # kept aside: the repo may lie under /tmp
+             " && for d in {private}; do if [ -d $d ]; then mount -t tmpfs tmpfs $d; fi; done"
              " && (! id postgres >/dev/null 2>&1 || chown postgres:postgres /var/lib/postgresql /var/log/postgresql"
-             " /run/postgresql) && mkdir /tmp/home && for d in {repo} /root; do mount --bind $d $d"
-             " && mount -o remount,ro,bind $d; done && ip link set lo up && exec sleep infinity")
+             " /run/postgresql) && mkdir -p /tmp/home {repo} && mount --bind {keep} {repo} && mount --bind /root /root"
+             " && for d in {repo} /root; do mount -o remount,ro,bind $d; done && ip link set lo up"
+             " && exec sleep infinity")
+KEEP = "/run/nvae-local-hosts-repo"  # an empty folder; in each host's own mount namespace, the repo on it
 STORAGE = f"s3://{BUCKET}/nvae"  # the head's NVAE_STORAGE_PATH, as cluster.yaml's setup_head.sh line gives it
 TRACKING_PORT = 5000
 
@@ -78,7 +81,7 @@ def add_host(name):
     sh(f"ip netns exec {netns} ip addr add {ip(name)}/24 dev eth0 && ip netns exec {netns} ip link set eth0 up")
     unshare = subprocess.Popen(
         ["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--mount-proc", "--mount", "sh", "-c",
-         HOST_INIT.format(private=PRIVATE, repo=shlex.quote(REPO))], start_new_session=True,
+         HOST_INIT.format(private=PRIVATE, repo=shlex.quote(REPO), keep=KEEP)], start_new_session=True,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(100):  # PID 1 of the host is unshare's child, once `sleep` runs
         children = sh(f"pgrep -P {unshare.pid}", check=False).split()
@@ -202,7 +205,7 @@ def start_worker(name):
 def up(workers=2):
     """Bridge, store, head, workers, laptop."""
     down()
-    sh(f"ip link add {BRIDGE} type bridge && ip link set {BRIDGE} up")
+    sh(f"ip link add {BRIDGE} type bridge && ip link set {BRIDGE} up && mkdir -p {KEEP}")
     for name in ("store", "head", "laptop"):
         add_host(name)
     start_store()
