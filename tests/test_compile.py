@@ -4,9 +4,11 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_config
 
-from nvae_core import NVAE, ConfigError, nvae_loss
+from nvae_core import NVAE, ConfigError, compiling, nvae_loss
 from nvae_core.compiling import check_compile, compiler_found, maybe_compile, resolve_compile
 from nvae_core.regularization import SpectralRegularizer
+from nvae_platform.train.run_options import RunOptions
+from nvae_platform.train.scales import SCALES, run_options
 
 
 def _loss_and_grads(model, core, x):
@@ -53,3 +55,16 @@ def test_compile_on_without_a_compiler_is_refused(monkeypatch, tmp_path):
     check_compile("auto")
     with pytest.raises(ConfigError, match="compile='yes'"):
         tiny_config(compile="yes")
+
+
+def test_auto_compiles_on_cuda_at_small_and_paper_scale_only(monkeypatch):
+    """compile='auto' with a compiler: on for CUDA at the small and paper scales, eager at smoke scale
+    and on CPU at every scale (and for RunOptions built without a scale); 'on' and 'off' ignore the scale."""
+    monkeypatch.setattr(compiling, "compiler_found", lambda: "/usr/bin/g++")
+    auto = {scale: run_options("cifar10", scale).auto_compiles for scale in SCALES}
+    assert auto == {"smoke": False, "small": True, "paper": True}
+    for scale, allowed in auto.items():
+        assert resolve_compile("auto", "cuda", allowed) == (scale != "smoke")
+        assert not resolve_compile("auto", "cpu", allowed)
+        assert resolve_compile("on", "cpu", allowed) and not resolve_compile("off", "cuda", allowed)
+    assert not RunOptions(gpus_per_worker=1.0).auto_compiles
