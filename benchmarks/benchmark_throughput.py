@@ -6,8 +6,11 @@
 
 A training step is the full one (forward, loss with KL balancing, SR and BN regularization,
 backward, Adamax); evaluation is forward + NELBO without gradients. Each figure is the median of
---steps timed steps after --warmup steps. Every combination runs in a fresh process so that its
-peak memory (RSS on CPU, CUDA max allocated on GPU) is its own.
+--steps timed steps after --warmup steps. The first train and eval steps are timed on their own:
+with torch.compile they hold the compilation, and "compile s" is their excess over the median
+steps (eager's own first-step excess shown likewise). Every combination runs in a fresh process so
+that its peak memory (RSS on CPU, CUDA max allocated on GPU) is its own; --rounds N runs the whole
+list N times in turn (eager, compiled, eager, ...), so that a shared machine's load falls on both.
 
 Model FLOP utilisation (MFU) = FLOPs per step / step time / the matmul FLOP/s measured in the same
 process (a square matmul in the run's precision). FLOPs come from torch.utils.flop_counter on the
@@ -43,6 +46,14 @@ def fake_batch(cfg, batch, device):
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _timed(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def _median_seconds(fn, warmup, steps, device):
@@ -86,6 +97,7 @@ def measure(config, device, precision, compiled, batch, warmup, steps, threads):
     step = TrainStep(runner, steps_per_epoch=1000, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    train_first_s = _timed(lambda: step(x), device)
     train_s = _median_seconds(lambda: step(x), warmup, steps, device)
 
     def evaluate():
@@ -93,6 +105,7 @@ def measure(config, device, precision, compiled, batch, warmup, steps, threads):
             runner(x).nelbo.mean().item()
 
     runner.eval()
+    eval_first_s = _timed(evaluate, device)
     eval_s = _median_seconds(evaluate, warmup, steps, device)
     peak_gb = peak_memory_gb(device)  # read before the FLOP count and the matmul probe, which are not the model's
     train_flops, eval_flops = count_flops(model, x, precision, device)
@@ -103,6 +116,8 @@ def measure(config, device, precision, compiled, batch, warmup, steps, threads):
             "parameters_millions": sum(p.numel() for p in model.parameters()) / 1e6,
             "train_images_per_s": cfg.batch_size / train_s, "train_step_s": train_s,
             "eval_images_per_s": cfg.batch_size / eval_s, "eval_step_s": eval_s, memory_key: peak_gb,
+            "train_first_step_s": train_first_s, "eval_first_step_s": eval_first_s,
+            "compile_s": train_first_s - train_s + eval_first_s - eval_s,
             "train_gflop_per_step": train_flops / 1e9, "eval_gflop_per_step": eval_flops / 1e9,
             "matmul_gflop_per_s": peak_flops / 1e9, "train_mfu": train_flops / train_s / peak_flops,
             "eval_mfu": eval_flops / eval_s / peak_flops,
@@ -137,6 +152,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=0, help="override the preset's per-worker batch")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1, help="run every combination this many times, in turn")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -150,22 +166,23 @@ def main(argv=None):
     print(f"device: {device_name}; CPU: {cpu_model()}; ISA: {torch.backends.cpu.get_cpu_capability()}; "
           f"torch {torch.__version__}; threads {args.threads or torch.get_num_threads()}")
     header = (f"{'config':<18}{'prec':<6}{'compile':<9}{'batch':>6}{'train img/s':>13}{'eval img/s':>12}"
-              f"{'peak GB':>9}{'train MFU':>11}{'eval MFU':>10}{'matmul GFLOP/s':>16}")
+              f"{'peak GB':>9}{'train MFU':>11}{'eval MFU':>10}{'matmul GFLOP/s':>16}{'compile s':>11}")
     print(header)
-    for config, precision, comp in itertools.product(args.config, args.precision, compiled):
+    combinations = list(itertools.product(args.config, args.precision, compiled))
+    for round_, (config, precision, comp) in itertools.product(range(args.rounds), combinations):
         row = run_isolated(config=config, device=args.device, precision=precision, compiled=comp,
                            batch=args.batch, warmup=args.warmup, steps=args.steps, threads=args.threads)
-        rows.append(row)
+        rows.append({**row, "round": round_})
+        if args.json:  # after every row: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
         if "error" in row:
             print(f"{config:<18}{precision:<6}{comp!s:<9} failed: {row['error']}")
             continue
         peak = row.get("peak_rss_gb", row.get("peak_cuda_allocated_gb"))
         print(f"{config:<18}{precision:<6}{comp!s:<9}{row['batch_size']:>6}{row['train_images_per_s']:>13.1f}"
               f"{row['eval_images_per_s']:>12.1f}{peak:>9.2f}{row['train_mfu']:>11.1%}{row['eval_mfu']:>10.1%}"
-              f"{row['matmul_gflop_per_s']:>16.0f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+              f"{row['matmul_gflop_per_s']:>16.0f}{row['compile_s']:>11.1f}", flush=True)
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -22,15 +22,16 @@ def check_compile(setting):
                           "install one (apt-get install g++) or set compile='off'")
 
 
-def resolve_compile(setting, device):
+def resolve_compile(setting, device, auto=True):
     """Whether a config's `compile` means compiling on a device: 'auto' is on for CUDA when a
-    compiler is found (eager on CPU: compiling there costs minutes and wins only in evaluation)."""
+    compiler is found and the caller allows it (auto=False: the platform's smoke scale, whose tiny
+    model gains nothing for minutes of compiling), eager on CPU (compiling there costs minutes)."""
     if setting == "auto":
-        return torch.device(device).type == "cuda" and compiler_found() is not None
+        return auto and torch.device(device).type == "cuda" and compiler_found() is not None
     return setting == "on"
 
 
-def maybe_compile(model, setting, device):
+def maybe_compile(model, setting, device, auto=True):
     """The model wrapped in torch.compile when the setting means compiling on the device, else itself."""
     check_compile(setting)
-    return torch.compile(model) if resolve_compile(setting, device) else model
+    return torch.compile(model) if resolve_compile(setting, device, auto) else model

@@ -33,6 +33,7 @@ class RunOptions:
     sample_temperatures: tuple = (1.0, 0.8, 0.6)
     bn_readjust_batches: int = 0
     loader_workers: int = 0
+    auto_compiles: bool = False  # compile='auto' compiles on CUDA (set by the small and paper scales)
     train_log_level: str = "WARNING"  # Ray Train's own console logs (its per-report INFO lines are noise here)
     # Fault injection, for tests of the recovery paths (-1 = off).
     debug_nan_at_step: int = -1  # the loss becomes NaN at this step

@@ -40,7 +40,8 @@ def run_config(dataset, scale, model=None, **overrides):
 
 
 def run_options(dataset, scale, **overrides):
-    """RunOptions for a scale: CPU workers and a quick evaluation for smoke, GPUs beyond."""
+    """RunOptions for a scale: CPU workers and a quick evaluation for smoke, GPUs beyond; compile='auto'
+    compiles (on CUDA, with a compiler) at the small and paper scales only."""
     if scale == "smoke":
         # The tiny model's evaluation is per-call bound: its 256 test images go in one batch, and
         # the importance samples in chunks of 1024 images.
@@ -48,8 +49,9 @@ def run_options(dataset, scale, **overrides):
                     sample_count=8)
     elif scale == "small":
         base = dict(workers=1, gpus_per_worker=1.0, cpus_per_worker=4.0, iw_samples=100, loader_workers=2,
-                    bn_readjust_batches=20)
+                    bn_readjust_batches=20, auto_compiles=True)
     else:
         base = dict(workers=PAPER_WORKERS.get(dataset, 8), gpus_per_worker=1.0, cpus_per_worker=4.0,
-                    iw_samples=1000, iw_max_batch=1024, loader_workers=2, bn_readjust_batches=500)
+                    iw_samples=1000, iw_max_batch=1024, loader_workers=2, bn_readjust_batches=500,
+                    auto_compiles=True)
     return RunOptions(**{**base, **overrides})

@@ -196,7 +196,8 @@ def restore(w):
     if w.world > 1:
         w.model = nn.parallel.DistributedDataParallel(
             synchronize_batchnorm(w.model), device_ids=[w.device.index] if w.device.type == "cuda" else None)
-    w.model = w.step.model = maybe_compile(w.model, w.cfg.compile, w.device)  # after data init and DDP
+    # after data init and DDP; compile='auto' compiles only where the scale's options allow it
+    w.model = w.step.model = maybe_compile(w.model, w.cfg.compile, w.device, w.options.auto_compiles)
     nodes = [w.session.node()] * w.world
     if w.world > 1:
         dist.all_gather_object(nodes, nodes[0])
