@@ -42,6 +42,19 @@ def _study(tmp_path, url, **credentials):
                           text=True, timeout=120)
 
 
+def test_the_server_runs_no_job_consumers(tracking_server):
+    """MLflow's job runner (7 huey consumers, idle at 36% of a core) is off: no study uses it."""
+    import psutil
+
+    port = int(tracking_server[0].rsplit(":", 1)[1])
+    (listener,) = {c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"}
+    server = psutil.Process(listener)
+    while server.parent() is not None and "mlflow" in " ".join(server.parent().cmdline()):
+        server = server.parent()  # from a worker up to `mlflow server`
+    commands = [" ".join(p.cmdline()) for p in [server, *server.children(recursive=True)]]
+    assert not [c for c in commands if "huey" in c], commands
+
+
 def test_a_study_without_credentials_stops_before_it_starts_naming_the_fix(tracking_server, tmp_path):
     url, user, password, _ = tracking_server
     anonymous = _study(tmp_path, url)
