@@ -185,19 +185,3 @@ def tracking_server(postgres, tmp_path_factory):
     server.terminate()
     server.wait(timeout=30)
 
-
-@pytest.fixture(scope="session")
-def local_hosts():
-    """cluster/local_hosts.py's cluster of namespaced hosts (store, head with its services, two
-    workers, laptop), up for the session and down afterwards; skipped, saying why, where hosts cannot
-    be made (not root, a tool missing)."""
-    from cluster import local_hosts as hosts
-
-    why = hosts.unavailable()
-    if why:
-        pytest.skip(why)
-    hosts.up(workers=2)
-    try:
-        yield hosts
-    finally:
-        hosts.down()
