@@ -72,9 +72,14 @@ def host_env(extra=None):
     return env
 
 
+def veth_of(name):
+    """The bridge's end of the host's network cable."""
+    return f"nv-{name}"[:15]
+
+
 def add_host(name):
     """Create host `name`: netns with a veth on the bridge, then a PID+mount namespace whose PID 1 waits."""
-    netns, veth = f"nvae-{name}", f"nv-{name}"[:15]
+    netns, veth = f"nvae-{name}", veth_of(name)
     sh(f"ip netns add {netns}")
     sh(f"ip link add {veth} type veth peer name eth0 netns {netns}")
     sh(f"ip link set {veth} master {BRIDGE} up")
@@ -126,6 +131,9 @@ def lose_host(name):
         if not os.path.exists(f"/proc/{pid}"):
             break
         time.sleep(0.1)
+    # the veth pair now, not when the kernel frees the namespace (after its last process has exited): a
+    # fresh host of the same name needs the name at once
+    sh(f"ip link del {veth_of(name)}", check=False)
     sh(f"ip netns del nvae-{name}", check=False)
     state = load_state()
     state.pop(name, None)

@@ -127,7 +127,13 @@ def submit(hosts, job_id, experiment, *flags):
     command = (f"ray job submit --address {dashboard(hosts)} --submission-id {job_id} --no-wait -- "
                f"python {hosts.REPO}/{STUDY} --workers-per-trial 2 --set epochs={EPOCHS} --experiment {experiment} "
                + " ".join(flags))
-    on(hosts, "laptop", command, timeout=300)
+    deadline = time.time() + 240  # the head's job agent registers a while after its dashboard answers
+    while True:
+        done = hosts.run("laptop", command, env={**hosts.s3_env(), **hosts.cluster_env()}, check=False, timeout=300)
+        if "No available agent to submit job" not in done.stderr or time.time() > deadline:
+            break
+        time.sleep(5)
+    assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 def job_end(hosts, job_id, timeout=900):
