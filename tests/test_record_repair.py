@@ -102,9 +102,10 @@ def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_pa
         assert os.path.exists(os.path.join(run.data.tags["nvae.checkpoint"], "state.pt"))
 
 
-def test_a_store_that_stops_taking_writes_stops_the_study_in_one_line_and_the_rerun_completes_it(tmp_path):
-    """The store refuses the second child's params (as a full disk does): the study stops with one
-    clear line; once the store takes writes again, the same command completes every child run."""
+def test_a_store_that_stops_taking_writes_is_said_in_one_line_and_the_rerun_completes_the_record(tmp_path):
+    """The store refuses the second child's params (as a full disk does): the study trains on, says
+    so once, and at its end says in one line that its record is incomplete; once the store takes
+    writes again, the same command completes every child run and retrains nothing."""
     store = tmp_path / "mlflow.db"
     MlflowClient(f"sqlite:///{store}").search_experiments()  # create the store's schema
     with sqlite3.connect(store) as db:  # parent and first child get their params, the second child not
@@ -113,9 +114,14 @@ def test_a_store_that_stops_taking_writes_stops_the_study_in_one_line_and_the_re
     command = _study_command("--levels", "norm_act=BN+ELU,BN+Swish", "--max-concurrent", "2")
     code, out, err = _run(command, tmp_path)
     assert code == 1, out[-3000:] + err[-3000:]
-    stopped = [line for line in err.splitlines() if line.startswith("[study] stopped:")]
-    assert len(stopped) == 1 and "database or disk is full" in stopped[0]
-    assert "run the same command again" in stopped[0]
+    behind = [line for line in out.splitlines() if "stopped taking writes" in line]
+    assert len(behind) == 1 and "database or disk is full" in behind[0] and "the study goes on" in behind[0]
+    unrecorded = [line for line in err.splitlines() if line.startswith("[study] the trials ended, but")]
+    assert len(unrecorded) == 1 and "database or disk is full" in unrecorded[0]
+    assert "run the same command again" in unrecorded[0]
+    trials = next((tmp_path / "runs").glob("ablation_norm-smoke-*")) / "trials"
+    trained = sorted(str(p.relative_to(trials)) for p in trials.rglob("checkpoint_*"))
+    assert len({p.split("/")[0] for p in trained}) == 2  # both trials trained to their end
     _, _, children = _children(tmp_path)
     assert sorted(len(r.data.params) > 0 for r in children.values()) == [False, True]  # one half-made child
 
@@ -123,6 +129,7 @@ def test_a_store_that_stops_taking_writes_stops_the_study_in_one_line_and_the_re
         db.execute("DROP TRIGGER full_disk")
     code, out, err = _run(command, tmp_path)
     assert code == 0, out[-3000:] + err[-3000:]
+    assert sorted(str(p.relative_to(trials)) for p in trials.rglob("checkpoint_*")) == trained
     client, runs, children = _children(tmp_path)
     assert len(runs) == 3 and len(children) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     for run in runs:

@@ -69,6 +69,23 @@ class StoreClient:
         return call
 
 
+@contextlib.contextmanager
+def without_retries(timeout_seconds=30):
+    """MLflow's HTTP calls in this block are tried once, with this read timeout: a server that is down
+    refuses at once, instead of after MLflow's retries (about 2 minutes)."""
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout_seconds))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def open_in_background(tracking_uri):
     """Start opening the store in a thread and return it (join it before the store is used). MLflow
     keeps the opened store for the process, so the next StoreClient is immediate: creating a new

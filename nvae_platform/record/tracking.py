@@ -16,16 +16,18 @@ import platform
 import re
 import sqlite3
 import subprocess
+import time
 
 import requests
 import sqlalchemy.exc
 from mlflow.exceptions import MlflowException
 from ray import tune
+from ray.tune.experiment import Trial
 
 from nvae_platform.folder_lock import unique_name
 from nvae_platform.record.outcomes import read_outcome
 from nvae_platform.record.run_writer import CHECKPOINT_TAG, CONFIG_ARTIFACT, NODES_TAG, STATUS_TAG, RunWriter
-from nvae_platform.record.store import StoreClient, experiment_id, sqlite_path
+from nvae_platform.record.store import StoreClient, experiment_id, sqlite_path, without_retries
 from nvae_platform.train import fault_injection
 
 STUDY_KEY_TAG = "nvae.study_key"
@@ -84,16 +86,15 @@ def check_tracking_uri(tracking_uri, experiment=None):
         except sqlite3.Error as error:
             raise ValueError(f"--tracking-uri {tracking_uri} does not take a write ({error}); make the file "
                              "writable, or choose another store") from None
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     # No retries: a server that is down refuses at once. A server that is up may be slow to answer its
     # first request (5 s was too short for a new one on a loaded head), so a generous read timeout.
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="30")
     try:
-        client = StoreClient(tracking_uri)  # reaches the store (and migrates an old SQLite schema)
-        if experiment and path is None:
-            _probe_server_write(client, experiment)
+        with without_retries(timeout_seconds=30):
+            client = StoreClient(tracking_uri)  # reaches the store (and migrates an old SQLite schema)
+            if experiment and path is None:
+                _probe_server_write(client, experiment)
     except Exception as error:  # noqa: BLE001  any failure here means no study can be recorded
-        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         if "error code 401" in str(error) or "error code 403" in str(error):  # a server with authentication
             user = os.environ.get("MLFLOW_TRACKING_USERNAME")
             fix = (f"check MLFLOW_TRACKING_PASSWORD, and that user {user!r} may write experiments" if user
@@ -101,12 +102,11 @@ def check_tracking_uri(tracking_uri, experiment=None):
             raise ValueError(f"--tracking-uri {tracking_uri} refused the request ({first}): {fix}") from None
         raise ValueError(f"--tracking-uri {tracking_uri} cannot be reached ({first}); start the MLflow "
                          "server, fix the URI, or omit --tracking-uri for a SQLite store in this folder") from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+
+
+def first_line(error):
+    """An error's first line (at most 300 characters), or its type's name when it has no text."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def provenance_tags():
@@ -142,28 +142,41 @@ def status_of(result, trial_status):
     return "stopped early" if trial_status == "TERMINATED" else "interrupted"
 
 
+def _error_text(trial):
+    """The end of a Tune trial's error file ("" if it has none)."""
+    if trial.error_file and os.path.exists(trial.error_file):
+        with open(trial.error_file) as f:
+            return f.read()[-2000:]
+    return ""
+
+
 class StoreWriteError(RuntimeError):
     """The tracking store stopped taking writes (disk full, read-only file, server gone)."""
 
     def __init__(self, tracking_uri, error):
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        super().__init__(f"the MLflow store {tracking_uri} stopped taking writes ({first}). Nothing trained is "
-                         "lost: free space or make the store writable, then run the same command again; it "
-                         "resumes from the checkpoints and completes the record")
+        super().__init__(f"the MLflow store {tracking_uri} stopped taking writes ({first_line(error)}). Nothing "
+                         "trained is lost: start the server, free space or make the store writable, then run "
+                         "the same command again; it resumes from the checkpoints and completes the record")
 
 
 STORE_ERRORS = (MlflowException, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, OSError,
                 requests.exceptions.RequestException)
+CATCH_UP_SECONDS = 15  # while the store refuses writes, how often the tracker tries again
+PROBE_TIMEOUT_SECONDS = 5
 
 
 def _writes_store(hook):
-    """A Tune hook of the tracker: a store error in it becomes a StoreWriteError, which ends the study."""
+    """A Tune hook of the tracker. A store that refuses a write does not end the study: the tracker
+    falls behind (each trial's epochs wait in its checkpoints, its end in its outcome file) and
+    catches up in a later hook, once the store answers."""
     @functools.wraps(hook)
-    def guarded(self, *args, **kwargs):
+    def guarded(self, iteration, trials, *args, **kwargs):
+        if self.behind_since is not None and not self._catch_up(trials):
+            return
         try:
-            return hook(self, *args, **kwargs)
+            return hook(self, iteration, trials, *args, **kwargs)
         except STORE_ERRORS as error:
-            raise StoreWriteError(self.tracking_uri, error) from error
+            self._fall_behind(error)
     return guarded
 
 
@@ -174,11 +187,42 @@ class MlflowTracker(tune.Callback):
     def __init__(self, plan, tracking_uri, experiment):
         self.plan, self.tracking_uri, self.experiment = plan, tracking_uri, experiment
         self.client = None  # opened by setup(): until then the tracker is plain, picklable data
+        self.behind_since = None  # when the store last refused a write and has not caught up since
+        self.last_try = 0.0
 
-    @_writes_store
     def setup(self, **info):
         """Tune's hook at the start of every fit: open the store and read what is recorded."""
-        self.open()
+        try:
+            self.open()
+        except STORE_ERRORS as error:
+            self._fall_behind(error)
+
+    def _fall_behind(self, error):
+        if self.behind_since is None:
+            print(f"[study] the MLflow store {self.tracking_uri} stopped taking writes ({first_line(error)}); the "
+                  "study goes on, and its record is completed once the store answers", flush=True)
+            self.behind_since = time.monotonic()
+        self.last_try = time.monotonic()
+
+    def _catch_up(self, trials):
+        """Whether the record caught up with Tune's trials (tried at most every CATCH_UP_SECONDS)."""
+        if time.monotonic() - self.last_try < CATCH_UP_SECONDS:
+            return False
+        self.last_try = time.monotonic()
+        try:
+            with without_retries(PROBE_TIMEOUT_SECONDS):
+                StoreClient(self.tracking_uri)  # a store still down refuses here, at once
+            self.open()
+            for trial in trials:
+                if trial.status != Trial.PENDING:
+                    self._record_tune_trial(trial)
+        except STORE_ERRORS:
+            return False
+        minutes = (time.monotonic() - self.behind_since) / 60
+        print(f"[study] the MLflow store {self.tracking_uri} takes writes again after {minutes:.1f} min: the "
+              "record is caught up", flush=True)
+        self.behind_since = None
+        return True
 
     def open(self):
         """Find or create the experiment and this study's parent run; load its children, complete any
@@ -217,21 +261,54 @@ class MlflowTracker(tune.Callback):
         return f"{self.plan.trials_path}/{key}"
 
     def _child(self, trial):
-        """The RunWriter of a trial's child run, created (and completed) as needed."""
-        key = self.plan.key_of(trial)
+        """The RunWriter of a Tune trial's child run, created (and completed) as needed."""
+        return self._child_of(trial.config, trial.trial_id)
+
+    def _child_of(self, config, trial_id):
+        key = self.plan.key_for(config, trial_id)
         writer = self.runs.get(key)
         if writer is not None and writer.complete:
             return writer
-        levels, seed, cfg = self.plan.describe(trial)
+        levels, seed, cfg = self.plan.describe_config(config)
         if writer is None:
             tags = {PARENT_TAG: self.parent_id, TRIAL_KEY_TAG: key, "nvae.seed": seed, STATUS_TAG: "running",
-                    "nvae.tune_trial_id": trial.trial_id, **{f"factor.{k}": v for k, v in levels.items()},
+                    "nvae.tune_trial_id": trial_id, **{f"factor.{k}": v for k, v in levels.items()},
                     **self.provenance}
             # A tracking server takes string tags only (a SQLite store converts them itself).
             run = self.client.create_run(self.experiment_id, run_name=key, tags={k: str(v) for k, v in tags.items()})
             writer = self.runs[key] = RunWriter(self.client, run.info.run_id, self._folder(key))
         writer.log_config(cfg, self.plan.option_params(), skipped=self.plan.options.skip_files)
         return writer
+
+    def _record_tune_trial(self, trial):
+        """Bring a started trial's child run up to date: its checkpointed epochs, and its end if it ended."""
+        writer = self._child(trial)
+        if writer.closed:
+            return
+        writer.backfill()
+        if trial.status == Trial.TERMINATED:
+            writer.finish(trial.last_result or {}, status_of(trial.last_result, "TERMINATED"))
+        elif trial.status == Trial.ERROR:
+            writer.finish(trial.last_result or {}, "failed", _error_text(trial))
+
+    def record_result(self, result):
+        """Make sure a trial of the study's results has its child run, with its checkpointed epochs and,
+        when Tune saw it fail, its failure (close() then ends it from its outcome file): a trial that
+        started and ended while the store refused writes is recorded here."""
+        trial_id = (result.metrics or {}).get("trial_id")
+        if self.plan.is_search and not trial_id:
+            return  # a search's trial that never reported cannot be named
+        writer = self._child_of(result.config, trial_id)
+        if writer.closed:
+            return
+        writer.backfill()
+        if result.error is not None and read_outcome(self.plan.trials_path, self.plan.key_for(result.config,
+                                                                                              trial_id)) is None:
+            writer.finish(result.metrics or {}, "failed", str(result.error)[-2000:])
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.behind_since is not None:  # catch up between epochs too, not only when a trial reports
+            self._catch_up(trials)
 
     @_writes_store
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -256,12 +333,8 @@ class MlflowTracker(tune.Callback):
     @_writes_store
     def on_trial_error(self, iteration, trials, trial, **info):
         writer = self._child(trial)
-        error = ""
-        if trial.error_file and os.path.exists(trial.error_file):
-            with open(trial.error_file) as f:
-                error = f.read()[-2000:]
         if not writer.closed:
-            writer.finish(trial.last_result or {}, "failed", error)
+            writer.finish(trial.last_result or {}, "failed", _error_text(trial))
 
     @property
     def interrupted(self):

@@ -8,7 +8,6 @@ from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, defa
 from nvae_platform.preflight import CommandLine, at_least, label
 from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
 from nvae_platform.ray_cluster import add_ray_arguments
-from nvae_platform.record.tracking import StoreWriteError
 from nvae_platform.study.plan import MAX_TRIALS
 from nvae_platform.study.runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
 from nvae_platform.train.scales import SCALES
@@ -108,10 +107,9 @@ def main(study, argv=None):
     except (ConfigError, ValueError) as error:
         parser.error(str(error))
     stop_on_sigterm_as_on_sigint()
-    try:
-        outcome = run_study(study, settings, prepared)
-    except StoreWriteError as error:
-        print(f"[study] stopped: {error}", file=sys.stderr, flush=True)
+    outcome = run_study(study, settings, prepared)
+    if outcome.unrecorded:
+        print(outcome.unrecorded, file=sys.stderr, flush=True)
         return 1
     return interrupted_code() if outcome.interrupted else 0
 

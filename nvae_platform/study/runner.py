@@ -26,7 +26,7 @@ from nvae_platform.preflight import check_local_resources, check_resources, chec
 from nvae_platform.ray_cluster import cluster_address, init_ray, shutdown_ray
 from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
 from nvae_platform.record.store import open_in_background
-from nvae_platform.record.tracking import STORE_ERRORS, MlflowTracker, check_tracking_uri, status_of
+from nvae_platform.record.tracking import STORE_ERRORS, MlflowTracker, check_tracking_uri, first_line, status_of
 from nvae_platform.study.declaration import trial_key
 from nvae_platform.study.plan import StudyPlan, StudySettings, estimated_work, plan_study
 from nvae_platform.study.progress_callback import ProgressCallback
@@ -155,8 +155,9 @@ class StudyOutcome:
     results: list  # ray.tune Results, one per trial
     table: str
     tracking_uri: str
-    parent_run_id: str
+    parent_run_id: str  # None when the store did not take the record
     interrupted: bool
+    unrecorded: str = None  # the line saying the store did not take the record, and what to do
 
 
 def prepare_study(study, settings):
@@ -241,9 +242,7 @@ def _run_prepared(study, settings, plan, max_concurrent):
         raise
     results = [grid_results[i] for i in range(len(grid_results))]
     results = [r for r in results if r.config]  # a trial never started has no config
-    record = MlflowTracker(plan, tracking_uri, experiment).open()  # what the store holds now
-    interrupted = record.interrupted
-    record.close()
+    record, unrecorded = _complete_record(plan, tracking_uri, experiment, results)
     table = summary_table(plan, results)
     print(f"\n{study.name} at scale {settings.scale}: bits/dim of the finished trials\n{table}")
     if study.search is not None and len(study.search.objectives) > 1:
@@ -252,11 +251,28 @@ def _run_prepared(study, settings, plan, max_concurrent):
         for r in sorted(front, key=lambda r: r.metrics[next(iter(study.search.objectives))]):
             print("  " + ", ".join(f"{k} {r.metrics[k]:.4g}" for k in study.search.objectives) + "  "
                   + trial_key({n: r.config[n] for n in plan.levels}, plan.seeds[0]))
-    if interrupted:
+    if unrecorded:
+        return StudyOutcome(plan, results, table, tracking_uri, None, False, unrecorded)
+    if record.interrupted:
         print("\nThe study was interrupted: re-run the same command to resume it.")
     browse = tracking_uri if tracking_uri.startswith("http") else f"mlflow ui --backend-store-uri {tracking_uri}"
     print(f"\nMLflow: experiment {experiment!r}, parent run {record.parent_id}; browse with\n  {browse}", flush=True)
-    return StudyOutcome(plan, results, table, tracking_uri, record.parent_id, interrupted)
+    return StudyOutcome(plan, results, table, tracking_uri, record.parent_id, record.interrupted)
+
+
+def _complete_record(plan, tracking_uri, experiment, results):
+    """(the tracker, None) once the store holds every trial's record, completed from the results,
+    checkpoints and outcome files; (None, the line that says why not) when the store refuses."""
+    try:
+        record = MlflowTracker(plan, tracking_uri, experiment).open()  # what the store holds now
+        for result in results:
+            record.record_result(result)
+        record.close()
+        return record, None
+    except STORE_ERRORS as error:
+        return None, (f"[study] the trials ended, but the MLflow store {tracking_uri} did not take their record "
+                      f"({first_line(error)}): once it answers, run the same command again; it completes the "
+                      "record and retrains nothing")
 
 
 __all__ = ["StudyOutcome", "StudyPlan", "StudySettings", "check_storage", "estimated_work", "pareto_front", "plan_study",
