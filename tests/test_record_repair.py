@@ -156,3 +156,26 @@ def test_two_studies_started_at_once_in_one_folder_both_record_every_epoch_once(
         children = {r.data.tags["nvae.trial_key"]: r for r in runs if PARENT_TAG in r.data.tags}
         assert len(runs) == 2 and len(children) == 1 and {r.info.status for r in runs} == {"FINISHED"}, name
         _assert_every_epoch_once(client, children)
+
+
+def test_a_finished_study_run_again_under_another_experiment_is_recorded_there_whole_and_not_retrained(tmp_path):
+    """The study's folder is keyed by what it trains, not by --experiment: the second command finds
+    every trial ended, trains nothing, and records the whole study in the experiment it names."""
+    command = _study_command("--levels", "norm_act=BN+ELU", "--max-concurrent", "1")
+    code, out, err = _run(command, tmp_path)
+    assert code == 0, out[-3000:] + err[-3000:]
+    trials = next((tmp_path / "runs").glob("ablation_norm-smoke-*")) / "trials"
+    trained = sorted(str(p.relative_to(trials)) for p in trials.rglob("checkpoint_*"))
+
+    code, out, err = _run([*command, "--experiment", "norm-again"], tmp_path)
+    assert code == 0 and "interrupted" not in out, out[-3000:] + err[-3000:]
+    assert sorted(str(p.relative_to(trials)) for p in trials.rglob("checkpoint_*")) == trained
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for experiment in ("ablation_norm", "norm-again"):
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        children = {r.data.tags["nvae.trial_key"]: r for r in runs if PARENT_TAG in r.data.tags}
+        assert len(runs) == 2 and len(children) == 1 and {r.info.status for r in runs} == {"FINISHED"}, experiment
+        _assert_every_epoch_once(client, children)
+        (child,) = children.values()
+        assert child.data.params["normalization"] == "batch_norm" and "test_bpd" in child.data.metrics
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"config.json", "samples.png"}

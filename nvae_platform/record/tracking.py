@@ -10,6 +10,7 @@ The tracker's state is the store itself: it holds only plain data until Tune cal
 hook (at the start of every fit, a restored one included), which opens the store and reads what
 earlier invocations recorded. So Tune may pickle it with the experiment and restore it as it is.
 """
+import contextlib
 import functools
 import os
 import platform
@@ -184,11 +185,29 @@ class MlflowTracker(tune.Callback):
     """Tune callback writing a study to MLflow from the driver. `plan` describes each trial
     (StudyPlan: key, levels, seed and resolved config of a Tune trial config)."""
 
+    _restoring_to = None  # (tracking_uri, experiment) while restoring_to() holds
+
     def __init__(self, plan, tracking_uri, experiment):
         self.plan, self.tracking_uri, self.experiment = plan, tracking_uri, experiment
         self.client = None  # opened by setup(): until then the tracker is plain, picklable data
         self.behind_since = None  # when the store last refused a write and has not caught up since
         self.last_try = 0.0
+
+    @classmethod
+    @contextlib.contextmanager
+    def restoring_to(cls, tracking_uri, experiment):
+        """Trackers unpickled in this block (Tune restores its callbacks with the experiment) write where
+        this command says, not where the study's first command did: a moved server, another experiment."""
+        cls._restoring_to = (tracking_uri, experiment)
+        try:
+            yield
+        finally:
+            cls._restoring_to = None
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if MlflowTracker._restoring_to is not None:
+            self.tracking_uri, self.experiment = MlflowTracker._restoring_to
 
     def setup(self, **info):
         """Tune's hook at the start of every fit: open the store and read what is recorded."""

@@ -226,7 +226,8 @@ def _run_prepared(study, settings, plan, max_concurrent):
     path = plan.study_key  # the Tune experiment folder
     if tune.Tuner.can_restore(path):
         print(f"[study] resuming {path}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        with MlflowTracker.restoring_to(tracking_uri, experiment):
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=plan.param_space(), tune_config=_tune_config(plan, max_concurrent),
                            run_config=tune.RunConfig(name=plan.experiment_dir, storage_path=plan.storage_path,
