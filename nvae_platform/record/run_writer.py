@@ -5,12 +5,14 @@ Each operation is idempotent, so a rerun after any crash completes the record in
 it: params and config.json are written again if a failed write left them out, an epoch is logged
 once (its step is the epoch), and every epoch the run's checkpoints hold is back-filled.
 """
+import contextlib
 import json
 import os
 import tempfile
 import time
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from nvae_platform.train.checkpoints import epoch_checkpoints, fetch_file
 
@@ -37,6 +39,7 @@ class RunWriter:
         self.logged = set()  # epochs already logged
         self.nodes = set()  # Ray node ids the run's workers ran on (a recovered run may move)
         self.closed = False  # terminal: FINISHED or FAILED
+        self.failed = False  # FAILED
         self.complete = False  # params and config.json are there
         self.data_logged = False  # the dataset input (name, splits, digest) is there
         self.read_folders = set()  # checkpoint folders whose metrics backfill has logged
@@ -48,6 +51,7 @@ class RunWriter:
         writer.logged = {m.step for m in client.get_metric_history(run.info.run_id, "train_bpd")}
         writer.nodes = set(filter(None, run.data.tags.get(NODES_TAG, "").split(",")))
         writer.closed = run.info.status in ("FINISHED", "FAILED")
+        writer.failed = run.info.status == "FAILED"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         writer.complete = bool(run.data.params) and CONFIG_ARTIFACT in artifacts
         writer.data_logged = DATA_DIGEST_TAG in run.data.tags
@@ -146,7 +150,16 @@ class RunWriter:
                 except OSError as err:  # a lost sample grid must not lose the run
                     self.client.set_tag(self.run_id, "nvae.samples_error", str(err)[:500])
         self.client.set_terminated(self.run_id, "FAILED" if status == "failed" else "FINISHED")
-        self.closed = True
+        self.closed, self.failed = True, status == "failed"
+
+    def reopen(self):
+        """A failed run that trains again (a rerun resumes it): RUNNING, without its failure's tags."""
+        for tag in ("nvae.error", "nvae.status_detail"):
+            with contextlib.suppress(MlflowException):  # a tag the run does not have
+                self.client.delete_tag(self.run_id, tag)
+        self.client.set_tag(self.run_id, STATUS_TAG, "running")
+        self.client.update_run(self.run_id, status="RUNNING")
+        self.closed = self.failed = False
 
     def interrupt(self):
         """End a run whose training stopped without an outcome: KILLED, resumable."""

@@ -332,7 +332,9 @@ class MlflowTracker(tune.Callback):
     @_writes_store
     def on_trial_start(self, iteration, trials, trial, **info):
         writer = self._child(trial)
-        if not writer.closed:
+        if writer.failed and read_outcome(self.plan.trials_path, self.plan.key_of(trial)) is None:
+            writer.reopen()  # a trial that errored (its process lost, its storage gone), resumed by a rerun
+        elif not writer.closed:
             self.client.update_run(writer.run_id, status="RUNNING")
 
     @_writes_store
