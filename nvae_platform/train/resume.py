@@ -2,7 +2,7 @@
 
 A checkpoint cut short (a full disk, a killed upload) or a checkpoint folder deleted by hand must not
 end a run for good. Before a run starts, the driver checks its checkpoints from the newest down: a
-damaged one is set aside (renamed damaged_<name>, never deleted) and named in the output, and the run
+damaged one is set aside (moved to damaged_<name>, on an object store too; never deleted) and named in the output, and the run
 resumes from the newest good one. Ray Train's own record of the run's checkpoints is then deleted,
 since it may name the damaged or missing one (Ray refuses to start on such a record), and the
 workers restore from the chosen checkpoint instead.
