@@ -185,3 +185,37 @@ def tracking_server(postgres, tmp_path_factory):
     server.terminate()
     server.wait(timeout=30)
 
+
+
+@pytest.fixture
+def s3_store(monkeypatch):
+    """moto's S3 server on a loopback port of its own, with the bucket `nvae` and fake keys in the
+    environment (processes the test starts inherit them): .port, .endpoint (for AWS_ENDPOINT_URL) and
+    .filesystem (pyarrow's, on it)."""
+    import subprocess
+    import sys
+
+    import pyarrow.fs
+
+    pytest.importorskip("moto")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    filesystem = pyarrow.fs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                                         allow_bucket_creation=True)
+    try:
+        for attempt in range(100):  # until the server answers
+            try:
+                filesystem.create_dir("nvae")
+                break
+            except OSError:
+                if attempt == 99:
+                    raise
+                time.sleep(0.1)
+        yield SimpleNamespace(port=port, endpoint=f"http://127.0.0.1:{port}", filesystem=filesystem)
+    finally:
+        server.kill()
+        server.wait()

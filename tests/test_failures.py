@@ -31,6 +31,24 @@ def test_a_failure_is_one_line_its_last_exception_and_a_full_disk_says_what_to_d
     assert full.startswith("the run's storage is full (OSError: [Errno 28]") and "run the same command" in full
 
 
+def test_an_object_store_that_cannot_be_reached_is_one_line_naming_it_and_what_to_do(monkeypatch):
+    """pyarrow's own text (25.0.1, libcurl) for a store whose port is closed, inside Ray's worker error."""
+    refused = ("OSError: When getting information for key 'runs/r/checkpoint_2026-12-03_10-41-56.675053' in bucket "
+               "'nvae': AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Could not connect to "
+               "server; Details: Failed to connect to 127.0.0.1 port 36971 after 0 ms: Could not connect to server")
+    ray_text = f"Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback ...\n{refused}\n"
+    line = reason(ray_text, "s3://nvae/runs/r")
+    assert line == ("the run's storage s3://nvae/runs/r at 127.0.0.1:36971 cannot be reached (AWS Error "
+                    "NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Could not connect to server); once it "
+                    "answers, run the same command: it resumes from the newest checkpoint")
+    assert reason(line) == line  # a study's view reads a trial's status through reason again
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.example:9000")  # no address in the text: the user's endpoint
+    assert reason(OSError(refused.split("; Details")[0].removeprefix("OSError: "))).startswith(
+        "the run's storage at http://minio.example:9000 cannot be reached (AWS Error NETWORK_CONNECTION during ")
+    full = reason("OSError: [Errno 28] Error writing bytes. Detail: No space left on device")
+    assert reason(full) == full
+
+
 def test_a_failure_is_written_read_and_cleared(tmp_path):
     try:
         raise BadDataError("unreadable.png")

@@ -12,7 +12,6 @@ import time
 
 import pyarrow.fs
 import pytest
-from conftest import free_port
 
 from nvae_platform import folder_lock
 from nvae_platform.folder_lock import LOCK_FILE, STALE_SECONDS, AlreadyRunning, FolderLock
@@ -105,29 +104,9 @@ def test_a_held_lock_is_renewed_until_released(kind, tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def s3_folder(monkeypatch):
+def s3_folder(s3_store):
     """s3://nvae/study on a moto S3 server of its own (the object store branch on a real S3 API)."""
-    pytest.importorskip("moto")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")  # the holder process inherits them
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    uri = (f"s3://nvae/study?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
-    filesystem, _ = pyarrow.fs.FileSystem.from_uri(uri + "&allow_bucket_creation=true")
-    try:
-        for attempt in range(100):  # until the server answers
-            try:
-                filesystem.create_dir("nvae")
-                break
-            except OSError:
-                if attempt == 99:
-                    raise
-                time.sleep(0.1)
-        yield uri, filesystem
-    finally:
-        server.kill()
-        server.wait()
+    return f"s3://nvae/study?endpoint_override=127.0.0.1:{s3_store.port}&scheme=http&region=us-east-1", s3_store.filesystem
 
 
 def test_an_s3_folders_lock_refuses_is_taken_over_and_released(s3_folder):

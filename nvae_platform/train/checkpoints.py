@@ -40,6 +40,20 @@ def is_file(filesystem, path):
     return filesystem.get_file_info(path).type == pyarrow.fs.FileType.File
 
 
+def move_folder(filesystem, source, destination):
+    """Move a folder on a pyarrow filesystem: renamed where folders exist (local), else each file copied,
+    then the originals deleted (an object store's move takes single objects only; a copy cut short
+    leaves the source whole, and moving it again completes it)."""
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        filesystem.move(source, destination)
+        return
+    source, destination = source.rstrip("/"), destination.rstrip("/")
+    for info in filesystem.get_file_info(pyarrow.fs.FileSelector(source, recursive=True)):
+        if info.type == pyarrow.fs.FileType.File:
+            filesystem.copy_file(info.path, destination + info.path[len(source):])
+    filesystem.delete_dir(source)
+
+
 def fetch_file(path, folder):
     """Copy a file (a local path or a URI such as s3://...) into folder; return its local path."""
     filesystem, inner = open_storage(path)

@@ -7,6 +7,7 @@ traceback) before raising; every later attempt Ray Train makes reads it and ends
 status "failed: <reason>". The driver clears it before the next run, so a rerun after a fix trains.
 """
 import json
+import os
 import re
 import traceback
 
@@ -21,6 +22,9 @@ FAILURE_FILE = "failure.json"
 DETERMINISTIC = (ConfigError, DatasetNotFoundError, BadDataError, UnidentifiedImageError)
 UNREADABLE_IMAGE = ("image file is truncated", "cannot identify image file")  # PIL's OSError texts
 NO_SPACE = "No space left on device"
+_STORAGE = "the run's storage "
+_UNREACHABLE = re.compile(r"AWS Error NETWORK_CONNECTION[^;\n]*")  # pyarrow's S3: refused, timed out, no such host
+_ADDRESS = re.compile(r"Failed to connect to (\S+) port (\d+)")  # curl's words in it
 _ERROR_LINE = re.compile(r"^\s*[\w.]+(Error|Exception)\b.*")
 
 
@@ -31,15 +35,24 @@ def is_deterministic(error):
     return isinstance(error, OSError) and any(text in str(error) for text in UNREADABLE_IMAGE)
 
 
-def reason(error):
+def reason(error, storage=""):
     """One line for an error Ray Train reports with its workers' tracebacks inside: the last
-    exception line, and for a full disk what to do."""
+    exception line, and for a full or unreachable storage (storage: the run's folder) what to do."""
     text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
     lines = [line.strip() for line in text.splitlines() if _ERROR_LINE.match(line)]
     last = lines[-1] if lines else ([line.strip() for line in text.splitlines() if line.strip()] or ["unknown error"])[-1]
+    if last.startswith(_STORAGE):  # already this function's line (a study's view reads the status again)
+        return last
     if NO_SPACE in text:
-        return (f"the run's storage is full ({last}); free space and run the same command: it resumes "
+        return (f"{_STORAGE}is full ({last}); free space and run the same command: it resumes "
                 "from the newest whole checkpoint")
+    unreachable = _UNREACHABLE.findall(text)
+    if unreachable:
+        address = _ADDRESS.findall(text)
+        endpoint = ":".join(address[-1]) if address else os.environ.get("AWS_ENDPOINT_URL", "")
+        named = [storage.split("?")[0], f"at {endpoint}" if endpoint else "", "cannot be reached"]
+        return (f"{_STORAGE}{' '.join(filter(None, named))} ({unreachable[-1].strip()}); once it answers, run "
+                "the same command: it resumes from the newest checkpoint")
     return last
 
 

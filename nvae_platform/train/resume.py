@@ -2,7 +2,7 @@
 
 A checkpoint cut short (a full disk, a killed upload) or a checkpoint folder deleted by hand must not
 end a run for good. Before a run starts, the driver checks its checkpoints from the newest down: a
-damaged one is set aside (renamed damaged_<name>, never deleted) and named in the output, and the run
+damaged one is set aside (moved to damaged_<name>, on an object store too; never deleted) and named in the output, and the run
 resumes from the newest good one. Ray Train's own record of the run's checkpoints is then deleted,
 since it may name the damaged or missing one (Ray refuses to start on such a record), and the
 workers restore from the chosen checkpoint instead.
@@ -11,7 +11,7 @@ import pyarrow.fs
 import torch
 
 from nvae_platform.ray_internals import TRAIN_SNAPSHOT_FILE
-from nvae_platform.train.checkpoints import CHECKPOINT_FILE, epoch_checkpoints, is_file, open_storage
+from nvae_platform.train.checkpoints import CHECKPOINT_FILE, epoch_checkpoints, is_file, move_folder, open_storage
 
 DAMAGED_PREFIX = "damaged_"
 
@@ -42,7 +42,7 @@ def choose_resume(run_folder, say=print):
             break
         filesystem, path = open_storage(checkpoint.path)
         head, name = path.rstrip("/").rsplit("/", 1)
-        filesystem.move(path, f"{head}/{DAMAGED_PREFIX}{name}")
+        move_folder(filesystem, path, f"{head}/{DAMAGED_PREFIX}{name}")
         set_aside.append(f"{DAMAGED_PREFIX}{name}")
         say(f"[nvae] checkpoint {name} (epoch {checkpoint.epoch + 1}) is damaged ({reason}); set aside as "
             f"{DAMAGED_PREFIX}{name}")

@@ -141,7 +141,7 @@ def _failure(error, run_folder):
     failure = read_failure(run_folder) if run_folder else None
     if failure is not None:
         return failure["status"], failure["traceback"]
-    return f"failed: {reason(error)}", str(error)
+    return f"failed: {reason(error, run_folder)}", str(error)
 
 
 __all__ = ["CHECKPOINT_FILE", "RunOptions", "RunResult", "failed_run", "make_trainer",
