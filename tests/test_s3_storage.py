@@ -191,3 +191,46 @@ def test_a_store_that_stays_down_fails_the_run_in_one_line_and_the_same_command_
     assert run.info.status == "FINISHED" and run.data.tags["nvae.status"] == "finished"
     for metric in ("train_bpd", "val_bpd"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1, 2], metric
+
+
+def _study(folder, endpoint):
+    command = [sys.executable, os.path.join(ROOT, "studies", "ablation_sr.py"), "--num-cpus", "2", "--levels",
+               "sr_lambda=0.0", "--set", "epochs=3", "--storage-path", "s3://nvae/runs", "--tracking-uri",
+               f"sqlite:///{folder}/mlflow.db"]
+    return subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "AWS_ENDPOINT_URL": endpoint})
+
+
+def test_a_studys_trial_whose_store_stays_down_is_resumed_by_the_same_command_not_reported_failed(
+        bucket, s3_store, tmp_path):
+    """As above, for a study: the trial fails naming the store, but its failure is not its result
+    (no outcome file): the same command resumes it after epoch 0 and its MLflow run ends FINISHED."""
+    proxy = Proxy(s3_store.port)
+    started = time.time()
+    first = _study(tmp_path, f"http://127.0.0.1:{proxy.port}")
+    while not _whole_checkpoints(bucket):
+        assert first.poll() is None and time.time() - started < 300, _finish(first)
+        time.sleep(0.5)
+    proxy.down()
+    out = _finish(first)
+    proxy.up()
+    said = [line for line in out.splitlines() if "failed: the run's storage" in line and "cannot be reached" in line]
+    assert said and f"at 127.0.0.1:{proxy.port}" in said[-1] and "run the same command" in said[-1], out[-5000:]
+    assert not [f for f in _files(bucket, "nvae/runs") if f.endswith("/outcome.json")]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("ablation_sr").experiment_id
+    (child,) = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FAILED", out[-5000:]
+
+    second = _study(tmp_path, f"http://127.0.0.1:{proxy.port}")  # the same command
+    out = _finish(second)
+    assert second.returncode == 0 and "1 finished" in out, out[-5000:]
+    (trial,) = {f.split("/trials/")[1].split("/")[0] for f in _whole_checkpoints(bucket)}
+    history = [c.metrics for c in epoch_checkpoints(next(
+        f"s3://nvae/runs/{f.split('/trials/')[0]}/trials/{trial}" for f in _whole_checkpoints(bucket)))]
+    assert [m["epoch"] for m in history] == [0, 1, 2] and history[-1]["start_epoch"] >= 1  # resumed
+    child = client.get_run(child.info.run_id)
+    assert child.info.status == "FINISHED" and child.data.tags["nvae.status"] == "finished"
+    assert "nvae.error" not in child.data.tags
+    for metric in ("train_bpd", "val_bpd"):
+        assert [m.step for m in client.get_metric_history(child.info.run_id, metric)] == [0, 1, 2], metric

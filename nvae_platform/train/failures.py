@@ -41,8 +41,8 @@ def reason(error, storage=""):
     text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
     lines = [line.strip() for line in text.splitlines() if _ERROR_LINE.match(line)]
     last = lines[-1] if lines else ([line.strip() for line in text.splitlines() if line.strip()] or ["unknown error"])[-1]
-    if last.startswith(_STORAGE):  # already this function's line (a study's view reads the status again)
-        return last
+    if _STORAGE in last:  # already this function's line (a study's view reads the status again)
+        return last[last.index(_STORAGE):]
     if NO_SPACE in text:
         return (f"{_STORAGE}is full ({last}); free space and run the same command: it resumes "
                 "from the newest whole checkpoint")
@@ -54,6 +54,15 @@ def reason(error, storage=""):
         return (f"{_STORAGE}{' '.join(filter(None, named))} ({unreachable[-1].strip()}); once it answers, run "
                 "the same command: it resumes from the newest checkpoint")
     return last
+
+
+class StorageError(RuntimeError):
+    """A run stopped by its storage (full, or not reachable): not the run's result, and a rerun resumes it."""
+
+
+def is_storage_failure(status):
+    """Whether a run's status says its storage stopped it (see reason)."""
+    return status.startswith(f"failed: {_STORAGE}")
 
 
 def _location(run_folder):
