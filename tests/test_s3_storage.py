@@ -143,12 +143,35 @@ def _whole_checkpoints(filesystem):
     return [f for f in files if f.endswith("/metrics.json") and f.replace("metrics.json", "state.pt") in files]
 
 
-def _train(folder, endpoint):
-    command = [sys.executable, os.path.join(ROOT, "studies", "train.py"), "--num-cpus", "2", "--scale", "smoke",
-               "--set", "epochs=3", "--storage-path", "s3://nvae/runs", "--tracking-uri",
-               f"sqlite:///{folder}/mlflow.db", "--max-failures", "1"]
+def _start(script, folder, endpoint, *flags):
+    """studies/<script> at smoke scale, 3 epochs, its storage s3://nvae/runs reached at endpoint."""
+    command = [sys.executable, os.path.join(ROOT, "studies", script), "--num-cpus", "2", "--set", "epochs=3",
+               "--storage-path", "s3://nvae/runs", "--tracking-uri", f"sqlite:///{folder}/mlflow.db", *flags]
     return subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "AWS_ENDPOINT_URL": endpoint})
+
+
+def _train(folder, endpoint):
+    return _start("train.py", folder, endpoint, "--scale", "smoke", "--max-failures", "1")
+
+
+def _study(folder, endpoint):
+    return _start("ablation_sr.py", folder, endpoint, "--levels", "sr_lambda=0.0")
+
+
+def _store_down_after_epoch_0(s3_store, bucket, start, folder):
+    """Run start(folder, endpoint) with the store behind a Proxy, taken down once epoch 0's checkpoint
+    is in the bucket and kept down until the command ends, then up again: (proxy, process, output)."""
+    proxy = Proxy(s3_store.port)  # the command reaches the store through it; the test reaches moto directly
+    started = time.time()
+    process = start(folder, f"http://127.0.0.1:{proxy.port}")
+    while not _whole_checkpoints(bucket):
+        assert process.poll() is None and time.time() - started < 300, _finish(process)
+        time.sleep(0.5)
+    proxy.down()
+    out = _finish(process)
+    proxy.up()
+    return proxy, process, out
 
 
 def _finish(process):
@@ -164,15 +187,7 @@ def _finish(process):
 def test_a_store_that_stays_down_fails_the_run_in_one_line_and_the_same_command_resumes(bucket, s3_store, tmp_path):
     """The store goes down once epoch 0's checkpoint is in the bucket and stays down until the run
     ends; once it answers again on the same port, the same command resumes from that checkpoint."""
-    proxy = Proxy(s3_store.port)  # the run reaches the store through it; this test reaches moto directly
-    started = time.time()
-    first = _train(tmp_path, f"http://127.0.0.1:{proxy.port}")
-    while not _whole_checkpoints(bucket):
-        assert first.poll() is None and time.time() - started < 300, _finish(first)
-        time.sleep(0.5)
-    proxy.down()
-    out = _finish(first)
-    proxy.up()
+    proxy, first, out = _store_down_after_epoch_0(s3_store, bucket, _train, tmp_path)
     name = re.search(r"run (\S+), checkpoints in s3://nvae/runs/", out).group(1)
     own = [line for line in out.splitlines() if "pid=" not in line]  # not what Ray forwards from its processes
     assert not [line for line in own if "Traceback" in line], out[-5000:]
@@ -193,27 +208,11 @@ def test_a_store_that_stays_down_fails_the_run_in_one_line_and_the_same_command_
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1, 2], metric
 
 
-def _study(folder, endpoint):
-    command = [sys.executable, os.path.join(ROOT, "studies", "ablation_sr.py"), "--num-cpus", "2", "--levels",
-               "sr_lambda=0.0", "--set", "epochs=3", "--storage-path", "s3://nvae/runs", "--tracking-uri",
-               f"sqlite:///{folder}/mlflow.db"]
-    return subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "AWS_ENDPOINT_URL": endpoint})
-
-
 def test_a_studys_trial_whose_store_stays_down_is_resumed_by_the_same_command_not_reported_failed(
         bucket, s3_store, tmp_path):
     """As above, for a study: the trial fails naming the store, but its failure is not its result
     (no outcome file): the same command resumes it after epoch 0 and its MLflow run ends FINISHED."""
-    proxy = Proxy(s3_store.port)
-    started = time.time()
-    first = _study(tmp_path, f"http://127.0.0.1:{proxy.port}")
-    while not _whole_checkpoints(bucket):
-        assert first.poll() is None and time.time() - started < 300, _finish(first)
-        time.sleep(0.5)
-    proxy.down()
-    out = _finish(first)
-    proxy.up()
+    proxy, _, out = _store_down_after_epoch_0(s3_store, bucket, _study, tmp_path)
     said = [line for line in out.splitlines() if "failed: the run's storage" in line and "cannot be reached" in line]
     assert said and f"at 127.0.0.1:{proxy.port}" in said[-1] and "run the same command" in said[-1], out[-5000:]
     assert not [f for f in _files(bucket, "nvae/runs") if f.endswith("/outcome.json")]
