@@ -160,6 +160,13 @@ def test_a_server_still_gone_at_the_end_is_said_in_one_line_and_the_rerun_comple
     trained = _checkpoints(tmp_path)
 
     server.start()
+    client = MlflowClient(server.url)
+    runs = client.search_runs([client.get_experiment_by_name("outage-end").experiment_id])
+    (parent,) = [r for r in runs if PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if PARENT_TAG in r.data.tags]
+    assert parent.info.status == "RUNNING" and [r.info.status for r in children] == ["RUNNING"]  # before the rerun
+    steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "train_bpd")]
+    assert steps == list(range(len(steps))) and 0 < len(steps) < EPOCHS, steps  # the epochs before the kill
     again = Study(server, tmp_path, "outage-end")
     assert again.wait() == 0, again.output()
     assert _checkpoints(tmp_path) == trained  # nothing retrained
