@@ -46,9 +46,9 @@ def _run(command, folder, env=None):
     return process.returncode, out, err
 
 
-def _children(folder):
+def _children(folder, experiment="ablation_norm"):
     client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("ablation_norm").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     return client, runs, {r.data.tags["nvae.trial_key"]: r for r in runs if PARENT_TAG in r.data.tags}
 
 
@@ -170,10 +170,8 @@ def test_a_finished_study_run_again_under_another_experiment_is_recorded_there_w
     code, out, err = _run([*command, "--experiment", "norm-again"], tmp_path)
     assert code == 0 and "interrupted" not in out, out[-3000:] + err[-3000:]
     assert sorted(str(p.relative_to(trials)) for p in trials.rglob("checkpoint_*")) == trained
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for experiment in ("ablation_norm", "norm-again"):
-        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-        children = {r.data.tags["nvae.trial_key"]: r for r in runs if PARENT_TAG in r.data.tags}
+        client, runs, children = _children(tmp_path, experiment)
         assert len(runs) == 2 and len(children) == 1 and {r.info.status for r in runs} == {"FINISHED"}, experiment
         _assert_every_epoch_once(client, children)
         (child,) = children.values()

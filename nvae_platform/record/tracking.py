@@ -301,14 +301,11 @@ class MlflowTracker(tune.Callback):
 
     def _record_tune_trial(self, trial):
         """Bring a started trial's child run up to date: its checkpointed epochs, and its end if it ended."""
-        writer = self._child(trial)
-        if writer.closed:
-            return
-        writer.backfill()
-        if trial.status == Trial.TERMINATED:
-            writer.finish(trial.last_result or {}, status_of(trial.last_result, "TERMINATED"))
-        elif trial.status == Trial.ERROR:
-            writer.finish(trial.last_result or {}, "failed", _error_text(trial))
+        if trial.status == Trial.ERROR:
+            self._update(self._child(trial), trial.last_result, "failed", _error_text(trial))
+        else:
+            ended = status_of(trial.last_result, "TERMINATED") if trial.status == Trial.TERMINATED else None
+            self._update(self._child(trial), trial.last_result, ended)
 
     def record_result(self, result):
         """Make sure a trial of the study's results has its child run, with its checkpointed epochs and,
@@ -317,13 +314,19 @@ class MlflowTracker(tune.Callback):
         trial_id = (result.metrics or {}).get("trial_id")
         if self.plan.is_search and not trial_id:
             return  # a search's trial that never reported cannot be named
-        writer = self._child_of(result.config, trial_id)
+        failed = (result.error is not None
+                  and read_outcome(self.plan.trials_path, self.plan.key_for(result.config, trial_id)) is None)
+        self._update(self._child_of(result.config, trial_id), result.metrics, "failed" if failed else None,
+                     str(result.error)[-2000:])
+
+    @staticmethod
+    def _update(writer, result, status, error=""):
+        """An open child run's checkpointed epochs back-filled, and its end written when status is given."""
         if writer.closed:
             return
         writer.backfill()
-        if result.error is not None and read_outcome(self.plan.trials_path, self.plan.key_for(result.config,
-                                                                                              trial_id)) is None:
-            writer.finish(result.metrics or {}, "failed", str(result.error)[-2000:])
+        if status:
+            writer.finish(result or {}, status, error)
 
     def on_step_begin(self, iteration, trials, **info):
         if self.behind_since is not None:  # catch up between epochs too, not only when a trial reports
