@@ -102,7 +102,10 @@ class RunWriter:
         if result.get("data_digest") and not self.data_logged:
             self.log_dataset(result)
             tags[DATA_DIGEST_TAG] = result["data_digest"]
-        self.log_batch(metrics, tags=tags)
+        # Tags first, in their own call: a store commits a batch's metrics before its tags, so a reader
+        # (a dashboard, a test) could otherwise see the epoch without the nodes it ran on.
+        self.log_batch(tags=tags)
+        self.log_batch(metrics)
         self.logged.add(epoch)
 
     def log_dataset(self, result):
