@@ -45,6 +45,7 @@ def test_a_training_run_is_recorded_and_the_same_command_does_not_repeat_it(tmp_
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "samples.png"}
     assert os.path.exists(os.path.join(run.data.tags["nvae.checkpoint"], "state.pt"))
     assert run.info.run_id in first.stdout
+    assert [line.count("[nvae] epoch") for line in first.stdout.splitlines() if "[nvae] epoch" in line] == [1, 1]
 
     again = _train(tmp_path, "--set", "epochs=2")
     assert again.returncode == 0 and "already finished" in again.stdout

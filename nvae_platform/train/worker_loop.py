@@ -12,6 +12,7 @@ status "diverged at step S"; the last good checkpoint stays.
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -292,6 +293,13 @@ def final_evaluation(w):
             "status": "finished"}
 
 
+def say(line):
+    """A line on the worker's stdout, once. Not print: Ray Train replaces print in its workers with a
+    call to its logger that also copies the line to stdout, and train.py's console showed it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def report_and_checkpoint(w, epoch, metrics, last):
     """Print the epoch (rank 0), report it with its checkpoint (and the sample grid after the last
     epoch), and wait until Ray has committed that checkpoint."""
@@ -302,7 +310,7 @@ def report_and_checkpoint(w, epoch, metrics, last):
             files.append(lambda folder: _save_samples(w.core, w.cfg, os.path.join(folder, SAMPLES_FILE), w.options))
         shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in ("train_bpd", "val_bpd", "images_per_s") if k in metrics)
         tail = f"  test_bpd {metrics['test_bpd']:.4f}" if last else ""
-        print(f"[nvae] epoch {epoch + 1}/{w.cfg.epochs}  {shown}{tail}", flush=True)
+        say(f"[nvae] epoch {epoch + 1}/{w.cfg.epochs}  {shown}{tail}")
     _report(w.session, metrics, _checkpoint_state(w.core, w.step, epoch, w.cfg), files)
     w.session.wait_committed()
 
@@ -326,7 +334,7 @@ def run_worker(cfg, options, session):
     failure = read_failure(options.run_folder)
     if failure is not None:  # an earlier attempt met a deterministic error: a retry would meet it again
         if _world()[0] == 0:
-            print(f"[nvae] {failure['status']}; not retried (the same error would come back)", flush=True)
+            say(f"[nvae] {failure['status']}; not retried (the same error would come back)")
         session.report({"status": failure["status"]})
         return failure
     try:
@@ -344,7 +352,7 @@ def _train(cfg, options, session):
         metrics = train_epoch(w, epoch)
         if metrics["status"] != "running":  # diverged: every rank stops; the last good checkpoint stays
             if w.rank == 0:
-                print(f"[nvae] {metrics['status']} (epoch {epoch}); last good checkpoint kept", flush=True)
+                say(f"[nvae] {metrics['status']} (epoch {epoch}); last good checkpoint kept")
             _report(w.session, {**metrics, **_data_fields(w)})  # a run diverged in its first epoch still says what it read
             return metrics
         metrics.update(validate(w))
