@@ -16,13 +16,13 @@ from nvae_platform.ray_internals import print_ray_output_with
 
 LOG_FILE = "ray.log"
 FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"  # Ray's own
-_log = {"file": None, "lock": threading.Lock()}  # the one open log of this process
+_log = {"file": None, "lock": threading.Lock(), "console_prefix": None}  # the one open log of this process
 
 
 def ray_log_path(study_key, experiment_dir):
-    """ray.log in the study's folder when it is local, else ~/.nvae/logs/<experiment_dir>.ray.log on
-    the machine of its driver (a study stored at s3://; a Ray job's driver runs in no folder of the
-    user's: on a head it starts in /)."""
+    """ray.log in the study's (or train.py run's) folder when it is local, else
+    ~/.nvae/logs/<experiment_dir>.ray.log on the machine of its driver (stored at s3://; a Ray job's
+    driver runs in no folder of the user's: on a head it starts in /)."""
     if "://" in study_key:
         return os.path.join(os.path.expanduser("~"), ".nvae", "logs", f"{experiment_dir}.{LOG_FILE}")
     return os.path.join(study_key, LOG_FILE)
@@ -34,10 +34,12 @@ def _is_console(handler):
             or type(stream).__name__ == "MlflowLoggingStream")  # MLflow's handlers write to sys.stderr through it
 
 
-def send_ray_logs_to(path):
+def send_ray_logs_to(path, console_prefix=None):
     """From now on Ray's and MLflow's Python loggers in this process, and what Ray forwards to it from
     its other processes, write to path (appended), not the console; MLflow prints no run links. Call
-    it before ray.init: its start-up messages go there too, and it binds the printer of forwarded output."""
+    it before ray.init: its start-up messages go there too, and it binds the printer of forwarded output.
+    Forwarded lines that start with console_prefix (train.py's workers' "[nvae] " lines) are also
+    printed on this process's stdout, as their process printed them."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with _log["lock"]:
         if _log["file"] is not None:
@@ -55,6 +57,7 @@ def send_ray_logs_to(path):
             logger.removeHandler(h)
         if console or logger.name in ("ray", "mlflow", "alembic"):  # a logger that had its own console handler does not propagate
             logger.addHandler(handler)
+    _log["console_prefix"] = console_prefix
     print_ray_output_with(_write_ray_output)
 
 
@@ -67,3 +70,8 @@ def _write_ray_output(data, ignore_prefix=False):
     with _log["lock"]:
         if _log["file"] is not None and not _log["file"].closed:
             _log["file"].write("".join(f"({source}) {line}\n" for line in data.get("lines", [])))
+    prefix = _log["console_prefix"]
+    shown = [line for line in data.get("lines", []) if prefix and line.startswith(prefix)]
+    if shown:
+        sys.stdout.write("".join(f"{line}\n" for line in shown))
+        sys.stdout.flush()

@@ -12,6 +12,8 @@ latest checkpoint (--max-failures times). Ctrl-C or SIGTERM stops it (exit 130 o
 marked KILLED; the same command resumes it. A second invocation of the same run while it trains is
 refused (a lock file in its folder). MLflow gets one run per run name (experiment "train"):
 params, per-epoch metrics, final figures, config.json, the sample grid and the final checkpoint.
+The console shows the run's own lines; Ray's messages (start-up, its processes' output and logs,
+a failed worker's traceback) go to ray.log in the run's folder (~/.nvae/logs/ for s3:// storage).
 """
 import argparse
 import json
@@ -28,6 +30,7 @@ from nvae_platform.folder_lock import FolderLock
 from nvae_platform.preflight import CommandLine, at_least, check_storage, label
 from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
 from nvae_platform.ray_cluster import add_ray_arguments, init_ray_for_run
+from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
 from nvae_platform.record.tracking import StoreWriteError, check_tracking_uri
 from nvae_platform.record.train_record import TrainRecord, describe_changes, resume_changes, run_name
 from nvae_platform.study.cli import parse_pairs, parse_value
@@ -96,6 +99,8 @@ def main(argv=None):
         changes = resume_changes(record.run_folder, cfg) if args.resume_from else {}
         lock = FolderLock(record.run_folder, f"run {options.name}")  # AlreadyRunning: another invocation trains it
         gone = lock.acquire()  # released at exit
+        ray_log = ray_log_path(record.run_folder, options.name)
+        send_ray_logs_to(ray_log, console_prefix="[nvae] ")  # the workers' own lines still reach the console
         init_ray_for_run(args.address, args.num_cpus, options.workers, options.cpus_per_worker,
                          options.gpus_per_worker, "--workers")
         stop_on_sigterm_as_on_sigint()
@@ -119,7 +124,8 @@ def main(argv=None):
         print(f"[nvae] --skip-unreadable: {len(options.skip_files)} unreadable image file(s) left out, e.g. "
               f"{options.skip_files[0]} (all named in the MLflow run's unreadable_files.txt)", flush=True)
     print(f"[nvae] training {args.dataset} at scale {args.scale} on {options.workers} worker(s); "
-          f"run {options.name}, checkpoints in {record.run_folder}; MLflow run {record.run_id}", flush=True)
+          f"run {options.name}, checkpoints in {record.run_folder}; MLflow run {record.run_id}; Ray's own "
+          f"messages go to {ray_log}", flush=True)
     try:
         with record.watching():
             result = run_training(cfg, options)

@@ -45,7 +45,13 @@ def test_a_training_run_is_recorded_and_the_same_command_does_not_repeat_it(tmp_
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "samples.png"}
     assert os.path.exists(os.path.join(run.data.tags["nvae.checkpoint"], "state.pt"))
     assert run.info.run_id in first.stdout
-    assert [line.count("[nvae] epoch") for line in first.stdout.splitlines() if "[nvae] epoch" in line] == [1, 1]
+    # the console holds the run's own lines, each once; Ray's messages are in the log the first line names
+    said = [line for line in first.stdout.splitlines() if line.startswith("[nvae]")]
+    assert [line.split("  ")[0] for line in said[1:]] == ["[nvae] epoch 1/2", "[nvae] epoch 2/2"], first.stdout
+    assert len(said) == 3 and said[0].startswith("[nvae] training digits"), first.stdout
+    assert "pid=" not in first.stdout + first.stderr and "Started a local Ray" not in first.stdout + first.stderr
+    with open(said[0].split("Ray's own messages go to ")[1]) as f:
+        assert "Started a local Ray instance" in f.read()
 
     again = _train(tmp_path, "--set", "epochs=2")
     assert again.returncode == 0 and "already finished" in again.stdout
@@ -62,6 +68,7 @@ def test_a_training_run_is_recorded_and_the_same_command_does_not_repeat_it(tmp_
     extended = _train(tmp_path, "--resume-from", name, "--set", "epochs=3")
     assert extended.returncode == 0, extended.stderr[-2000:]
     assert f"continuing run {name} with epochs 2 -> 3" in extended.stdout
+    assert f"[nvae] resuming at epoch 3/3 from {tmp_path}/runs/{name}/checkpoint_" in extended.stdout
     client, runs = _runs(tmp_path)
     assert len(runs) == 2
     run = runs[name]

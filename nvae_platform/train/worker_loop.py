@@ -191,6 +191,8 @@ def restore(w):
         checkpoint = _checkpoint_at(w.options.resume_checkpoint)
     if checkpoint is not None:
         w.start_epoch = _restore(w.model, w.step, checkpoint)
+        if w.rank == 0:  # after a lost worker or a rerun: the console says where training picks up
+            say(f"[nvae] resuming at epoch {w.start_epoch + 1}/{w.cfg.epochs} from {checkpoint.path}")
     elif w.step.needs_data_init:  # every rank inits from its own batch; DDP then broadcasts rank 0's
         w.sampler.set_epoch(0)
         w.step.data_init(Batches(w.cfg, w.device, w.cfg.seed, train=True)(next(iter(w.loader))))
