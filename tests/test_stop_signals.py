@@ -33,6 +33,21 @@ def _started_by_now(folder):
     return [p for p in psutil.process_iter(["cmdline"]) if str(folder) in " ".join(p.info["cmdline"] or [])]
 
 
+def _stop(process, signum, tree, ray_dir, what):
+    """Send the signal and wait for the command's end: its (stdout, stderr); prints how it went."""
+    process.send_signal(signum)
+    signalled = time.time()
+    out, err = process.communicate(timeout=120)
+    print(f"{what}: {len(tree)} processes, exit {process.returncode} {time.time() - signalled:.1f} s after the "
+          f"signal, {len(_started_by_now(ray_dir))} left")
+    return out, err
+
+
+def _kill_if_running(process):
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_a_stopped_study_says_so_marks_its_runs_killed_and_leaves_no_process(signum, code, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
@@ -51,14 +66,9 @@ def test_a_stopped_study_says_so_marks_its_runs_killed_and_leaves_no_process(sig
                 break
         tree = _started_by(process.pid, ray_dir)
         assert len(tree) > 3, f"the study's Ray processes were not found: {''.join(out)[-2000:]}"
-        process.send_signal(signum)
-        signalled = time.time()
-        rest, err = process.communicate(timeout=120)
+        rest, err = _stop(process, signum, tree, ray_dir, "study")
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    print(f"study: {len(tree)} processes, exit {process.returncode} {time.time() - signalled:.1f} s after the "
-          f"signal, {len(_started_by_now(ray_dir))} left")
+        _kill_if_running(process)
     out = "".join(out) + rest
     assert process.returncode == code, err[-3000:]
     assert "The study was interrupted: re-run the same command to resume it." in out, out[-3000:]
@@ -91,14 +101,9 @@ def test_a_stopped_training_run_says_so_marks_its_run_killed_and_leaves_no_proce
             time.sleep(0.5)  # until an epoch is checkpointed
         tree = _started_by(process.pid, ray_dir)
         assert len(tree) > 3, "the run's Ray processes were not found"
-        process.send_signal(signum)
-        signalled = time.time()
-        out, err = process.communicate(timeout=120)
+        out, err = _stop(process, signum, tree, ray_dir, "train.py")
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    print(f"train.py: {len(tree)} processes, exit {process.returncode} {time.time() - signalled:.1f} s after the "
-          f"signal, {len(_started_by_now(ray_dir))} left")
+        _kill_if_running(process)
     assert process.returncode == code, err[-3000:]
     assert "[nvae] the run was interrupted: re-run the same command to resume it." in out, out[-3000:]
     own = "\n".join(line for line in err.splitlines() if "pid=" not in line)  # not Ray's processes' forwarded lines
@@ -129,8 +134,7 @@ def _watch(command, cwd, env):
             time.sleep(0.2)
         reader.join()
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_if_running(process)
     return process, output["out"], output["err"], list(seen.values())
 
 
