@@ -14,7 +14,7 @@ import torch
 from conftest import fault_rng
 from ray.cluster_utils import Cluster
 
-from nvae_platform.train.run import CHECKPOINT_FILE, run_training
+from nvae_platform.train.run import CHECKPOINT_FILE, make_trainer, run_training
 from nvae_platform.train.scales import run_config, run_options
 
 EPOCHS = 4
@@ -33,6 +33,14 @@ def straight(local_ray, tmp_path_factory):
     """Four epochs without interruption: the reference the recovery tests compare against."""
     return run_training(run_config("digits", "smoke", epochs=EPOCHS),
                         _options(tmp_path_factory.mktemp("runs"), "straight"))
+
+
+def test_gpu_workers_reduce_cuda_tensors_over_nccl_and_cpu_ones_over_gloo(tmp_path):
+    """Each epoch's metrics, the finite-loss vote and the RNG states are CPU tensors, which a process
+    group of NCCL alone (Ray Train's default with GPUs) refuses; CPU workers use Gloo alone."""
+    for gpus, backend in ((0, "gloo"), (1, "cpu:gloo,cuda:nccl")):
+        trainer = make_trainer(run_config("digits", "smoke"), _options(tmp_path, f"gpus-{gpus}", gpus_per_worker=gpus))
+        assert trainer.backend_config.backend == backend
 
 
 def test_straight_run_finishes_with_every_epoch_and_final_figures(straight):

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import ray
 import ray.train
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from nvae_core import NVAEConfig
 from nvae_core.paths import absolute
@@ -42,6 +42,12 @@ def prepare_run(cfg, options):
     return dataclasses.replace(options, resume_checkpoint=resume, set_aside_checkpoints=tuple(set_aside))
 
 
+# Workers on GPUs: NCCL carries the CUDA tensors (DDP's gradients, synchronized BN's statistics) and
+# Gloo the CPU ones (each epoch's metrics, the finite-loss vote, the RNG states). A process group of
+# NCCL alone (Ray Train's default with GPUs) refuses CPU tensors.
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+
+
 def make_trainer(cfg, options, callbacks=()):
     """The TorchTrainer for cfg under options (not started; see prepare_run); callbacks are Ray Train
     UserCallbacks."""
@@ -53,6 +59,7 @@ def make_trainer(cfg, options, callbacks=()):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"nvae": cfg.to_dict(), "options": options.to_dict()},
+        torch_config=TorchConfig(backend=GPU_BACKEND if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=options.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
