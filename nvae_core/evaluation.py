@@ -53,8 +53,10 @@ def test_bits_per_dim(model, batches, num_samples, max_batch=256):
 
 
 @torch.no_grad()
-def active_unit_counts(model, batches, mean_threshold=0.01, kl_threshold=0.1):
-    """(active_units, active_units_kl) per group, from one pass over batches."""
+def active_unit_sums(model, batches):
+    """What both active-unit counts need, from one pass over batches: per group, the sums over images
+    of the posterior means and of their squares (per unit) and of the KL (per channel), as float64
+    tensors, then the number of images. Sums over disjoint shards add up to the whole set's."""
     mean_sum = mean_sq = kl_sum = None
     count = 0
     with eval_mode(model):
@@ -65,9 +67,19 @@ def active_unit_counts(model, batches, mean_threshold=0.01, kl_threshold=0.1):
             mean_sq = _plus(mean_sq, [(m * m).sum(0) for m in means])
             kl_sum = _plus(kl_sum, [k.double().sum(0) for k in out.kl_channels])
             count += x.shape[0]
+    return mean_sum, mean_sq, kl_sum, count
+
+
+def counts_from_sums(mean_sum, mean_sq, kl_sum, count, mean_threshold=0.01, kl_threshold=0.1):
+    """(active_units, active_units_kl) per group from active_unit_sums' sums."""
     units = [int(((s2 / count - (s / count) ** 2) > mean_threshold).sum()) for s, s2 in zip(mean_sum, mean_sq)]
     channels = [int((k / count > kl_threshold).sum()) for k in kl_sum]
     return units, channels
+
+
+def active_unit_counts(model, batches, mean_threshold=0.01, kl_threshold=0.1):
+    """(active_units, active_units_kl) per group, from one pass over batches."""
+    return counts_from_sums(*active_unit_sums(model, batches), mean_threshold, kl_threshold)
 
 
 def active_units(model, batches, threshold=0.01):

@@ -7,6 +7,7 @@ from torch import nn
 from nvae_core import NVAE, TrainStep, active_unit_counts, active_units, importance_weighted_nll, sample_images
 from nvae_core.cells import Cell
 from nvae_core.distributions import Normal
+from nvae_core.evaluation import active_unit_sums, counts_from_sums
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +256,18 @@ def test_repeats_is_the_pass_on_the_repeated_batch(flows):
     assert shared.output.shape == repeated.output.shape == (12, *repeated.output.shape[1:])
     for name in ("output", "recon_nll", "kl", "log_q", "log_p"):
         assert torch.allclose(getattr(shared, name), getattr(repeated, name), rtol=1e-5, atol=1e-4), name
+
+
+def test_active_unit_sums_of_two_shards_add_up_to_the_whole_sets(model):
+    """The sums behind both counts add over disjoint shards (what the training workers all-reduce):
+    the same figures as one pass over the whole set."""
+    x = tiny_batch(model.cfg, 16, seed=16)
+    torch.manual_seed(10)
+    whole = active_unit_sums(model, [x[:8], x[8:]])
+    torch.manual_seed(10)  # the same posterior samples, drawn in the same order
+    first, second = active_unit_sums(model, [x[:8]]), active_unit_sums(model, [x[8:]])
+    added = [[a + b for a, b in zip(f, s)] for f, s in zip(first[:3], second[:3])] + [first[3] + second[3]]
+    for got, want in zip(added[:3], whole[:3]):
+        assert all(torch.allclose(g, w, rtol=1e-12, atol=0) for g, w in zip(got, want))
+    assert added[3] == whole[3] == 16
+    assert counts_from_sums(*added) == counts_from_sums(*whole)

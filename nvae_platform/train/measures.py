@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Subset
 
-from nvae_core import active_unit_counts, autocast, bits_per_dim, importance_weighted_nll
+from nvae_core import autocast, bits_per_dim, importance_weighted_nll
 from nvae_core.datasets import Batches, load_dataset
-from nvae_core.evaluation import eval_mode
+from nvae_core.evaluation import active_unit_sums, counts_from_sums, eval_mode
 
 
 @contextlib.contextmanager
@@ -57,12 +57,23 @@ def iw_nll_nats(model, loader, cfg, device, num_samples, max_batch, seed):
                                loader, Batches(cfg, device, seed))
 
 
+def _tensors_summed_over_ranks(tensors):
+    """The tensors (float64), each summed over every rank, in one all-reduce."""
+    flat = torch.cat([t.double().cpu().flatten() for t in tensors])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat)
+    return list(flat.split([t.numel() for t in tensors]))
+
+
 def unit_counts(model, loader, cfg, device, seed):
-    """Active units per latent group and in all, on these batches, both ways: posterior-mean variance
-    (Burda et al.; active_units*) and the authors' per-channel KL count (active_units_kl*)."""
+    """Active units per latent group and in all, over every rank's shard, both ways: posterior-mean
+    variance (Burda et al.; active_units*) and the authors' per-channel KL count (active_units_kl*)."""
     with seeded(seed, device), autocast(cfg.precision, device):
         prepare = Batches(cfg, device, seed)
-        units, channels = active_unit_counts(model, (prepare(x) for x in loader))
+        mean_sum, mean_sq, kl_sum, count = active_unit_sums(model, (prepare(x) for x in loader))
+    groups = len(mean_sum)
+    *sums, total = _tensors_summed_over_ranks([*mean_sum, *mean_sq, *kl_sum, torch.tensor([count])])
+    units, channels = counts_from_sums(sums[:groups], sums[groups:2 * groups], sums[2 * groups:], total.item())
     return {"active_units": sum(units), **{f"active_units_group_{i}": u for i, u in enumerate(units)},
             "active_units_kl": sum(channels), **{f"active_units_kl_group_{i}": u for i, u in enumerate(channels)}}
 
@@ -79,8 +90,8 @@ def kl_per_group(model, loader, cfg, device, seed):
 
 
 def final_figures(model, loader, cfg, device, options, seed):
-    """Importance-weighted test bits/dim (options.iw_samples samples) over all ranks' shards, and
-    active units on this rank's."""
+    """Importance-weighted test bits/dim (options.iw_samples samples) and active units, over all
+    ranks' shards."""
     nats = iw_nll_nats(model, loader, cfg, device, options.iw_samples, options.iw_max_batch, seed)
     return {"test_bpd": bits_per_dim(nats, cfg.num_dims), "test_nats": nats,
             **unit_counts(model, loader, cfg, device, seed)}
