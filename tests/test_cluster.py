@@ -75,7 +75,7 @@ def test_a_study_submitted_as_a_ray_job_spreads_over_nodes_and_survives_losing_o
     job_id = f"ablation-sr-{int(started)}"
     command = [RAY_CLI, "job", "submit", "--address", dashboard, "--submission-id", job_id, "--no-wait", "--",
                sys.executable, os.path.join(REPO, "studies/ablation_sr.py"), "--set", f"epochs={EPOCHS}"]
-    deadline = time.time() + 240  # the head's job agent registers a while after the dashboard answers (slower under load)
+    deadline = time.time() + 480  # the head's job agent registers a while after the dashboard answers (minutes under load)
     while True:
         submit = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if "No available agent to submit job" not in submit.stderr or time.time() > deadline:
