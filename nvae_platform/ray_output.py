@@ -71,7 +71,7 @@ def _write_ray_output(data, ignore_prefix=False):
         if _log["file"] is not None and not _log["file"].closed:
             _log["file"].write("".join(f"({source}) {line}\n" for line in data.get("lines", [])))
     prefix = _log["console_prefix"]
-    shown = [line for line in data.get("lines", []) if prefix and line.startswith(prefix)]
+    shown = [line for line in data.get("lines", []) if line.startswith(prefix)] if prefix else []
     if shown:
         sys.stdout.write("".join(f"{line}\n" for line in shown))
         sys.stdout.flush()

@@ -26,11 +26,17 @@ def seeded(seed, device):
         yield
 
 
-def _sum_over_ranks(values):
-    t = torch.tensor(values, dtype=torch.float64)
+def _tensors_summed_over_ranks(tensors):
+    """The tensors (float64, flattened), each summed over every rank, in one all-reduce."""
+    flat = torch.cat([t.double().cpu().flatten() for t in tensors])
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+        dist.all_reduce(flat)
+    return list(flat.split([t.numel() for t in tensors]))
+
+
+def _sum_over_ranks(values):
+    """A list of floats, each summed over every rank."""
+    return _tensors_summed_over_ranks([torch.tensor(values)])[0].tolist()
 
 
 def mean_over_ranks(per_example, loader, prepare):
@@ -55,14 +61,6 @@ def iw_nll_nats(model, loader, cfg, device, num_samples, max_batch, seed):
     with seeded(seed, device), autocast(cfg.precision, device):
         return mean_over_ranks(lambda x: importance_weighted_nll(model, x, num_samples, max_batch),
                                loader, Batches(cfg, device, seed))
-
-
-def _tensors_summed_over_ranks(tensors):
-    """The tensors (float64), each summed over every rank, in one all-reduce."""
-    flat = torch.cat([t.double().cpu().flatten() for t in tensors])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flat)
-    return list(flat.split([t.numel() for t in tensors]))
 
 
 def unit_counts(model, loader, cfg, device, seed):
