@@ -51,6 +51,10 @@ def at_least(minimum, kind=int, strictly=False, note=""):
     return parse
 
 
+# --max-failures of train.py and the studies.
+FAILURE_COUNT = at_least(0, note="; Ray's -1 (unlimited) is refused: a failure that repeats would be retried forever")
+
+
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,=+@-]{0,199}")
 
 

@@ -27,7 +27,7 @@ from nvae_core.datasets import DatasetNotFoundError
 from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path, default_tracking_uri
 from nvae_platform.folder_lock import FolderLock
-from nvae_platform.preflight import CommandLine, at_least, check_storage, label
+from nvae_platform.preflight import FAILURE_COUNT, CommandLine, at_least, check_storage, label
 from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
 from nvae_platform.ray_cluster import add_ray_arguments, init_ray_for_run
 from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
@@ -59,8 +59,7 @@ def build_parser():
              "--set epochs=50 to extend it; fields that change the model's shapes are refused")
     add("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db)")
     add("--experiment", default="train", type=label, help="MLflow experiment (default: train)")
-    add("--max-failures", type=at_least(0, note="; Ray's -1 (unlimited) is refused: a failure that repeats would "
-                                              "be retried forever"), default=2,
+    add("--max-failures", type=FAILURE_COUNT, default=2,
         help="restarts of the worker group from the latest checkpoint after a lost worker (default: 2; "
              "Ray's -1, unlimited, is refused)")
     add("--iw-samples", type=at_least(1), help="K of the importance-weighted test NLL")

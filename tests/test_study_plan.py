@@ -107,6 +107,7 @@ def test_unwritable_storage_and_unreachable_tracking_are_named(tmp_path):
     (["--tracking-uri", "http://127.0.0.1:9"], "cannot be reached"),
     (["--storage-path", "/proc/version/runs"], "is not writable"),
     (["--seeds", "0"], "argument --seeds: 0 is not allowed: expected an integer >= 1"),
+    (["--max-failures", "-1"], "argument --max-failures: -1 is not allowed: expected an integer >= 0; Ray's -1"),
     (["--scale", "small", "--data-dir", "/nonexistent-data"], "dataset 'cifar10' not found.*add --download"),
     (["--address", "auto"], r"--address auto: no running Ray cluster was found on this machine; start one"),
     (["--address", "10.0.0.1:6379", "--num-cpus", "2"], "--num-cpus 2 sizes a local Ray.*drop --num-cpus"),
@@ -118,6 +119,12 @@ def test_bad_input_is_a_clear_error_before_anything_starts(argv, message, tmp_pa
     assert exit_info.value.code == 2
     assert __import__("re").search(message, capsys.readouterr().err)
     assert not (tmp_path / "mlflow.db").exists() or "--storage-path" in argv  # nothing recorded
+
+
+def test_max_failures_sets_every_trials_worker_restarts(tmp_path):
+    plan = plan_study(NORM, StudySettings(storage_path=str(tmp_path), max_failures=0), check_data=False)
+    assert plan.options.max_failures == 0
+    assert plan_study(NORM, StudySettings(storage_path=str(tmp_path)), check_data=False).options.max_failures == 2
 
 
 def test_on_a_cluster_storage_and_data_default_to_what_the_nodes_export(tmp_path, monkeypatch, capsys):

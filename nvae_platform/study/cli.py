@@ -5,7 +5,7 @@ import sys
 from nvae_core import ConfigError
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path
-from nvae_platform.preflight import CommandLine, at_least, label
+from nvae_platform.preflight import FAILURE_COUNT, CommandLine, at_least, label
 from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
 from nvae_platform.ray_cluster import add_ray_arguments
 from nvae_platform.study.plan import MAX_TRIALS
@@ -73,6 +73,9 @@ def build_parser(study):
     add("--samples", type=at_least(1), help="trials of a search (default: the study's)")
     add("--max-trials", type=at_least(1), default=MAX_TRIALS,
         help=f"refuse a plan of more trials than this, before building it (default: {MAX_TRIALS:,})")
+    add("--max-failures", type=FAILURE_COUNT, default=2,
+        help="restarts of a trial after a lost worker or trial process, each from its latest checkpoint "
+             "(default: 2)")
     add_ray_arguments(parser)
     add("--dry-run", action="store_true", help="print the trials and their resources; start nothing")
     return parser
@@ -91,7 +94,7 @@ def main(study, argv=None):
         storage_path=args.storage_path, data_dir=args.data_dir, download=args.download,
         skip_unreadable=args.skip_unreadable, levels=levels,
         overrides=overrides, samples=args.samples, address=args.address, num_cpus=args.num_cpus,
-        max_trials=args.max_trials)
+        max_trials=args.max_trials, max_failures=args.max_failures)
     try:  # every check before anything is recorded or trained
         if args.dry_run:
             plan = plan_study(study, settings, check_data=False)

@@ -44,6 +44,7 @@ class StudySettings:
     address: str = None  # Ray cluster; None: $RAY_ADDRESS or one started on this machine, else a local Ray
     num_cpus: int = None  # CPUs of a local Ray
     max_trials: int = MAX_TRIALS  # a plan above it is refused before it is built
+    max_failures: int = 2  # restarts of a trial's workers (Train), and of its own process (Tune), after a failure
 
 
 @dataclass
@@ -172,7 +173,7 @@ def plan_study(study, settings, check_data=True):
     resources = {k: v for k, v in dict(workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_worker,
                                        cpus_per_worker=settings.cpus_per_worker).items() if v is not None}
     options = run_options(dataset, settings.scale, data_dir=absolute(settings.data_dir), download=settings.download,
-                          storage_path="", **resources)
+                          storage_path="", max_failures=settings.max_failures, **resources)
     for trial in trials:  # precision against device; the dataset's files are checked once below
         dataclasses.replace(options, download=True).validate(trial.config)
     if check_data and not options.download:

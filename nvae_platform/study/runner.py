@@ -40,7 +40,6 @@ TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 512 * 2**20}
 # the Train controllers that Ray keeps on their node, stay on a node that is never scaled down or
 # preempted; a lost GPU node then costs its workers only, which resume from the last checkpoint.
 TRIAL_DRIVER_RESOURCE = "nvae_trial_driver"
-TRIAL_RETRIES = 2  # a trial whose own process is lost (its node died) restarts, resuming its Train run
 
 
 
@@ -229,10 +228,12 @@ def _run_prepared(study, settings, plan, max_concurrent):
         with MlflowTracker.restoring_to(tracking_uri, experiment):
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
+        # A trial whose own process is lost (its node died) restarts, resuming its Train run.
+        retries = tune.FailureConfig(max_failures=plan.options.max_failures)
         tuner = tune.Tuner(trainable, param_space=plan.param_space(), tune_config=_tune_config(plan, max_concurrent),
                            run_config=tune.RunConfig(name=plan.experiment_dir, storage_path=plan.storage_path,
                                                      callbacks=[progress, tracker], verbose=0,
-                                                     failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
+                                                     failure_config=retries))
     try:
         grid_results = tuner.fit()
     except BaseException:
