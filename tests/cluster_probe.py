@@ -6,6 +6,7 @@ Ray job ended.
     python tests/cluster_probe.py running EXPERIMENT --epochs N  # wait for a running trial with N epochs
     python tests/cluster_probe.py finished EXPERIMENT          # wait for a finished trial
     python tests/cluster_probe.py job DASHBOARD JOB_ID         # wait for the job to end: status, logs
+    python tests/cluster_probe.py nodes DASHBOARD              # the head's node id, each TrainController's node
 """
 import argparse
 import json
@@ -53,15 +54,27 @@ def job_end(dashboard, job_id, timeout):
     return {"status": jobs.get_job_status(job_id).value, "logs": jobs.get_job_logs(job_id)}
 
 
+def train_controllers(dashboard):
+    """{head: the head's node id, controllers: the node id of every TrainController actor, alive or ended}."""
+    from ray.util.state import list_actors, list_nodes
+
+    head = next(n.node_id for n in list_nodes(address=dashboard, limit=1000) if n.is_head_node)
+    actors = list_actors(address=dashboard, filters=[("class_name", "=", "TrainController")], limit=1000)
+    return {"head": head, "controllers": [a.node_id for a in actors]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("record", "running", "finished", "job"))
-    parser.add_argument("names", nargs="+", help="EXPERIMENT, or DASHBOARD JOB_ID")
+    parser.add_argument("what", choices=("record", "running", "finished", "job", "nodes"))
+    parser.add_argument("names", nargs="+", help="EXPERIMENT, DASHBOARD JOB_ID, or DASHBOARD")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
     if args.what == "job":
         print(json.dumps(job_end(*args.names, args.timeout)))
+        return
+    if args.what == "nodes":
+        print(json.dumps(train_controllers(args.names[0])))
         return
     client = MlflowClient()
     if args.what == "record":

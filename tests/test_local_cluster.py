@@ -9,6 +9,7 @@ submitted from the laptop host with `ray job submit` and no storage or tracking 
 the environment setup_head.sh exported. Each test asserts what MLflow and the bucket hold afterwards."""
 import json
 import os
+import re
 import shlex
 import time
 
@@ -195,6 +196,8 @@ def test_a_study_spans_the_worker_hosts_and_lands_in_the_bucket_and_on_the_head(
             "print(t.checkpoint, t.epoch, sum(p.numel() for p in t.model.parameters()))")
     checkpoint_uri, epoch, _ = on(local_hosts, "laptop", f"python -c {shlex.quote(load)}").split()[-3:]
     assert checkpoint_uri == children[0]["tags"]["nvae.checkpoint"] and int(epoch) == EPOCHS - 1
+    nodes = probe(local_hosts, "nodes", dashboard(local_hosts))  # all bookkeeping on the head
+    assert len(nodes["controllers"]) >= 2 and set(nodes["controllers"]) == {nodes["head"]}, nodes
 
 
 def test_the_laptop_evaluates_a_trial_from_the_bucket_and_reports_through_the_server(local_hosts, first_study):
@@ -207,6 +210,23 @@ def test_the_laptop_evaluates_a_trial_from_the_bucket_and_reports_through_the_se
     report = on(local_hosts, "laptop", "cd /tmp/home && python -m reports spans-hosts --out /tmp/home/report "
                                        "&& cat /tmp/home/report/spans-hosts/*/table.md")
     assert "| 0.0 |" in report and "| 0.1 |" in report
+
+
+def test_a_study_run_on_the_head_joins_its_cluster_as_under_ray_submit(local_hosts):
+    """`ray submit` runs the script on the head in a login shell (~/.bashrc reads ~/.nvae/cluster.env):
+    no RAY_ADDRESS, no flags. It joins the cluster started there and records to the cluster's server,
+    its trial on a worker host."""
+    out = local_hosts.run("head", f". ~/.nvae/cluster.env && cd /tmp/home && python {local_hosts.REPO}/{STUDY} "
+                                  "--levels sr_lambda=0.1 --set epochs=1 --experiment via-ray-submit",
+                          env=local_hosts.s3_env(), check=False, timeout=900)
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    log = re.search(r"Ray's own messages .* go to (\S+)", out.stdout).group(1)
+    ray_log = on_host("head", f"cat {log}")  # Ray's start-up messages go there, not to the console
+    assert "Connected to Ray cluster" in ray_log and "Started a local Ray instance" not in ray_log + out.stderr
+    assert "View run" not in out.stdout + out.stderr and "View experiment" not in out.stdout  # MLflow's run links
+    (trial,) = [r for r in probe(local_hosts, "record", "via-ray-submit") if r["tags"].get("nvae.status") == "finished"]
+    head = probe(local_hosts, "nodes", dashboard(local_hosts))["head"]
+    assert head not in trial["tags"]["nvae.nodes"].split(",")
 
 
 def wait_for_trial(hosts, experiment, state="running", epochs=1):
