@@ -1,4 +1,5 @@
-"""The runs of a study as pandas, read through MLflow's search: one StudyRuns per study invocation."""
+"""The runs of a study as pandas, read through MLflow's search: one StudyRuns per study and scale (an
+MLflow parent run), holding the trials of every invocation that added seeds or levels to it."""
 import json
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ class ReportError(ValueError):
 
 @dataclass
 class StudyRuns:
-    """One study invocation (an MLflow parent run) and its trial runs."""
+    """One study (an MLflow parent run) and its trial runs."""
 
     name: str  # the study's name, e.g. ablation_norm
     run_name: str  # the parent run's name, e.g. ablation_norm-smoke-cd3630ce
@@ -34,7 +35,7 @@ class StudyRuns:
 
 
 def load_studies(experiment, tracking_uri=None):
-    """Every study invocation recorded in the MLflow experiment, newest first."""
+    """Every study (parent run) recorded in the MLflow experiment, newest first."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -75,11 +76,23 @@ def _param(row, name, default=""):
     return default if value is None or (isinstance(value, float) and pd.isna(value)) else value
 
 
-def _study(parent, children):
-    levels = {k[len("params.levels."):]: v.split(",") for k, v in parent.items()
-              if k.startswith("params.levels.") and isinstance(v, str)}
+def _levels(parent, children):
+    """{factor: levels} of the study: its parent's tags, which each invocation widens (params in records of
+    earlier versions), and any level its trial runs hold beside them."""
+    def named(prefix):
+        return {k[len(prefix):]: v.split(",") for k, v in parent.items() if k.startswith(prefix) and isinstance(v, str)}
+
+    levels = named("tags.nvae.levels.") or named("params.levels.")
     order = [f for f in _param(parent, "factors").split(",") if f in levels]  # MLflow keeps no param order
     levels = {f: levels[f] for f in order + sorted(set(levels) - set(order))}
+    for name, names in levels.items():
+        names += [n for n in children.get(f"tags.factor.{name}", pd.Series(dtype=object)).dropna().unique()
+                  if n not in names]
+    return levels
+
+
+def _study(parent, children):
+    levels = _levels(parent, children)
     objectives = dict(pair.split(":") for pair in _param(parent, "objectives").split(",") if pair)
     trials = pd.DataFrame({name: children.get(f"tags.factor.{name}") for name in levels})
     trials["seed"] = children.get("tags.nvae.seed")

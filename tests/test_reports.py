@@ -141,6 +141,24 @@ def test_the_command_line_names_the_problem(store, tmp_path, capsys):
     assert "| WN+ELU | 3.35 ± 0.071 (n=2) |" in capsys.readouterr().out
 
 
+def test_the_levels_are_the_parents_widened_tags_and_every_level_its_trials_hold(tmp_path):
+    """A study widened by later invocations: its first params name one level of each factor, its tags
+    (updated by each invocation) two groups, and a trial holds a third norm_act: every row is there."""
+    trials = TRIALS + [("BN+ELU", "10", 0, "finished", 3.5)]
+    uri, _ = record_study(tmp_path, {"norm_act": ["WN+ELU"], "groups": ["10"]}, [], {})
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ablation_norm").experiment_id
+    (parent,) = client.search_runs([experiment])
+    for key, value in {"nvae.levels.norm_act": "WN+ELU,BN+Swish", "nvae.levels.groups": "10,40"}.items():
+        client.set_tag(parent.info.run_id, key, value)
+    for norm_act, groups, seed, status, _bpd in trials:
+        client.create_run(experiment, tags={"mlflow.parentRunId": parent.info.run_id, "nvae.seed": str(seed),
+                                            "nvae.status": status, "factor.norm_act": norm_act, "factor.groups": groups})
+    (study,) = load_studies("ablation_norm", uri)
+    assert study.levels == {"norm_act": ["WN+ELU", "BN+Swish", "BN+ELU"], "groups": ["10", "40"]}
+    assert len(build_table(study, {}).long) == 5  # every configuration the trials hold
+
+
 def test_a_report_of_a_real_smoke_study_embeds_its_sample_grids(finished_study, tmp_path):
     """The session's smoke study (2 finished trials, 2 diverged): counts, baseline and sample grids."""
     _, uri = finished_study

@@ -6,7 +6,7 @@ import pytest
 from nvae_core import ConfigError
 from nvae_platform.record.tracking import check_tracking_uri, status_of
 from nvae_platform.study.cli import main
-from nvae_platform.study.declaration import Factor, Study, field_factor, grid, resolve
+from nvae_platform.study.declaration import Factor, Study, field_factor, grid, resolve, trial_key
 from nvae_platform.study.runner import StudySettings, check_storage, pareto_front, plan_study, summary_table
 from studies.ablation_norm import STUDY as NORM
 from studies.search_architecture import STUDY as SEARCH
@@ -68,11 +68,61 @@ def test_every_study_plans_at_every_scale(tmp_path):
             assert grid(study, scale, [0])  # configs valid; data is checked only when run
 
 
-def test_the_study_folder_changes_with_what_is_trained_and_not_with_concurrency(tmp_path):
-    base = plan_study(NORM, StudySettings(storage_path=str(tmp_path)))
-    same = plan_study(NORM, StudySettings(storage_path=str(tmp_path), max_concurrent=1))
-    other = plan_study(NORM, StudySettings(storage_path=str(tmp_path), overrides={"epochs": 5}))
-    assert base.experiment_dir == same.experiment_dir != other.experiment_dir
+def test_the_study_folder_changes_with_how_trials_train_and_not_with_seeds_levels_or_concurrency(tmp_path):
+    def plan(**asked):
+        return plan_study(NORM, StudySettings(storage_path=str(tmp_path), **asked), check_data=False)
+
+    base = plan()
+    same = [plan(**asked) for asked in ({"max_concurrent": 1}, {"seeds": 3}, {"levels": {"groups": ["4"]}},
+                                        {"row_seeds": {("BN+ELU", "2"): 2}})]
+    other = [plan(**asked) for asked in ({"overrides": {"epochs": 5}}, {"workers_per_trial": 2}, {"scale": "small"})]
+    assert {p.experiment_dir for p in same} == {base.experiment_dir}
+    assert len({p.experiment_dir for p in [base, *other]}) == 4
+    assert len({p.tune_name for p in [base, *same[1:]]}) == 4 and same[0].tune_name == base.tune_name
+
+
+@pytest.mark.parametrize("name", STUDY_SCRIPTS[:-1])
+def test_every_grid_study_keeps_its_folder_whichever_levels_and_seeds_are_asked(name, tmp_path):
+    import importlib
+
+    study = importlib.import_module(f"studies.{name}").STUDY
+    folders = {plan_study(study, StudySettings(storage_path=str(tmp_path), seeds=seeds, levels={f.name: [level]}),
+                          check_data=False).experiment_dir
+               for f in study.factors for level in f.at("smoke") for seeds in (1, 2)}
+    assert len(folders) == 1
+
+
+def test_row_seeds_set_a_rows_seed_count_beside_seeds_and_bad_rows_are_named(tmp_path):
+    plan = plan_study(NORM, StudySettings(storage_path=str(tmp_path), levels={"groups": ["2", "4"]},
+                                          row_seeds={("BN+Swish", "4"): 3, ("WN+ELU", "2"): 0}))
+    seeds = {}
+    for t in plan.trials:
+        seeds.setdefault(tuple(t.levels.values()), []).append(t.seed)
+    assert seeds.pop(("BN+Swish", "4")) == [0, 1, 2] and ("WN+ELU", "2") not in seeds
+    assert list(seeds.values()) == [[0]] * 4
+    for rows, message in (({("BN+Swish", "8"): 2}, r"row_seeds \('BN\+Swish', '8'\): not a row of this plan"),
+                          ({("BN+Swish",): 2}, "not a row of this plan; expected the levels of norm_act, groups"),
+                          ({("BN+Swish", "2"): -1}, "-1 is not allowed"),
+                          ({("BN+Swish", "2"): 0, ("BN+ELU", "2"): 0, ("WN+ELU", "2"): 0}, "no trial to run")):
+        with pytest.raises(ValueError, match=message):
+            plan_study(NORM, StudySettings(storage_path=str(tmp_path), levels={"groups": ["2"]}, row_seeds=rows))
+    with pytest.raises(ValueError, match="a search trains one seed per trial"):
+        plan_study(SEARCH, StudySettings(row_seeds={("x",): 2}))
+
+
+def test_a_trial_key_parses_back_to_its_levels_and_seed(tmp_path):
+    plan = plan_study(NORM, StudySettings(storage_path=str(tmp_path), seeds=2, levels={"groups": ["2"]}))
+    wider = grid(NORM, "smoke", [0, 11])  # a key of another invocation parses too
+    assert all(plan.parse_key(t.key) == (t.levels, t.seed) for t in plan.trials + wider)
+    for foreign in ("norm_act=BN+ReLU,groups=2,seed=0", "norm_act=BN+ELU,groups=2", "norm_act=BN+ELU,groups=2,seed=x"):
+        assert plan.parse_key(foreign) is None
+
+
+def test_the_parent_tags_name_the_union_of_every_invocations_levels_and_seeds(tmp_path):
+    plan = plan_study(NORM, StudySettings(storage_path=str(tmp_path), levels={"groups": ["8"]}))
+    recorded = [({"norm_act": "WN+ELU", "groups": "2"}, 2), ({"norm_act": "WN+ELU", "groups": "8"}, 0)]
+    assert plan.extent_tags(recorded) == {"nvae.levels.norm_act": "WN+ELU,BN+ELU,BN+Swish",
+                                          "nvae.levels.groups": "2,8", "nvae.seeds": "0,2", "nvae.trials": 4}
 
 
 def test_search_plans_choices_and_refuses_seeds_and_asha_with_two_objectives(tmp_path):
@@ -130,6 +180,7 @@ def test_max_failures_sets_every_trials_worker_restarts(tmp_path):
 def test_on_a_cluster_storage_and_data_default_to_what_the_nodes_export(tmp_path, monkeypatch, capsys):
     """cluster.yaml exports NVAE_STORAGE_PATH and NVAE_DATA_DIR; flags still win."""
     monkeypatch.setenv("NVAE_STORAGE_PATH", "s3://lab-bucket/nvae")
+    monkeypatch.setattr("nvae_platform.study.cli.ended_outcomes", lambda path: {})  # no S3 here: 6 s of retries
     monkeypatch.setenv("NVAE_DATA_DIR", str(tmp_path / "datasets"))
     assert main(NORM, ["--dry-run", "--scale", "small"]) == 0
     out = capsys.readouterr().out
@@ -149,6 +200,35 @@ def test_dry_run_prints_trials_and_resources_and_starts_nothing(tmp_path, monkey
 
 def _result(config, **metrics):
     return SimpleNamespace(config=config, metrics=metrics, error=None)
+
+
+def test_the_closing_table_pools_trials_ended_in_earlier_invocations_in_the_studys_order(tmp_path):
+    from nvae_platform.study.runner import earlier_trials
+
+    plan = plan_study(NORM, StudySettings(storage_path=str(tmp_path), levels={"groups": ["2"], "norm_act": ["BN+ELU"]}))
+    this = [_result({"norm_act": "BN+ELU", "groups": "2", "seed": 0}, status="finished", test_bpd=1.0)]
+    ended = {"norm_act=BN+ELU,groups=2,seed=0": {"status": "finished", "test_bpd": 1.0},  # also in this invocation
+             "norm_act=BN+ELU,groups=2,seed=1": {"status": "finished", "test_bpd": 2.0},
+             "norm_act=WN+ELU,groups=8,seed=0": {"status": "diverged at step 3"},
+             "not-a-trial-of-this-study": {"status": "finished"}}
+    earlier = earlier_trials(plan, ended, this)
+    assert sorted(trial_key({k: v for k, v in e.config.items() if k != "seed"}, e.config["seed"]) for e in earlier) == [
+        "norm_act=BN+ELU,groups=2,seed=1", "norm_act=WN+ELU,groups=8,seed=0"]
+    assert summary_table(plan, this + earlier).splitlines()[2:] == ["| WN+ELU | 8 | - | 1 diverged |",
+                                                                    "| BN+ELU | 2 | 1.5 ± 0.71 | 2 finished |"]
+
+
+def test_the_dry_run_marks_the_trials_that_ended_before(tmp_path, monkeypatch, capsys):
+    from nvae_platform.record.outcomes import write_outcome
+
+    monkeypatch.chdir(tmp_path)
+    plan = plan_study(NORM, StudySettings(levels={"groups": ["2"]}, seeds=2), check_data=False)
+    write_outcome(plan.trials_path, "norm_act=BN+ELU,groups=2,seed=0", {"status": "finished"})
+    assert main(NORM, ["--dry-run", "--levels", "groups=2", "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "6 trials (grid over norm_act x groups x seed), 1 ended before (not trained again):" in out
+    assert [line.split()[0] for line in out.splitlines() if line.endswith("(ended before)")] == [
+        "norm_act=BN+ELU,groups=2,seed=0"]
 
 
 def test_summary_table_averages_finished_seeds_and_counts_statuses(tmp_path):

@@ -4,7 +4,9 @@ Trial workers may run on nodes with no route to the tracking store, and many pro
 SQLite file lose writes or lock it, so workers report to Ray and this Tune callback, on the driver,
 writes MLflow: a parent run per study, a nested child run per trial (params = the resolved config,
 tags = factor levels, status and provenance, one metric point per epoch, artifacts = config JSON
-and sample grid). A resumed study finds its parent and child runs by tag and continues them.
+and sample grid). A resumed study finds its parent and child runs by tag and continues them; so
+does a later invocation that adds seeds or levels to the study (the same study key), which widens
+the parent's tags naming the study's levels, seeds and trial count.
 
 The tracker's state is the store itself: it holds only plain data until Tune calls its `setup`
 hook (at the start of every fit, a restored one included), which opens the store and reads what
@@ -270,6 +272,9 @@ class MlflowTracker(tune.Callback):
             key = run.data.tags.get(TRIAL_KEY_TAG)
             self.runs[key] = RunWriter.found(self.client, run, self._folder(key))
             self.runs[key].backfill()
+        recorded = [({k[len("factor."):]: v for k, v in run.data.tags.items() if k.startswith("factor.")},
+                     int(run.data.tags.get("nvae.seed", 0))) for run in children]
+        RunWriter(self.client, self.parent_id, "").log_batch(tags=self.plan.extent_tags(recorded))
         configs = {t.key: t.config for t in self.plan.trials} if not self.plan.is_search else {}
         for key, writer in sorted(self.runs.items()):  # a search's trial is completed when it reports
             if not writer.complete and key in configs:
@@ -291,8 +296,8 @@ class MlflowTracker(tune.Callback):
         levels, seed, cfg = self.plan.describe_config(config)
         if writer is None:
             tags = {PARENT_TAG: self.parent_id, TRIAL_KEY_TAG: key, "nvae.seed": seed, STATUS_TAG: "running",
-                    "nvae.tune_trial_id": trial_id, **{f"factor.{k}": v for k, v in levels.items()},
-                    **self.provenance}
+                    **({"nvae.tune_trial_id": trial_id} if trial_id else {}),  # none: ended in an earlier invocation
+                    **{f"factor.{k}": v for k, v in levels.items()}, **self.provenance}
             # A tracking server takes string tags only (a SQLite store converts them itself).
             run = self.client.create_run(self.experiment_id, run_name=key, tags={k: str(v) for k, v in tags.items()})
             writer = self.runs[key] = RunWriter(self.client, run.info.run_id, self._folder(key))
@@ -362,8 +367,10 @@ class MlflowTracker(tune.Callback):
 
     @property
     def interrupted(self):
-        """Whether some trial of the study has no terminal record yet."""
-        return sum(w.closed for w in self.runs.values()) < self.plan.trial_count
+        """Whether some trial of this invocation's plan has no terminal record yet."""
+        if self.plan.is_search:
+            return sum(w.closed for w in self.runs.values()) < self.plan.trial_count
+        return not all(t.key in self.runs and self.runs[t.key].closed for t in self.plan.trials)
 
     def close(self):
         """End every child still open (from its outcome file if the trial ended while no driver

@@ -8,6 +8,7 @@ from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, defa
 from nvae_platform.preflight import FAILURE_COUNT, CommandLine, at_least, label
 from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
 from nvae_platform.ray_cluster import add_ray_arguments
+from nvae_platform.record.outcomes import ended_outcomes
 from nvae_platform.study.plan import MAX_TRIALS
 from nvae_platform.study.runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
 from nvae_platform.train.scales import SCALES
@@ -51,7 +52,8 @@ def build_parser(study):
     add("--scale", default="smoke", choices=SCALES,
         help="smoke: offline data, tiny model, minutes on a CPU; small: CIFAR-10, one GPU per trial; "
              "paper: the paper's settings, multi-GPU trials (default: smoke)")
-    add("--seeds", type=at_least(1), default=1, help="seeds per level combination (default: 1)")
+    add("--seeds", type=at_least(1), default=1,
+        help="seeds per level combination (default: 1); more later trains only the new seeds")
     add("--workers-per-trial", type=at_least(1), help="data-parallel workers of each trial (default: the scale's)")
     add("--gpus-per-worker", type=at_least(0, float), help="0 trains on CPUs (default: the scale's)")
     add("--cpus-per-worker", type=at_least(0, float, strictly=True), help="default: the scale's")
@@ -67,7 +69,7 @@ def build_parser(study):
     add("--skip-unreadable", action="store_true",
         help="train without the image-folder files that cannot be read (default: refuse to start, naming them)")
     add("--levels", action="append", default=[], metavar="FACTOR=L1,L2",
-        help="run only these levels of a factor, e.g. --levels groups=10,20")
+        help="run only these levels of a factor, e.g. --levels groups=10,20; others later join the same study")
     add("--set", action="append", default=[], metavar="FIELD=VALUE",
         help="override an NVAEConfig field in every trial, e.g. --set epochs=50")
     add("--samples", type=at_least(1), help="trials of a search (default: the study's)")
@@ -98,7 +100,7 @@ def main(study, argv=None):
     try:  # every check before anything is recorded or trained
         if args.dry_run:
             plan = plan_study(study, settings, check_data=False)
-            print(describe_plan(plan, args.max_concurrent))
+            print(describe_plan(plan, args.max_concurrent, ended_outcomes(plan.trials_path)))
             try:
                 plan_study(study, settings)
             except DatasetNotFoundError as error:

@@ -145,9 +145,15 @@ def check_overrides(study, scale, overrides):
         raise ConfigError(f"--set: {error}") from None
 
 
+def combinations(levels):
+    """Every combination of {factor: [level, ...]} as {factor: level} dicts, the last factor varying fastest."""
+    combos = [{}]
+    for name, names in levels.items():
+        combos = [{**c, name: level} for c in combos for level in names]
+    return combos
+
+
 def grid(study, scale, seeds, only=None, overrides=None):
     """Every combination of levels x seeds, each resolved and validated."""
-    combos = [{}]
-    for name, levels in factor_levels(study, scale, only).items():
-        combos = [{**c, name: level} for c in combos for level in levels]
+    combos = combinations(factor_levels(study, scale, only))
     return [Trial(trial_key(c, s), c, s, resolve(study, scale, c, s, overrides)) for c in combos for s in seeds]

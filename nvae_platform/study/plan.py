@@ -2,11 +2,16 @@
 before anything starts (plan_study), and what a trial process needs to know of its study (StudyPlan,
 picklable). Kept apart from the driver's modules (Tune's search, MLflow), which a trial process does
 not import.
+
+A study's identity (its folder under the storage path, and its MLflow parent run) is its study,
+scale, overrides and workers per trial: what a trial's training depends on beside its levels and
+seed. A grid's seeds and --levels are not part of it: each invocation asks for some trials of the
+study (its Tune experiment, a folder in the study's, named by that set), and trials that ended in
+an earlier invocation are not trained again. A search's levels and samples are part of its identity.
 """
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 
 from ray import tune
@@ -15,7 +20,7 @@ from nvae_core import ConfigError, data_check
 from nvae_core.datasets import check_available
 from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path
-from nvae_platform.study.declaration import Study, factor_levels, grid, resolve, trial_key
+from nvae_platform.study.declaration import Study, Trial, combinations, factor_levels, grid, resolve, trial_key
 from nvae_platform.train.run_options import RunOptions
 from nvae_platform.train.scales import run_options
 
@@ -45,6 +50,7 @@ class StudySettings:
     num_cpus: int = None  # CPUs of a local Ray
     max_trials: int = MAX_TRIALS  # a plan above it is refused before it is built
     max_failures: int = 2  # restarts of a trial's workers (Train), and of its own process (Tune), after a failure
+    row_seeds: dict = field(default_factory=dict)  # (level, ...) in factor order -> seeds of that row; else seeds
 
 
 @dataclass
@@ -57,9 +63,10 @@ class StudyPlan:
     levels: dict  # factor -> level names
     overrides: dict
     options: RunOptions  # resources and evaluation of every trial; name set per trial
-    trials: list  # the grid's Trials (every combination, also for a search: all validated)
+    trials: list  # the Trials this invocation asks for (a search: every combination, all validated)
     storage_path: str  # the study's storage root (local folder or URI)
-    experiment_dir: str  # Tune experiment name under storage_path: study-scale-digest
+    experiment_dir: str  # the study's folder under storage_path: study-scale-digest of its identity
+    tune_name: str  # this invocation's Tune experiment, a folder in the study's: tune-digest of its trials
     num_samples: int
     train_in_trial: bool = False  # set by prepare_study: one-worker trials on a local Ray train in the trial's process
 
@@ -72,6 +79,10 @@ class StudyPlan:
         return f"{self.storage_path}/{self.experiment_dir}"
 
     @property
+    def tune_path(self):
+        return f"{self.study_key}/{self.tune_name}"
+
+    @property
     def trial_count(self):
         return self.num_samples if self.is_search else len(self.trials)
 
@@ -79,20 +90,37 @@ class StudyPlan:
     def trials_path(self):
         return f"{self.study_key}/trials"
 
-    def param_space(self):
+    def param_space(self, trials=None):
+        """Tune's space: a search's choices; a grid's levels and seeds, of which `trials` (default: all)
+        are the points Tune runs (grid_points)."""
         if self.is_search:
             return {name: tune.choice(levels) for name, levels in self.levels.items()}
-        return {**{name: tune.grid_search(self.longest_first(name)) for name in self.levels},
-                "seed": tune.grid_search(self.seeds)}
+        trials = self.trials if trials is None else trials
+        return {**{name: tune.grid_search(sorted({t.levels[name] for t in trials})) for name in self.levels},
+                "seed": tune.grid_search(sorted({t.seed for t in trials}))}
 
-    def longest_first(self, factor):
-        """The factor's levels, those whose trials look longest first (estimated_work): Tune starts a
-        grid's trials in order, and a study that ends on one long trial leaves the other slots idle."""
-        def mean_work(level):
-            works = [estimated_work(t.config) for t in self.trials if t.levels[factor] == level]
-            return -sum(works) / len(works)
+    @staticmethod
+    def grid_points(trials):
+        """The Tune configs of a grid's trials, those that look longest first (estimated_work): Tune starts
+        them in order, and a study that ends on one long trial leaves the other slots idle."""
+        ordered = sorted(trials, key=lambda t: -estimated_work(t.config))  # stable: equal ones keep their order
+        return [{**t.levels, "seed": t.seed} for t in ordered]
 
-        return sorted(self.levels[factor], key=mean_work)  # stable: equal levels keep their order
+    @property
+    def declared_levels(self):
+        """Every level of each factor at this scale, in the study's order (not narrowed by --levels)."""
+        return factor_levels(self.study, self.scale)
+
+    def parse_key(self, key):
+        """({factor: level}, seed) of a grid trial's key; None for a key that is not one of the study's."""
+        levels, rest = {}, key
+        for name, names in self.declared_levels.items():
+            level = next((n for n in names if rest.startswith(f"{name}={n},")), None)
+            if level is None:
+                return None
+            levels[name], rest = level, rest[len(f"{name}={level},"):]
+        seed = rest.removeprefix("seed=")
+        return (levels, int(seed)) if rest.startswith("seed=") and seed.isdigit() else None
 
     def levels_and_seed(self, config):
         """({factor: level}, seed) of a Tune trial config."""
@@ -121,10 +149,22 @@ class StudyPlan:
                 "nvae.dataset": self.study.dataset_at(self.scale), "nvae.kind": "search" if self.is_search else "grid",
                 "nvae.storage": self.study_key, "mlflow.note.content": self.study.description}
 
+    def extent_tags(self, recorded=()):
+        """The parent run's tags naming the levels, seeds and trial count of the whole study: this plan's
+        trials and the recorded ones ((levels, seed) pairs), which earlier invocations may have added.
+        Tags, not params: MLflow cannot change a param, and a later invocation may widen the study."""
+        if self.is_search:
+            levels, seeds, count = self.levels, self.seeds, self.trial_count
+        else:
+            pairs = [(t.levels, t.seed) for t in self.trials] + list(recorded)
+            levels = {name: [n for n in names if any(lv.get(name) == n for lv, _ in pairs)]
+                      for name, names in self.declared_levels.items()}
+            seeds, count = sorted({s for _, s in pairs}), len({trial_key(lv, s) for lv, s in pairs})
+        return {**{f"nvae.levels.{name}": ",".join(names) for name, names in levels.items()},
+                "nvae.seeds": ",".join(map(str, seeds)), "nvae.trials": count}
+
     def study_params(self):
-        params = {f"levels.{name}": ",".join(levels) for name, levels in self.levels.items()}
-        params.update({"seeds": ",".join(map(str, self.seeds)), "scale": self.scale,
-                       "trials": self.trial_count})
+        params = {"scale": self.scale}
         params.update({f"set.{k}": v for k, v in self.overrides.items()})
         params.update({"factors": ",".join(self.levels), "table.columns": ",".join(self.study.columns),
                        "table.across": self.study.across or "",
@@ -141,13 +181,32 @@ def estimated_work(cfg):
     return cfg.epochs * cfg.num_groups * cells * cfg.num_channels_enc ** 2 * (1 + cfg.num_flows)
 
 
-def _check_size(study, settings, levels):
+def row_seed_counts(levels, settings):
+    """{row (its levels in factor order): seeds} of every combination of `levels`: settings.row_seeds
+    where it names the row, else settings.seeds. A row_seeds entry that is not such a row is refused."""
+    counts = {tuple(c.values()): settings.seeds for c in combinations(levels)}
+    for row, seeds in settings.row_seeds.items():
+        row = tuple(str(n) for n in (row if isinstance(row, (tuple, list)) else (row,)))
+        if row not in counts:
+            raise ValueError(f"row_seeds {row}: not a row of this plan; expected the levels of "
+                             f"{', '.join(levels)} in that order, among {', '.join(map(str, counts))}")
+        if not isinstance(seeds, int) or seeds < 0:
+            raise ValueError(f"row_seeds {row}: {seeds!r} is not allowed: expected an integer >= 0")
+        counts[row] = seeds
+    return counts
+
+
+def _digest(identity):
+    return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _check_size(study, settings, counts):
     """Refuse a plan of more than settings.max_trials trials before any of it is built, saying how
     many trials and GPUs it asked for."""
     if study.search is not None:
         count, asked = settings.samples or 0, f"--samples {settings.samples}"
     else:
-        count, asked = settings.seeds * math.prod(len(v) for v in levels.values()), f"--seeds {settings.seeds}"
+        count, asked = sum(counts.values()), f"--seeds {settings.seeds}"
     if count > settings.max_trials:
         scale = run_options(study.dataset_at(settings.scale), settings.scale)
         per_trial = (settings.workers_per_trial or scale.workers) * (settings.gpus_per_worker or scale.gpus_per_worker)
@@ -163,12 +222,19 @@ def plan_study(study, settings, check_data=True):
                         ("--samples", settings.samples), ("--num-cpus", settings.num_cpus)):
         if value is not None and value < 1:
             raise ValueError(f"argument {flag}: {value} is not allowed: expected an integer >= 1")
-    if study.search is not None and settings.seeds != 1:
+    if study.search is not None and (settings.seeds != 1 or settings.row_seeds):
         raise ValueError("--seeds: a search trains one seed per trial; repeat its best trials as a grid study")
     levels = factor_levels(study, settings.scale, settings.levels)
-    _check_size(study, settings, levels)
-    seeds = list(range(settings.seeds))
-    trials = grid(study, settings.scale, seeds, settings.levels, settings.overrides)
+    counts = row_seed_counts(levels, settings)
+    _check_size(study, settings, counts)
+    if study.search is not None:
+        trials = grid(study, settings.scale, [0], settings.levels, settings.overrides)
+    else:
+        trials = [Trial(trial_key(c, s), c, s, resolve(study, settings.scale, c, s, settings.overrides))
+                  for c in combinations(levels) for s in range(counts[tuple(c.values())])]
+    if not trials:
+        raise ValueError("row_seeds: every row has 0 seeds, so there is no trial to run; ask for one or more")
+    seeds = sorted({t.seed for t in trials})
     dataset = study.dataset_at(settings.scale)
     resources = {k: v for k, v in dict(workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_worker,
                                        cpus_per_worker=settings.cpus_per_worker).items() if v is not None}
@@ -196,10 +262,15 @@ def plan_study(study, settings, check_data=True):
             raise ValueError(f"study {study.name}: early stopping (ASHA) ranks trials by one metric; "
                              "use one objective or early_stopping=False")
     storage = absolute(settings.storage_path)
-    identity = json.dumps({"levels": levels, "seeds": seeds, "configs": [t.config.to_dict() for t in trials],
-                           "workers": options.workers, "samples": num_samples}, sort_keys=True)
-    digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
+    # What every trial shares (the scale, the study's fixed fields, --set), each factor's declared levels,
+    # and the workers (with the batch per worker, they set the global batch); a search's choices too.
+    varied = {k for f in study.factors for level in f.at(settings.scale).values() for k in level} | {"seed"}
+    shared = {k: v for k, v in trials[0].config.to_dict().items() if k not in varied}
+    asked = {"levels": levels, "samples": num_samples} if study.search is not None else {}
+    identity = {"shared": shared, "factors": {f.name: f.at(settings.scale) for f in study.factors},
+                "workers": options.workers, **asked}
+    tune_name = f"tune-{_digest(asked or sorted(t.key for t in trials))}"
     plan = StudyPlan(study, settings.scale, seeds, levels, dict(settings.overrides), options, trials, storage,
-                     f"{study.name}-{settings.scale}-{digest}", num_samples)
+                     f"{study.name}-{settings.scale}-{_digest(identity)}", tune_name, num_samples)
     plan.options = dataclasses.replace(options, storage_path=plan.trials_path)
     return plan

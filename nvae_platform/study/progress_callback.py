@@ -4,6 +4,8 @@ Like the tracker it holds plain data until Tune calls its `setup` hook, so Tune 
 the experiment and a resumed study restores it as it is. On a resume, the trials that ended before
 are counted, not retrained: those Tune hands back TERMINATED, and those whose outcome file was
 written after Tune last saved its state, which Tune runs again and which only report that outcome.
+So are the trials of a grid's plan that an earlier invocation (fewer seeds or levels) ended, which
+this invocation's Tune experiment does not hold.
 """
 import os
 
@@ -46,8 +48,11 @@ class ProgressCallback(tune.Callback):
             self.synced = True
             ended = {self.plan.key_of(t): status_of(t.last_result, t.status) for t in trials
                      if t.status in (Trial.TERMINATED, Trial.ERROR)}
-            for trial in trials:
-                key = self.plan.key_of(trial)
+            keys = [self.plan.key_of(t) for t in trials]
+            if not self.plan.is_search:
+                known = set(keys)
+                keys += [t.key for t in self.plan.trials if t.key not in known]
+            for key in keys:
                 outcome = None if key in ended else read_outcome(self.plan.trials_path, key)
                 if outcome is not None:
                     ended[key] = status_of(outcome, "TERMINATED")

@@ -9,7 +9,9 @@ the TorchTrainer of its configuration and forwards every epoch's report to Tune;
 one-worker trial trains in the trial's own process instead (no Train controller and worker actors
 to start per trial: worker_session.py), writing the same checkpoints. Re-running the same
 command resumes: Tune restores its experiment, an unfinished trial's Train run resumes from its last
-checkpoint, and a trial whose outcome file exists is reported, not retrained.
+checkpoint, and a trial whose outcome file exists is reported, not retrained. A command that asks
+for more seeds or levels of a study (plan.py: its identity) is a new Tune experiment of the trials
+that have not ended yet, under the same MLflow parent run; its closing table pools every ended trial.
 """
 import math
 import os
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from nvae_platform.defaults import default_tracking_uri
@@ -25,6 +28,7 @@ from nvae_platform.folder_lock import FolderLock
 from nvae_platform.preflight import check_local_resources, check_resources, check_storage
 from nvae_platform.ray_cluster import cluster_address, init_ray, shutdown_ray
 from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
+from nvae_platform.record.outcomes import ended_outcomes
 from nvae_platform.record.store import open_in_background
 from nvae_platform.record.tracking import STORE_ERRORS, MlflowTracker, check_tracking_uri, first_line, status_of
 from nvae_platform.study.declaration import trial_key
@@ -51,10 +55,13 @@ class FinalOptunaSearch(OptunaSearch):
         pass
 
 
-def _tune_config(plan, max_concurrent):
+def _tune_config(plan, max_concurrent, pending):
     search = plan.study.search
-    if search is None:
-        return tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True)
+    if search is None:  # the grid's trials that have not ended, as points of its space
+        points = plan.grid_points(pending)
+        return tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=points,
+                                                                max_concurrent=max_concurrent or 0),
+                               num_samples=len(points), reuse_actors=True)
     metrics, modes = list(search.objectives), list(search.objectives.values())
     searcher = FinalOptunaSearch(metric=metrics if len(metrics) > 1 else metrics[0],
                                  mode=modes if len(modes) > 1 else modes[0], seed=0)
@@ -90,8 +97,9 @@ def _default_concurrency(plan, settings, joined):
     return max(1, int(min(fits))) if fits else 1
 
 
-def describe_plan(plan, max_concurrent=None):
-    """The trials and their resources, as printed by --dry-run."""
+def describe_plan(plan, max_concurrent=None, ended=()):
+    """The trials and their resources, as printed by --dry-run; `ended`: keys of the study's trials that
+    ended before (ended_outcomes), marked as such: they are not trained again."""
     o = plan.options
     lines = [f"study {plan.study.name} at scale {plan.scale}: {plan.study.description}".rstrip(": "),
              (f"  dataset {plan.study.dataset_at(plan.scale)}; each trial: {o.workers} worker(s) x "
@@ -107,20 +115,28 @@ def describe_plan(plan, max_concurrent=None):
                      f"objectives {s.objectives}; early stopping {'ASHA on val_bpd' if s.early_stopping else 'off'}")
         lines += [f"  {name}: {', '.join(levels)}" for name, levels in plan.levels.items()]
     else:
-        lines.append(f"  {len(plan.trials)} trials (grid over {' x '.join(plan.levels)} x seed):")
+        before = sum(t.key in ended for t in plan.trials)
+        lines.append(f"  {len(plan.trials)} trials (grid over {' x '.join(plan.levels)} x seed)"
+                     + (f", {before} ended before (not trained again)" if before else "") + ":")
         for trial in plan.trials:
             c = trial.config
             lines.append(f"    {trial.key:<40} epochs {c.epochs}, groups {c.num_groups}, "
-                         f"channels {c.num_channels_enc}, batch {c.batch_size}")
+                         f"channels {c.num_channels_enc}, batch {c.batch_size}"
+                         + ("  (ended before)" if trial.key in ended else ""))
     return "\n".join(lines)
 
 
 def summary_table(plan, results):
-    """Markdown table of the trials, each level combination averaged over its finished seeds."""
+    """Markdown table of the trials, each level combination averaged over its finished seeds, in the
+    study's level order."""
     columns = list(plan.study.columns)
     rows = {}
-    order = {key: i for i, key in enumerate(t.key for t in plan.trials)}
-    results = sorted(results, key=lambda r: order.get(trial_key(*plan.levels_and_seed(r.config)), 0))
+    declared = plan.declared_levels
+
+    def order(result):
+        return tuple(declared[f].index(result.config[f]) for f in plan.levels) + (result.config.get("seed", 0),)
+
+    results = sorted(results, key=order)
     for result in results:
         metrics = result.metrics or {}
         levels = {name: result.config.get(name) for name in plan.levels}
@@ -149,14 +165,33 @@ def pareto_front(results, objectives):
 
 
 @dataclass
+class EndedTrial:
+    """A trial of the study that ended in an earlier invocation, as a Tune result shows one."""
+
+    config: dict  # {factor: level, "seed": seed}
+    metrics: dict  # its outcome file
+    error: object = None
+
+
+def earlier_trials(plan, ended, results):
+    """EndedTrials of the ended outcomes ({key: outcome}) of a grid's trials not among the results."""
+    if plan.is_search:
+        return []
+    seen = {plan.key_for(r.config, None) for r in results}
+    parsed = {key: plan.parse_key(key) for key in ended if key not in seen}
+    return [EndedTrial({**found[0], "seed": found[1]}, ended[key]) for key, found in parsed.items() if found]
+
+
+@dataclass
 class StudyOutcome:
     plan: StudyPlan
-    results: list  # ray.tune Results, one per trial
+    results: list  # ray.tune Results, one per trial of this invocation's Tune experiment
     table: str
     tracking_uri: str
     parent_run_id: str  # None when the store did not take the record
     interrupted: bool
     unrecorded: str = None  # the line saying the store did not take the record, and what to do
+    pooled: list = None  # results and EndedTrials: every trial of the study that this table holds
 
 
 def prepare_study(study, settings):
@@ -209,7 +244,8 @@ def run_study(study, settings, prepared=None):
 
 def _run_prepared(study, settings, plan, max_concurrent):
     tracking_uri = settings.tracking_uri or default_tracking_uri()
-    print(describe_plan(plan, max_concurrent), flush=True)
+    ended = ended_outcomes(plan.trials_path)  # by any invocation of the study
+    print(describe_plan(plan, max_concurrent, ended), flush=True)
 
     experiment = settings.experiment or study.name
     tracker = MlflowTracker(plan, tracking_uri, experiment)  # Tune opens it (its setup hook), also on a restore
@@ -222,20 +258,24 @@ def _run_prepared(study, settings, plan, max_concurrent):
     # (they report their outcome files without training, but show as started again).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources(plan))
-    path = plan.study_key  # the Tune experiment folder
+    path = plan.tune_path  # this command's Tune experiment, in the study's folder
+    pending = plan.trials if plan.is_search else [t for t in plan.trials if t.key not in ended]
     if tune.Tuner.can_restore(path):
         print(f"[study] resuming {path}", flush=True)
         with MlflowTracker.restoring_to(tracking_uri, experiment):
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-    else:
+    elif pending:
         # A trial whose own process is lost (its node died) restarts, resuming its Train run.
         retries = tune.FailureConfig(max_failures=plan.options.max_failures)
-        tuner = tune.Tuner(trainable, param_space=plan.param_space(), tune_config=_tune_config(plan, max_concurrent),
-                           run_config=tune.RunConfig(name=plan.experiment_dir, storage_path=plan.storage_path,
-                                                     callbacks=[progress, tracker], verbose=0,
-                                                     failure_config=retries))
+        tuner = tune.Tuner(trainable, param_space=plan.param_space(pending),
+                           tune_config=_tune_config(plan, max_concurrent, pending),
+                           run_config=tune.RunConfig(name=plan.tune_name, storage_path=plan.study_key,
+                                                     callbacks=[progress, tracker], verbose=0, failure_config=retries))
+    else:
+        tuner = None
+        print(f"[study] all {len(plan.trials)} trials ended before: nothing to train", flush=True)
     try:
-        grid_results = tuner.fit()
+        grid_results = tuner.fit() if tuner else []
     except BaseException:
         try:
             MlflowTracker(plan, tracking_uri, experiment).open().close()  # no run stays RUNNING; resumable
@@ -244,8 +284,9 @@ def _run_prepared(study, settings, plan, max_concurrent):
         raise
     results = [grid_results[i] for i in range(len(grid_results))]
     results = [r for r in results if r.config]  # a trial never started has no config
-    record, unrecorded = _complete_record(plan, tracking_uri, experiment, results)
-    table = summary_table(plan, results)
+    pooled = results + earlier_trials(plan, ended, results)
+    record, unrecorded = _complete_record(plan, tracking_uri, experiment, pooled)
+    table = summary_table(plan, pooled)
     print(f"\n{study.name} at scale {settings.scale}: bits/dim of the finished trials\n{table}")
     if study.search is not None and len(study.search.objectives) > 1:
         front = pareto_front(results, study.search.objectives)
@@ -254,12 +295,12 @@ def _run_prepared(study, settings, plan, max_concurrent):
             print("  " + ", ".join(f"{k} {r.metrics[k]:.4g}" for k in study.search.objectives) + "  "
                   + trial_key({n: r.config[n] for n in plan.levels}, plan.seeds[0]))
     if unrecorded:
-        return StudyOutcome(plan, results, table, tracking_uri, None, False, unrecorded)
+        return StudyOutcome(plan, results, table, tracking_uri, None, False, unrecorded, pooled)
     if record.interrupted:
         print("\nThe study was interrupted: re-run the same command to resume it.")
     browse = tracking_uri if tracking_uri.startswith("http") else f"mlflow ui --backend-store-uri {tracking_uri}"
     print(f"\nMLflow: experiment {experiment!r}, parent run {record.parent_id}; browse with\n  {browse}", flush=True)
-    return StudyOutcome(plan, results, table, tracking_uri, record.parent_id, record.interrupted)
+    return StudyOutcome(plan, results, table, tracking_uri, record.parent_id, record.interrupted, pooled=pooled)
 
 
 def _complete_record(plan, tracking_uri, experiment, results):
@@ -277,5 +318,5 @@ def _complete_record(plan, tracking_uri, experiment, results):
                       "record and retrains nothing")
 
 
-__all__ = ["StudyOutcome", "StudyPlan", "StudySettings", "check_storage", "estimated_work", "pareto_front", "plan_study",
+__all__ = ["EndedTrial", "StudyOutcome", "StudyPlan", "StudySettings", "check_storage", "estimated_work", "pareto_front", "plan_study",
            "prepare_study", "run_study", "run_trial", "summary_table"]
