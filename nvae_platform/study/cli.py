@@ -4,10 +4,11 @@ import sys
 
 from nvae_core import ConfigError
 from nvae_core.datasets import DatasetNotFoundError
-from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path
+from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path, default_tracking_uri
 from nvae_platform.preflight import CommandLine, at_least, label
 from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
 from nvae_platform.ray_cluster import add_ray_arguments
+from nvae_platform.study.cost import check_budget, describe_cost, estimate_cost
 from nvae_platform.study.plan import MAX_TRIALS
 from nvae_platform.study.runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
 from nvae_platform.train.scales import SCALES
@@ -74,7 +75,13 @@ def build_parser(study):
     add("--max-trials", type=at_least(1), default=MAX_TRIALS,
         help=f"refuse a plan of more trials than this, before building it (default: {MAX_TRIALS:,})")
     add_ray_arguments(parser)
-    add("--dry-run", action="store_true", help="print the trials and their resources; start nothing")
+    add("--dry-run", action="store_true", help="print the trials, their resources and their hours; start nothing")
+    add("--probe", action="store_true",
+        help="time a few training steps and the evaluation of each distinct model on one worker where the study "
+             "runs, for the hours of a model no earlier run in the MLflow store measured (seconds per model)")
+    add("--budget-gpu-hours", type=at_least(0, float, strictly=True), metavar="H",
+        help="refuse, before anything trains, a plan estimated above H GPU-hours (wall hours x GPUs reserved; "
+             "for trials on CPUs: CPU-hours, wall hours x CPUs reserved)")
     return parser
 
 
@@ -92,6 +99,7 @@ def main(study, argv=None):
         skip_unreadable=args.skip_unreadable, levels=levels,
         overrides=overrides, samples=args.samples, address=args.address, num_cpus=args.num_cpus,
         max_trials=args.max_trials)
+    tracking_uri = settings.tracking_uri or default_tracking_uri()
     try:  # every check before anything is recorded or trained
         if args.dry_run:
             plan = plan_study(study, settings, check_data=False)
@@ -100,14 +108,21 @@ def main(study, argv=None):
                 plan_study(study, settings)
             except DatasetNotFoundError as error:
                 print(f"  note: {error}{STUDY_DATA_HINT}")
+                if args.probe:
+                    return 0  # no data to probe with
+            cost = estimate_cost(plan, settings, tracking_uri, probe=args.probe)
+            print(describe_cost(cost, plan))
+            check_budget(cost, args.budget_gpu_hours)
             return 0
+        cost = estimate_cost(plan_study(study, settings, check_data=False), settings, tracking_uri, probe=args.probe)
+        check_budget(cost, args.budget_gpu_hours)
         prepared = prepare_study(study, settings)
     except DatasetNotFoundError as error:
         parser.error(f"{error}{STUDY_DATA_HINT}")
     except (ConfigError, ValueError) as error:
         parser.error(str(error))
     stop_on_sigterm_as_on_sigint()
-    outcome = run_study(study, settings, prepared)
+    outcome = run_study(study, settings, prepared, cost)
     if outcome.unrecorded:
         print(outcome.unrecorded, file=sys.stderr, flush=True)
         return 1
