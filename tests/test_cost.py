@@ -108,7 +108,7 @@ def test_earlier_runs_of_the_same_model_and_device_are_read_from_a_real_store(tm
     assert estimate.trial_seconds["sr_lambda=0.1,seed=0"] == pytest.approx(3 * 10.0 + 15.0)
     assert estimate.trial_seconds["sr_lambda=0.0,seed=0"] is None and not estimate.known
     assert (estimate.lanes, estimate.start_s) == (2, RAY_START_SECONDS)
-    text = describe_cost(estimate, plan)
+    text = describe_cost(estimate)
     assert "sr_lambda=0.1: 0.0125 CPU-h per trial x 1" in text and "from 1 earlier run(s) on cpu" in text
     assert "total: unknown" in text and "--probe" in text
 

@@ -111,7 +111,7 @@ def main(study, argv=None):
                 if args.probe:
                     return 0  # no data to probe with
             cost = estimate_cost(plan, settings, tracking_uri, probe=args.probe)
-            print(describe_cost(cost, plan))
+            print(describe_cost(cost))
             check_budget(cost, args.budget_gpu_hours)
             return 0
         cost = estimate_cost(plan_study(study, settings, check_data=False), settings, tracking_uri, probe=args.probe)

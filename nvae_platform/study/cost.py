@@ -19,6 +19,7 @@ import torch
 from nvae_platform.preflight import local_resources
 from nvae_platform.ray_cluster import cluster_address, init_ray
 from nvae_platform.record.timings import earlier_timings
+from nvae_platform.study.plan import estimated_work
 from nvae_platform.study.progress_view import duration
 from nvae_platform.train.probe import WARMUP_STEPS, probe_speed
 
@@ -76,7 +77,7 @@ class Estimate:
     unit: str  # "GPU" or "CPU"
     per_trial: float  # GPUs (CPUs) a trial reserves
     trial_seconds: dict  # trial key -> wall seconds, or None when unknown
-    models: dict = field(default_factory=dict)  # label of a distinct model -> (Speed or None, its trial keys)
+    models: dict = field(default_factory=dict)  # label of a distinct model -> (Speed or None, trials, epochs)
     start_s: float = 0.0
     lanes: int = 1
     unknown_why: str = ""  # why some seconds are unknown, and how to know them
@@ -142,7 +143,10 @@ def estimate_cost(plan, settings, tracking_uri, probe=False):
     unit, per_trial = reserved(plan.options)
     options = plan.options
     models = {}
-    for trial in plan.trials:
+    # A search trains num_samples of its combinations, which Optuna picks as it goes: each is counted
+    # at the combination that looks longest (an upper bound; ASHA may stop trials early too).
+    longest = max(plan.trials, key=lambda t: estimated_work(t.config))
+    for trial in [longest] if plan.is_search else plan.trials:
         identity = json.dumps({k: v for k, v in trial.config.to_dict().items() if k != "seed"}, sort_keys=True)
         models.setdefault(identity, []).append(trial)
     estimate = Estimate(unit, per_trial, {}, start_s=0.0 if joined else RAY_START_SECONDS,
@@ -155,9 +159,11 @@ def estimate_cost(plan, settings, tracking_uri, probe=False):
         speed = speed_from_runs(runs) if runs else None
         if speed is None and probe:
             speed = speed_from_probe(_probe(cfg, options, joined), options.workers)
-        estimate.models[_model_label(trials[0])] = (speed, [t.key for t in trials])
-        for t in trials:
-            estimate.trial_seconds[t.key] = speed.seconds(t.config.epochs) if speed else None
+        keys = [f"trial {i + 1}" for i in range(plan.num_samples)] if plan.is_search else [t.key for t in trials]
+        label = _model_label(trials[0]) + (" (the search's longest combination, for each trial)" if plan.is_search else "")
+        estimate.models[label] = (speed, len(keys), cfg.epochs)
+        for key in keys:
+            estimate.trial_seconds[key] = speed.seconds(cfg.epochs) if speed else None
     if not estimate.known:
         device = "GPUs" if unit == "GPU" else "CPUs"
         estimate.unknown_why = (f"no earlier finished run of {'these models' if len(models) > 1 else 'this model'} "
@@ -166,22 +172,21 @@ def estimate_cost(plan, settings, tracking_uri, probe=False):
     return estimate
 
 
-def describe_cost(estimate, plan):
+def describe_cost(estimate):
     """The lines --dry-run prints: each distinct model's hours per trial, then the total."""
     unit = f"{estimate.unit}-h"
-    if not any(speed for speed, _ in estimate.models.values()):
+    if not any(speed for speed, _, _ in estimate.models.values()):
         return f"  cost: unknown: {estimate.unknown_why}"
     other = "; trials on GPUs: GPU-hours, x the GPUs" if estimate.unit == "CPU" else ""
     header = (f"  cost in {estimate.unit}-hours (wall hours x the {estimate.per_trial:g} {estimate.unit}(s) each "
               f"trial reserves{other}):")
     lines = [header]
-    for label, (speed, keys) in estimate.models.items():
+    for label, (speed, trials, epochs) in estimate.models.items():
         if speed is None:
             lines.append(f"    {label}: unknown")
             continue
-        epochs = next(t.config.epochs for t in plan.trials if t.key == keys[0])
         seconds = speed.seconds(epochs)
-        lines.append(f"    {label}: {estimate.hours(seconds):.3g} {unit} per trial x {len(keys)} "
+        lines.append(f"    {label}: {estimate.hours(seconds):.3g} {unit} per trial x {trials} "
                      f"({seconds:.0f} s: {speed.describe(epochs)}; from {speed.source})")
     total = estimate.total_hours()
     if total is None:
