@@ -109,7 +109,8 @@ def main(study, argv=None):
             except DatasetNotFoundError as error:
                 print(f"  note: {error}{STUDY_DATA_HINT}")
                 if args.probe:
-                    return 0  # no data to probe with
+                    print("  cost: unknown: the probe trains on the data, which is not there (see the note)")
+                    return 0
             cost = estimate_cost(plan, settings, tracking_uri, probe=args.probe)
             print(describe_cost(cost))
             check_budget(cost, args.budget_gpu_hours)
