@@ -37,8 +37,9 @@ class ProgressCallback(tune.Callback):
 
     def setup(self, **info):
         epochs = max(t.config.epochs for t in self.plan.trials)
+        estimates = getattr(self, "estimates", {})  # a callback Tune pickled before there were estimates has none
         self.view = ProgressView(self.plan.trial_count, epochs, self.concurrency, reserved=reserved(self.plan.options),
-                                 estimates=self.estimates)
+                                 estimates=estimates)
         self.view.note(f"[study] Ray's own messages (start-up, trial processes, shutdown) go to {self.log_path}")
         self.synced = False
         self.replayed = set()  # keys of trials that ended before and that Tune runs again
