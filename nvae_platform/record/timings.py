@@ -7,7 +7,8 @@ the same kind (the CPU, or a GPU: the run's `nvae.device` tag names it).
 """
 import os
 
-from nvae_platform.record.store import StoreClient, sqlite_path
+from nvae_platform.record.store import StoreClient, sqlite_path, without_retries
+from nvae_platform.record.tracking import STORE_ERRORS
 
 # The run options whose values change how long a run takes (MLflow params run.<field>).
 TIMED_OPTIONS = ("workers", "threads_per_worker", "iw_samples", "iw_max_batch", "eval_batch_size", "max_test_images",
@@ -26,12 +27,20 @@ def _wanted(cfg, options):
 
 def earlier_timings(tracking_uri, cfg, options, on_gpu):
     """[{epochs, train_s, step_s, wall_s, device}] of up to MAX_RUNS earlier finished runs of cfg under
-    options on a device of the kind asked (on_gpu), newest first; [] when the store holds none or does
-    not exist yet (a SQLite file is never created here)."""
+    options on a device of the kind asked (on_gpu), newest first; [] when the store holds none, does
+    not exist yet (a SQLite file is never created here) or cannot be read (the study's own check of
+    the store then says why)."""
     path = sqlite_path(tracking_uri)
     if path is not None and not os.path.exists(path):
         return []
-    client = StoreClient(tracking_uri)
+    try:
+        with without_retries():  # a server that is down answers at once
+            return _read(StoreClient(tracking_uri), cfg, options, on_gpu)
+    except STORE_ERRORS:
+        return []
+
+
+def _read(client, cfg, options, on_gpu):
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return []
