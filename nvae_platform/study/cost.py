@@ -26,8 +26,8 @@ from nvae_platform.train.probe import WARMUP_STEPS, probe_speed
 # Measured at smoke scale on 2 CPU cores (docs/studies.md, "Cost before it starts"): a local Ray's
 # start-up and shutdown around a study, and what a trial takes beside its training and evaluation
 # (its Tune trial's start and end, the MLflow record of its epochs and outcome).
-RAY_START_SECONDS = 15.0
-TRIAL_OVERHEAD_SECONDS = 3.0
+RAY_START_SECONDS = 12.0
+TRIAL_OVERHEAD_SECONDS = 1.0
 UNITS = "GPU-hours = wall hours x GPUs reserved per trial; CPU-hours, for trials on CPUs, = wall hours x CPUs"
 
 
