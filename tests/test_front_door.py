@@ -49,6 +49,10 @@ CASES = [
     ("train", ["--set", "epochs=0"], "epochs"),
     # plans are bounded: refused before they are built, with their size
     ("study", ["--seeds", "1000000"], "--seeds 1000000"),
+    # a cost budget: refused when the estimate is unknown (no earlier run, no --probe) or above it
+    ("study", ["--budget-gpu-hours", "100"], "--budget-gpu-hours 100"),
+    ("study", ["--budget-gpu-hours", "1e-6", "--probe", "--levels", "sr_lambda=0.0"], "--budget-gpu-hours 1e-06"),
+    ("study", ["--budget-gpu-hours", "0"], "--budget-gpu-hours"),
     # names are labels, never paths
     ("train", ["--name", "../../escape"], "--name"),
     ("train", ["--name", ""], "--name"),

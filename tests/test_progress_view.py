@@ -113,3 +113,23 @@ def test_a_terminal_redraws_the_block_in_place_at_most_once_a_second():
     assert ended.startswith("\x1b[3A\r\x1b[J[study] a: failed: RuntimeError: boom\n[study] 1/2 done: 0 finished")
     view.close()
     assert out.getvalue().count("a: failed") == 1
+
+
+def test_the_hours_spent_and_projected_follow_the_estimates_then_the_trials_that_ended():
+    clock, out = Clock(), io.StringIO()
+    view = ProgressView(3, 2, 2, stream=out, tty=False, clock=clock, reserved=("GPU", 2.0),
+                        estimates={"a": 3600.0, "b": 3600.0, "c": 7200.0})
+    view.started("a")
+    view.started("b")
+    clock.now = 1800
+    assert view.hours() == (2.0, 8.0)  # 2 x 1800 s x 2 GPUs spent; then 1800 s more of a and of b, and c's 7200 s
+    assert "2/8 GPU-h" in view.summary()
+    clock.now = 5400  # a and b run past their estimates: the projection grows with them
+    view.ended("a", "finished")
+    assert view.hours() == (6.0, 10.0)
+    unestimated = ProgressView(2, 1, 1, stream=out, tty=False, clock=clock, reserved=("CPU", 1.0))
+    unestimated.started("a")
+    assert "CPU-h spent" in unestimated.summary()[-1]
+    clock.now += 360
+    unestimated.ended("a", "finished")
+    assert unestimated.hours() == (0.1, 0.2)  # the next trial is projected to take as long as the first

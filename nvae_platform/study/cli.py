@@ -4,11 +4,12 @@ import sys
 
 from nvae_core import ConfigError
 from nvae_core.datasets import DatasetNotFoundError
-from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path
+from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path, default_tracking_uri
 from nvae_platform.preflight import FAILURE_COUNT, CommandLine, at_least, label
 from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
 from nvae_platform.ray_cluster import add_ray_arguments
 from nvae_platform.record.outcomes import ended_outcomes
+from nvae_platform.study.cost import check_budget, describe_cost, estimate_cost
 from nvae_platform.study.plan import MAX_TRIALS
 from nvae_platform.study.runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
 from nvae_platform.train.scales import SCALES
@@ -79,7 +80,13 @@ def build_parser(study):
         help="restarts of a trial after a lost worker or trial process, each from its latest checkpoint "
              "(default: 2)")
     add_ray_arguments(parser)
-    add("--dry-run", action="store_true", help="print the trials and their resources; start nothing")
+    add("--dry-run", action="store_true", help="print the trials, their resources and their hours; start nothing")
+    add("--probe", action="store_true",
+        help="time a few training steps and the evaluation of each distinct model on one worker where the study "
+             "runs, for the hours of a model no earlier run in the MLflow store measured (seconds per model)")
+    add("--budget-gpu-hours", type=at_least(0, float, strictly=True), metavar="H",
+        help="refuse, before anything trains, a plan estimated above H GPU-hours (wall hours x GPUs reserved; "
+             "for trials on CPUs: CPU-hours, wall hours x CPUs reserved)")
     return parser
 
 
@@ -97,22 +104,33 @@ def main(study, argv=None):
         skip_unreadable=args.skip_unreadable, levels=levels,
         overrides=overrides, samples=args.samples, address=args.address, num_cpus=args.num_cpus,
         max_trials=args.max_trials, max_failures=args.max_failures)
+    tracking_uri = settings.tracking_uri or default_tracking_uri()
     try:  # every check before anything is recorded or trained
         if args.dry_run:
             plan = plan_study(study, settings, check_data=False)
-            print(describe_plan(plan, args.max_concurrent, ended_outcomes(plan.trials_path)))
+            ended = ended_outcomes(plan.trials_path)
+            print(describe_plan(plan, args.max_concurrent, ended))
             try:
                 plan_study(study, settings)
             except DatasetNotFoundError as error:
                 print(f"  note: {error}{STUDY_DATA_HINT}")
+                if args.probe:
+                    print("  cost: unknown: the probe trains on the data, which is not there (see the note)")
+                    return 0
+            cost = estimate_cost(plan, settings, tracking_uri, probe=args.probe, ended=ended)
+            print(describe_cost(cost))
+            check_budget(cost, args.budget_gpu_hours)
             return 0
+        plan = plan_study(study, settings, check_data=False)
+        cost = estimate_cost(plan, settings, tracking_uri, probe=args.probe, ended=ended_outcomes(plan.trials_path))
+        check_budget(cost, args.budget_gpu_hours)
         prepared = prepare_study(study, settings)
     except DatasetNotFoundError as error:
         parser.error(f"{error}{STUDY_DATA_HINT}")
     except (ConfigError, ValueError) as error:
         parser.error(str(error))
     stop_on_sigterm_as_on_sigint()
-    outcome = run_study(study, settings, prepared)
+    outcome = run_study(study, settings, prepared, cost)
     if outcome.unrecorded:
         print(outcome.unrecorded, file=sys.stderr, flush=True)
         return 1

@@ -14,6 +14,7 @@ from ray.tune.experiment import Trial
 
 from nvae_platform.record.outcomes import read_outcome
 from nvae_platform.record.tracking import status_of
+from nvae_platform.study.cost import reserved
 from nvae_platform.study.progress_view import ProgressView, ending
 from nvae_platform.train.failures import reason
 
@@ -28,15 +29,19 @@ def error_of(trial):
 
 class ProgressCallback(tune.Callback):
     """Tune callback showing a study's progress. plan: the StudyPlan; concurrency: trials at once
-    (None: unlimited); log_path: where Ray's own messages go, named once by the view."""
+    (None: unlimited); log_path: where Ray's own messages go, named once by the view; cost: the
+    plan's cost.Estimate, whose trial seconds project the hours the study takes (None: none)."""
 
-    def __init__(self, plan, concurrency, log_path):
+    def __init__(self, plan, concurrency, log_path, cost=None):
         self.plan, self.concurrency, self.log_path = plan, concurrency, log_path
+        self.estimates = dict(cost.trial_seconds) if cost is not None and cost.known else {}
         self.view = None  # made by setup(), on the driver
 
     def setup(self, **info):
         epochs = max(t.config.epochs for t in self.plan.trials)
-        self.view = ProgressView(self.plan.trial_count, epochs, self.concurrency)
+        estimates = getattr(self, "estimates", {})  # a callback Tune pickled before there were estimates has none
+        self.view = ProgressView(self.plan.trial_count, epochs, self.concurrency, reserved=reserved(self.plan.options),
+                                 estimates=estimates)
         self.view.note(f"[study] Ray's own messages (start-up, trial processes, shutdown) go to {self.log_path}")
         self.synced = False
         self.replayed = set()  # keys of trials that ended before and that Tune runs again

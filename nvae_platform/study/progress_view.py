@@ -1,5 +1,6 @@
 """What a running study shows: trials done (finished, diverged, failed), running (each one's epoch
-and last validation bits/dim) and pending, the best validation bits/dim so far, and an ETA.
+and last validation bits/dim) and pending, the best validation bits/dim so far, an ETA, and the
+GPU-hours (CPU-hours) its trials have taken and will take in all.
 
 On a terminal the view is a block redrawn in place, at most once a second, with each ended trial
 printed once above it. Anywhere else (CI, `ray job logs`, a file) it prints one line per change: a
@@ -51,10 +52,17 @@ class Running:
 
 class ProgressView:
     """The live state of a study of `total` trials of `epochs` epochs, `concurrency` at once (None:
-    as many as run), written to `stream` (default stdout; `tty` default: whether it is a terminal)."""
+    as many as run), written to `stream` (default stdout; `tty` default: whether it is a terminal).
+    reserved: (unit, amount) each trial holds, e.g. ("GPU", 8.0), to show the hours spent and
+    projected; estimates: {trial key: estimated wall seconds} (study/cost.py), else the hours left
+    are projected from the trials ended so far."""
 
-    def __init__(self, total, epochs, concurrency=None, stream=None, tty=None, clock=time.monotonic, interval=1.0):
+    def __init__(self, total, epochs, concurrency=None, stream=None, tty=None, clock=time.monotonic, interval=1.0,
+                 reserved=None, estimates=None):
         self.total, self.epochs, self.concurrency = total, epochs, concurrency
+        self.reserved, self.estimates = reserved, estimates or {}
+        self.started_at = {}  # trial key -> when it started, while it runs
+        self.took = {}  # trial key -> wall seconds of the trials that ended in this invocation
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         self.clock, self.interval = clock, interval
@@ -81,6 +89,7 @@ class ProgressView:
 
     def started(self, key):
         self.running[key] = Running(since=self.clock())
+        self.started_at[key] = self.running[key].since
         self._event(f"started {key}")
 
     def epoch(self, key, epoch, val_bpd):
@@ -100,6 +109,8 @@ class ProgressView:
         """Trial key ended with status (one of ENDED); text says how (default: the status)."""
         self.running.pop(key, None)
         self.outcomes[key] = status
+        if key in self.started_at:
+            self.took[key] = self.clock() - self.started_at.pop(key)
         self._event(f"{key}: {text or status}", permanent=True)
 
     def retrying(self, key, why):
@@ -133,7 +144,27 @@ class ProgressView:
             parts.append(f"best val_bpd {self.best[0]:.4f} ({self.best[1]})")
         if self.running or pending:
             parts.append(f"ETA {self.eta()}")
+        if self.reserved:
+            spent, projected = self.hours()
+            unit = f"{self.reserved[0]}-h"
+            parts.append(f"{spent:.2g}/{projected:.2g} {unit}" if projected is not None else f"{spent:.2g} {unit} spent")
         return parts
+
+    def hours(self):
+        """(spent, projected) hours of this invocation's trials (wall hours x what each reserves);
+        projected is None until an estimate or an ended trial says how long a trial takes."""
+        now = self.clock()
+        elapsed = {key: now - since for key, since in self.started_at.items()}
+        spent = sum(self.took.values()) + sum(elapsed.values())
+        known = list(self.estimates.values()) or list(self.took.values())
+        to_hours = self.reserved[1] / 3600
+        if not known:
+            return spent * to_hours, None
+        typical = sum(known) / len(known)
+        unseen = [s for key, s in self.estimates.items() if key not in self.started_at and key not in self.outcomes]
+        pending = sum(unseen) if len(unseen) == self.pending() else self.pending() * typical
+        left = sum(max(self.estimates.get(key, typical) - e, 0.0) for key, e in elapsed.items()) + pending
+        return spent * to_hours, (spent + left) * to_hours
 
     def pending(self):
         """Trials neither ended nor running."""

@@ -231,25 +231,26 @@ def prepare_study(study, settings):
         raise
 
 
-def run_study(study, settings, prepared=None):
+def run_study(study, settings, prepared=None, cost=None):
     """Run the study on Ray Tune and record it in MLflow (see module doc); prepared is
-    prepare_study's (plan, max_concurrent, lock), computed here if not given. The lock is released
-    when the study ends, however it ends."""
+    prepare_study's (plan, max_concurrent, lock), computed here if not given; cost (a cost.Estimate)
+    gives the progress line its projected hours. The lock is released when the study ends, however
+    it ends."""
     plan, max_concurrent, lock = prepared or prepare_study(study, settings)
     try:
-        return _run_prepared(study, settings, plan, max_concurrent)
+        return _run_prepared(study, settings, plan, max_concurrent, cost)
     finally:
         lock.release()
 
 
-def _run_prepared(study, settings, plan, max_concurrent):
+def _run_prepared(study, settings, plan, max_concurrent, cost=None):
     tracking_uri = settings.tracking_uri or default_tracking_uri()
     ended = ended_outcomes(plan.trials_path)  # by any invocation of the study
     print(describe_plan(plan, max_concurrent, ended), flush=True)
 
     experiment = settings.experiment or study.name
     tracker = MlflowTracker(plan, tracking_uri, experiment)  # Tune opens it (its setup hook), also on a restore
-    progress = ProgressCallback(plan, max_concurrent, ray_log_path(plan.study_key, plan.experiment_dir))
+    progress = ProgressCallback(plan, max_concurrent, ray_log_path(plan.study_key, plan.experiment_dir), cost)
     # A trial reports test_bpd only with its last epoch; Tune otherwise rejects a search's earlier reports.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # Tune's own output engine prints its experiment table even at verbose=0; the legacy one is silent.
