@@ -38,6 +38,17 @@ def tiny_batch(cfg, batch=4, seed=0):
     return torch.round(x * levels) / levels
 
 
+# Fixtures that start Ray, a server or a cluster: a test using one (directly or through another
+# fixture) is in the slow tier whether or not it is marked; `-m "not slow"` is the fast tier.
+SLOW_FIXTURES = {"local_ray", "finished_study", "postgres", "tracking_server", "s3_store", "local_hosts"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

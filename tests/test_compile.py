@@ -36,6 +36,7 @@ def _loss_and_grads(model, core, x):
     return loss.detach(), grads
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(compiler_found() is None, reason="torch.compile needs a C++ compiler on CPU "
                     "(none of $CXX, c++, g++, clang++): apt-get install g++")
 def test_compiled_model_matches_eager_loss_and_gradients():
@@ -137,6 +138,7 @@ def _ddp_worker(rank, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_compiled_ddp_steps_match_eager_on_two_gloo_ranks(tmp_path):
     """Two TrainSteps of a BN+Swish model, wrapped as the worker wraps it (synchronized BN, DDP,
     compile) on 2 gloo ranks, equal the eager DDP steps from the same weights: the losses within 1e-5,

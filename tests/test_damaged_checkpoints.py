@@ -3,6 +3,7 @@ aside, named, and the run resumes from the newest checkpoint that loads."""
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from nvae_platform.ray_internals import TRAIN_SNAPSHOT_FILE
@@ -37,6 +38,7 @@ def _three_epochs_resume_from_the_first(options, folder):
     return longer
 
 
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(local_ray, tmp_path):
     options, newest = _two_epochs(tmp_path)
     state = newest / "state.pt"
@@ -47,6 +49,7 @@ def test_a_truncated_newest_checkpoint_is_set_aside_and_the_run_resumes_before_i
     assert longer.metrics["set_aside_checkpoints"] == aside.name
 
 
+@pytest.mark.slow
 def test_a_deleted_newest_checkpoint_folder_does_not_stop_the_run(local_ray, tmp_path):
     """Ray's own record still names the deleted folder; it is dropped and the run resumes."""
     options, newest = _two_epochs(tmp_path)

@@ -64,6 +64,7 @@ def _cifar(root, key=b"data"):
     return folder
 
 
+@pytest.mark.slow
 def test_a_pickled_set_in_the_wrong_format_is_refused_by_the_train_command_before_ray(tmp_path):
     folder = _cifar(tmp_path)
     with pytest.raises(BadDataError, match="cannot be read"):
@@ -75,6 +76,7 @@ def test_a_pickled_set_in_the_wrong_format_is_refused_by_the_train_command_befor
     assert "--download" in result.stderr and "Started a local Ray instance" not in result.stderr
 
 
+@pytest.mark.slow
 def test_the_train_command_refuses_bad_images_or_skips_them_and_records_which(tmp_path):
     folder = _folder(tmp_path / "images", good=40)
     command = [sys.executable, "studies/train.py", "--dataset", "image-folder", "--data-dir", str(folder),

@@ -36,6 +36,7 @@ def test_the_pages_show_commands():
     assert len(_commands()) > 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page, script, flags", _commands(), ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_a_documented_command_names_a_script_and_flags_that_exist(page, script, flags):
     if script != "-m reports":

@@ -65,6 +65,7 @@ def _last(client, run_id, metric):
     return max(client.get_metric_history(run_id, metric), key=lambda m: m.step).value
 
 
+@pytest.mark.slow
 def test_a_run_id_a_checkpoint_and_a_run_folder_load_the_model_that_gave_the_recorded_val_bpd(store):
     """The loaded model's single-sample NELBO on the run's test images, with the workers' seed,
     is the last epoch's recorded val_bpd."""
@@ -108,6 +109,7 @@ def test_what_cannot_be_loaded_is_one_error_naming_the_problem_and_the_fix(store
         load_trained(str(old.parent))
 
 
+@pytest.mark.slow
 def test_evaluate_a_trial_by_run_id_logs_the_figures_and_grids_to_its_run(store):
     """With the run's K and test images, the sharded IW figure is the run's up to sampling noise and
     the active-unit counts are the run's exactly."""
@@ -143,6 +145,7 @@ def _cifar_folder(root, images=16):
     return root
 
 
+@pytest.mark.slow
 def test_evaluate_a_cifar10_checkpoint_writes_its_figures_and_grids_to_a_folder(local_ray, tmp_path, capsys):
     data = _cifar_folder(tmp_path / "data")
     trained = run_training(run_config("cifar10", "smoke", epochs=1),
@@ -160,6 +163,7 @@ def test_evaluate_a_cifar10_checkpoint_writes_its_figures_and_grids_to_a_folder(
     assert f"to {out}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_error_before_ray_starts(store, tmp_path, capsys):
     """A run id not in the store, a missing checkpoint, a dataset not on disk: exit 2, one line."""
     uri, _, _ = store

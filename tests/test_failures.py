@@ -2,6 +2,8 @@
 traceback; a lost worker is still retried, and a rerun after a fix trains."""
 import os
 
+import pytest
+
 from nvae_core.data_check import BadDataError
 from nvae_platform.train.failures import (
     FAILURE_FILE,
@@ -60,6 +62,7 @@ def test_a_failure_is_written_read_and_cleared(tmp_path):
     assert read_failure(tmp_path / "run") is None and not (tmp_path / "run" / FAILURE_FILE).exists()
 
 
+@pytest.mark.slow
 def test_a_data_error_mid_epoch_ends_the_run_once_with_its_reason_and_a_rerun_trains(local_ray, tmp_path):
     cfg = run_config("digits", "smoke", epochs=2)
     options = run_options("digits", "smoke", workers=2, storage_path=str(tmp_path), name="bad-data",
@@ -76,6 +79,7 @@ def test_a_data_error_mid_epoch_ends_the_run_once_with_its_reason_and_a_rerun_tr
     assert not os.path.exists(tmp_path / "bad-data" / FAILURE_FILE)
 
 
+@pytest.mark.slow
 def test_with_no_retries_left_the_recorded_reason_still_names_the_failure(local_ray, tmp_path):
     options = run_options("digits", "smoke", workers=1, storage_path=str(tmp_path), name="no-retries",
                           max_failures=0, debug_data_error_at_step=3)

@@ -14,7 +14,7 @@ from nvae_platform.train.run import CHECKPOINT_FILE, run_training
 from nvae_platform.train.scales import run_config, run_options
 from studies.evaluate import main as evaluate
 
-pytestmark = pytest.mark.filterwarnings("ignore:precision='fp16'")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:precision='fp16'")]
 
 
 def _state(checkpoint):

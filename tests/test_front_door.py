@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the whole module starts Ray, servers or commands
+
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = {"study": "studies/ablation_sr.py", "norm": "studies/ablation_norm.py", "train": "studies/train.py"}
 NO_GPUS = ["--gpus-per-worker", "64"]  # more than any machine this runs on

@@ -11,6 +11,8 @@ from nvae_platform.train.resume import damage
 from nvae_platform.train.run import run_training
 from nvae_platform.train.scales import run_config, run_options
 
+pytestmark = pytest.mark.slow  # the whole module starts Ray, servers or commands
+
 
 def _mount(folder, size):
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],

@@ -18,7 +18,7 @@ import pytest
 from cluster import local_hosts as hosts
 from nvae_platform.train.checkpoints import CHECKPOINT_FILE
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from conftest import free_port, wait_for_http
 from mlflow.tracking import MlflowClient
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason=(
-    "needs Debian's chromium and chromium-driver (.ci/run installs them: apt-get install chromium chromium-driver)"))
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason=(
+    "needs Debian's chromium and chromium-driver (.ci/run installs them: apt-get install chromium chromium-driver)"))]
 
 
 @pytest.fixture(scope="module")

@@ -431,6 +431,7 @@ def train_on_digits(steps, seed):
     return model, cfg, time.time() - start
 
 
+@pytest.mark.slow
 def test_training_on_digits_beats_pixel_baselines():
     """600 Adamax steps on binarized digits bring the test NELBO over 1 nat below the per-pixel-marginal baseline."""
     steps = 600

@@ -66,6 +66,7 @@ def test_the_driver_prints_ray_output_through_the_function_it_finds_at_call_time
     assert "functools.partial(print_to_stdstream," in source and "print_to_stdstream(\n" in source
 
 
+@pytest.mark.slow
 def test_shutdown_ray_stops_a_local_ray_and_all_its_processes(monkeypatch):
     """A local Ray started by init_ray (its GCS, raylet, autoscaler monitor, workers: this process's
     children) leaves none of its processes running after shutdown_ray."""

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from nvae_platform.record.outcomes import OUTCOME_FILE
@@ -15,6 +16,8 @@ from nvae_platform.record.tracking import PARENT_TAG
 from nvae_platform.study.runner import StudySettings, plan_study
 from nvae_platform.train.fault_injection import KILL_DRIVER_ENV
 from studies.ablation_norm import STUDY as NORM
+
+pytestmark = pytest.mark.slow  # the whole module starts Ray, servers or commands
 
 EPOCHS = 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -185,6 +185,7 @@ def _finish(process):
             pass
 
 
+@pytest.mark.slow
 def test_a_store_that_stays_down_fails_the_run_in_one_line_and_the_same_command_resumes(bucket, s3_store, tmp_path):
     """The store goes down once epoch 0's checkpoint is in the bucket and stays down until the run
     ends; once it answers again on the same port, the same command resumes from that checkpoint."""
@@ -209,6 +210,7 @@ def test_a_store_that_stays_down_fails_the_run_in_one_line_and_the_same_command_
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1, 2], metric
 
 
+@pytest.mark.slow
 def test_a_studys_trial_whose_store_stays_down_is_resumed_by_the_same_command_not_reported_failed(
         bucket, s3_store, tmp_path):
     """As above, for a study: the trial fails naming the store, but its failure is not its result

@@ -12,10 +12,13 @@ import tempfile
 import time
 
 import psutil
+import pytest
 from mlflow.tracking import MlflowClient
 
 from nvae_platform.record.train_record import run_name
 from nvae_platform.train.scales import run_config, run_options
+
+pytestmark = pytest.mark.slow  # the whole module starts Ray, servers or commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,6 +15,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.slow  # the whole module starts Ray, servers or commands
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

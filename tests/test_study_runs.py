@@ -90,6 +90,7 @@ def test_trials_logging_at_once_lose_no_metric_point(study):
             assert len(steps) == len(set(steps)), (key, name, steps)
 
 
+@pytest.mark.slow
 def test_an_optuna_search_with_asha_records_every_sampled_trial(local_ray, tmp_path):
     """Optuna picks levels, ASHA may stop trials on val_bpd; every trial is one finished child run."""
     search = Study(name="test_search", factors=(

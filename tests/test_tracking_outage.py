@@ -22,6 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from nvae_platform.record.tracking import PARENT_TAG
 
+pytestmark = pytest.mark.slow  # the whole module starts Ray, servers or commands
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 3
 PER_EPOCH = ("train_bpd", "val_bpd", "lr")

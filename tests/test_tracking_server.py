@@ -8,6 +8,7 @@ import sys
 import urllib.error
 import urllib.request
 
+import pytest
 from conftest import free_port
 from mlflow.tracking import MlflowClient
 
@@ -55,6 +56,7 @@ def test_the_server_runs_no_job_consumers(tracking_server):
     assert not [c for c in commands if "huey" in c], commands
 
 
+@pytest.mark.slow
 def test_a_study_without_credentials_stops_before_it_starts_naming_the_fix(tracking_server, tmp_path):
     url, user, password, _ = tracking_server
     anonymous = _study(tmp_path, url)
@@ -133,6 +135,7 @@ def test_the_backup_copies_both_databases_to_the_storage_for_pg_restore(postgres
         assert listing.returncode == 0 and f"TABLE public {table} " in listing.stdout, listing.stderr
 
 
+@pytest.mark.slow
 def test_the_heads_start_script_serves_with_authentication_and_restarts_in_place(postgres, tmp_path):
     """cluster/start_tracking_server.sh as `ray up` runs it (twice: a re-run replaces the server)."""
     env = _head_environment(postgres, tmp_path, tmp_path / "storage",

@@ -6,8 +6,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from conftest import fault_rng
 from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow  # the whole module starts Ray, servers or commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PER_EPOCH = ("train_bpd", "val_bpd", "lr", "epoch_seconds")

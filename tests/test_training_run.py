@@ -43,6 +43,7 @@ def test_gpu_workers_reduce_cuda_tensors_over_nccl_and_cpu_ones_over_gloo(tmp_pa
         assert trainer.backend_config.backend == backend
 
 
+@pytest.mark.slow
 def test_straight_run_finishes_with_every_epoch_and_final_figures(straight):
     """A clean run reports each epoch once, then test bits/dim, active units and a sample grid."""
     assert straight.status == "finished"
@@ -53,6 +54,7 @@ def test_straight_run_finishes_with_every_epoch_and_final_figures(straight):
     assert straight.metrics["replica_param_spread"] == 0.0 and straight.metrics["replica_bn_spread"] == 0.0
 
 
+@pytest.mark.slow
 def test_crash_and_resume_gives_bitwise_the_same_parameters(straight, tmp_path):
     """2 epochs, a crash of every worker, an automatic resume: the final parameters equal the straight run's."""
     resumed = run_training(run_config("digits", "smoke", epochs=EPOCHS),
@@ -64,6 +66,7 @@ def test_crash_and_resume_gives_bitwise_the_same_parameters(straight, tmp_path):
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
 
 
+@pytest.mark.slow
 def test_a_run_rerun_after_its_last_checkpoint_reports_that_epoch_as_finished(straight, tmp_path):
     """A driver killed after the last epoch's checkpoint was committed, rerun: the fit resumes past
     the last epoch and reports nothing, so the result is that checkpoint's figures, status finished."""
@@ -77,6 +80,7 @@ def test_a_run_rerun_after_its_last_checkpoint_reports_that_epoch_as_finished(st
     assert os.path.getsize(rerun.samples_path) > 0
 
 
+@pytest.mark.slow
 def test_worker_killed_at_a_random_step_is_replaced_and_each_epoch_counted_once(straight, tmp_path):
     """SIGKILL of one worker at a random step after epoch 0: the group restarts from the last
     checkpoint and finishes. NVAE_FAULT_SEED=<seed> replays a failing draw."""
@@ -92,6 +96,7 @@ def test_worker_killed_at_a_random_step_is_replaced_and_each_epoch_counted_once(
     assert result.history[killed_in]["start_epoch"] == killed_in, replay  # resumed from the one before
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_as_diverged_at_that_step_keeping_the_last_good_checkpoint(local_ray, tmp_path):
     """A NaN at step 30 ends the run as 'diverged at step 30', not retried; epoch 0's checkpoint stays."""
     result = run_training(run_config("digits", "smoke", epochs=EPOCHS),
@@ -101,6 +106,7 @@ def test_nan_loss_stops_as_diverged_at_that_step_keeping_the_last_good_checkpoin
     assert os.path.exists(os.path.join(result.checkpoint_path, CHECKPOINT_FILE))
 
 
+@pytest.mark.slow
 def test_two_nodes_keep_parameters_and_bn_statistics_identical(tmp_path):
     """Two workers on two simulated nodes: DDP and synchronized BN keep every rank bitwise equal."""
     ray.shutdown()
@@ -124,6 +130,7 @@ def _train_cli(*args):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
 
 
+@pytest.mark.slow
 def test_train_command_help_and_bad_input_fail_fast():
     """--help works; a bad field or value is a clear error before Ray starts."""
     assert "--scale" in _train_cli("--help").stdout
@@ -138,6 +145,7 @@ def test_train_command_help_and_bad_input_fail_fast():
     assert "Started a local Ray instance" not in bad.stderr + unknown.stderr + missing.stderr
 
 
+@pytest.mark.slow
 def test_train_command_refuses_gpus_a_local_machine_lacks(tmp_path):
     """--scale small wants a GPU per worker: on a CPU-only machine, a clear error, not a wait."""
     import pickle

@@ -3,6 +3,7 @@ checkpoints on storage as a Ray Train run, and the same recovery (no Ray started
 import json
 import os
 
+import pytest
 import torch
 
 from nvae_platform.train.checkpoints import CHECKPOINT_FILE, METRICS_FILE, epoch_checkpoints
@@ -43,6 +44,7 @@ def test_a_trial_session_stores_checkpoints_as_ray_train_names_them_and_keeps_th
     assert reports == [{"epoch": 0}, {"epoch": 1}, {"epoch": 2}, {"status": "diverged at step 9"}]
 
 
+@pytest.mark.slow
 def test_a_crash_resumes_from_the_newest_checkpoint_with_bitwise_the_same_parameters(tmp_path):
     cfg = run_config("digits", "smoke", epochs=EPOCHS)
     straight = run_in_this_process(cfg, _options(tmp_path, "straight"), lambda metrics: None)
@@ -58,6 +60,7 @@ def test_a_crash_resumes_from_the_newest_checkpoint_with_bitwise_the_same_parame
     assert all(torch.equal(ours[k], reference[k]) for k in reference)
 
 
+@pytest.mark.slow
 def test_a_data_error_ends_the_run_after_one_attempt_with_its_reason(tmp_path):
     options = _options(tmp_path, "bad-data", max_failures=2, debug_data_error_at_step=50)  # 44 steps an epoch
     failed = run_in_this_process(run_config("digits", "smoke", epochs=2), options, lambda metrics: None)
