@@ -15,7 +15,8 @@ from nvae_core import ConfigError, data_check
 from nvae_core.datasets import check_available
 from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path
-from nvae_platform.study.declaration import Study, factor_levels, grid, resolve, trial_key
+from nvae_platform.findings import to_json
+from nvae_platform.study.declaration import Study, factor_levels, grid, resolve, study_findings, trial_key
 from nvae_platform.train.run_options import RunOptions
 from nvae_platform.train.scales import run_options
 
@@ -60,6 +61,7 @@ class StudyPlan:
     storage_path: str  # the study's storage root (local folder or URI)
     experiment_dir: str  # Tune experiment name under storage_path: study-scale-digest
     num_samples: int
+    findings: tuple = ()  # the study's findings, their levels resolved at this scale
     train_in_trial: bool = False  # set by prepare_study: one-worker trials on a local Ray train in the trial's process
 
     @property
@@ -128,6 +130,8 @@ class StudyPlan:
         params.update({"factors": ",".join(self.levels), "table.columns": ",".join(self.study.columns),
                        "table.across": self.study.across or "",
                        "table.baseline": json.dumps(self.study.baseline or {})})
+        if self.findings:
+            params["findings"] = to_json(self.findings)
         if self.is_search:
             params["objectives"] = ",".join(f"{k}:{v}" for k, v in self.study.search.objectives.items())
         return params
@@ -165,6 +169,7 @@ def plan_study(study, settings, check_data=True):
     if study.search is not None and settings.seeds != 1:
         raise ValueError("--seeds: a search trains one seed per trial; repeat its best trials as a grid study")
     levels = factor_levels(study, settings.scale, settings.levels)
+    findings = study_findings(study, settings.scale)
     _check_size(study, settings, levels)
     seeds = list(range(settings.seeds))
     trials = grid(study, settings.scale, seeds, settings.levels, settings.overrides)
@@ -199,6 +204,6 @@ def plan_study(study, settings, check_data=True):
                            "workers": options.workers, "samples": num_samples}, sort_keys=True)
     digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
     plan = StudyPlan(study, settings.scale, seeds, levels, dict(settings.overrides), options, trials, storage,
-                     f"{study.name}-{settings.scale}-{digest}", num_samples)
+                     f"{study.name}-{settings.scale}-{digest}", num_samples, findings)
     plan.options = dataclasses.replace(options, storage_path=plan.trials_path)
     return plan
