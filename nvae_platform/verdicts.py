@@ -125,7 +125,7 @@ def _metric_row(frame, metric, seeds):
         frame = frame[frame["seed"].isin(seeds)]
     column = f"metrics.{metric}"
     finished = frame[frame["status"] == "finished"]
-    values = [] if column not in frame else [float(v) for v in finished[column] if v == v]
+    values = [] if column not in frame else [float(v) for v in finished[column] if not math.isnan(v)]
     return values, int((frame["status"] == "diverged").sum()), int(frame["status"].isin(ENDED).sum())
 
 
@@ -244,8 +244,8 @@ def seeds_to_settle(finding, measured, cells, factors, alpha, reference=None, st
         spread = {c: _row_spread(cells, c, finding.metric) for c in rows}
         missing = [c for c, s in spread.items() if s is None]
         if missing:
-            return (f"to settle: 2 finished seeds or more in {', '.join(level_key(c, factors) for c in missing)} "
-                    "(to measure the seed spread), then as estimated", {c: 2 for c in missing})
+            where = ", ".join(level_key(c, factors) for c in missing)
+            return f"to settle: 2 finished seeds or more in {where} (to measure the seed spread)", {c: 2 for c in missing}
         sds = {c: s[1] for c, s in spread.items()}
         paper = {c: (reference or {}).get((study, level_key(c, factors), finding.metric)) for c in rows}
         if all(v is not None for v in paper.values()):
@@ -291,8 +291,8 @@ def verdict_lines(verdicts):
     """The 'Findings' block: a line per finding, its evidence indented under it."""
     if not verdicts:
         return []
-    lines = [f"Findings (docs/findings.md: at most {ALPHA / 2:.1%} false 'reproduced' and {ALPHA / 2:.1%} false "
-             "'contradicted' per finding):"]
+    rate = f"{ALPHA / 2:.1%}"
+    lines = [f"Findings (docs/findings.md: at most {rate} false 'reproduced' and {rate} false 'contradicted' each):"]
     for v in verdicts:
         lines.append(f"  {v.finding.name}: {v.verdict.upper()}: {v.finding.what()}")
         lines += [f"    {line}" for line in v.evidence + ([v.settle] if v.settle else [])]

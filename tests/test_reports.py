@@ -25,9 +25,10 @@ TRIALS = [("WN+ELU", "10", 0, "finished", 3.30), ("WN+ELU", "10", 1, "finished",
           ("BN+Swish", "40", 2, "failed", None)]
 
 
-def record_study(tmp_path, levels, trials, baseline, across=""):
+def record_study(tmp_path, levels, trials, baseline, across="", extra=None):
     """An ablation_norm study at paper scale as the platform records it: a parent run with levels
-    {factor: [level, ...]} and one trial run per (level..., seed, status, test_bpd or None)."""
+    {factor: [level, ...]} (and the params in `extra`) and one trial run per (level..., seed, status,
+    test_bpd or None)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment = client.create_experiment("ablation_norm", artifact_location=(tmp_path / "art").as_uri())
@@ -36,7 +37,7 @@ def record_study(tmp_path, levels, trials, baseline, across=""):
     pid = parent.info.run_id
     params = {f"levels.{f}": ",".join(names) for f, names in levels.items()}
     params.update({"factors": ",".join(levels), "table.columns": "test_bpd", "table.across": across,
-                   "table.baseline": json.dumps(baseline)})
+                   "table.baseline": json.dumps(baseline), **(extra or {})})
     for key, value in params.items():
         if value:
             client.log_param(pid, key, value)

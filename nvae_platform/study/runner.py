@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import pandas as pd
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -32,6 +33,7 @@ from nvae_platform.study.plan import StudyPlan, StudySettings, estimated_work, p
 from nvae_platform.study.progress_callback import ProgressCallback
 from nvae_platform.study.trial import run_trial
 from nvae_platform.summaries import mean_sd_of, non_dominated
+from nvae_platform.verdicts import judge, verdict_lines
 
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
 # workers, and reserves the memory it does use (Ray rejects an empty request).
@@ -143,6 +145,26 @@ def summary_table(plan, results):
     return "\n".join(lines)
 
 
+def trials_frame(plan, results):
+    """The trials of Tune results as nvae_platform.verdicts judges them (and reports/runs.py loads
+    them): a column per factor, seed, status and metrics.<name>."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        levels, seed = plan.levels_and_seed(result.config)
+        rows.append({**{k: str(v) for k, v in levels.items()}, "seed": str(seed),
+                     "status": status_of(metrics, "ERROR" if result.error else "TERMINATED"),
+                     **{f"metrics.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
+    return pd.DataFrame(rows, columns=[*plan.levels, "seed", "status"] if not rows else None)
+
+
+def study_verdicts(plan, results):
+    """The verdict of each of the study's findings on its results (nvae_platform.verdicts.judge)."""
+    if not plan.findings or plan.is_search:
+        return []
+    return judge(plan.findings, trials_frame(plan, results), plan.levels, study=plan.study.name)
+
+
 def pareto_front(results, objectives):
     """The finished Tune results no other finished result beats on every objective."""
     front = non_dominated([r.metrics or {} for r in results], objectives)
@@ -243,9 +265,12 @@ def _run_prepared(study, settings, plan, max_concurrent):
         raise
     results = [grid_results[i] for i in range(len(grid_results))]
     results = [r for r in results if r.config]  # a trial never started has no config
-    record, unrecorded = _complete_record(plan, tracking_uri, experiment, results)
+    verdicts = study_verdicts(plan, results)
+    record, unrecorded = _complete_record(plan, tracking_uri, experiment, results, verdicts)
     table = summary_table(plan, results)
     print(f"\n{study.name} at scale {settings.scale}: bits/dim of the finished trials\n{table}")
+    if verdicts:
+        print("\n" + "\n".join(verdict_lines(verdicts)), flush=True)
     if study.search is not None and len(study.search.objectives) > 1:
         front = pareto_front(results, study.search.objectives)
         print("\nPareto front (" + " vs ".join(study.search.objectives) + "):")
@@ -261,13 +286,15 @@ def _run_prepared(study, settings, plan, max_concurrent):
     return StudyOutcome(plan, results, table, tracking_uri, record.parent_id, record.interrupted)
 
 
-def _complete_record(plan, tracking_uri, experiment, results):
+def _complete_record(plan, tracking_uri, experiment, results, verdicts=()):
     """(the tracker, None) once the store holds every trial's record, completed from the results,
-    checkpoints and outcome files; (None, the line that says why not) when the store refuses."""
+    checkpoints and outcome files, and the parent run each finding's verdict (a tag); (None, the line
+    that says why not) when the store refuses."""
     try:
         record = MlflowTracker(plan, tracking_uri, experiment).open()  # what the store holds now
         for result in results:
             record.record_result(result)
+        record.tag_verdicts({v.finding.name: v.verdict for v in verdicts})
         record.close()
         return record, None
     except STORE_ERRORS as error:
@@ -277,4 +304,4 @@ def _complete_record(plan, tracking_uri, experiment, results):
 
 
 __all__ = ["StudyOutcome", "StudyPlan", "StudySettings", "check_storage", "estimated_work", "pareto_front", "plan_study",
-           "prepare_study", "run_study", "run_trial", "summary_table"]
+           "prepare_study", "run_study", "run_trial", "study_verdicts", "summary_table", "trials_frame"]
