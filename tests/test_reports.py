@@ -149,6 +149,7 @@ def test_a_report_of_a_real_smoke_study_embeds_its_sample_grids(finished_study, 
     markdown = open(next(p for p in paths if p.endswith("table.md"))).read()
     assert "| Swish | 1e-2 |" in markdown and "baseline" in markdown
     assert markdown.count("- (1 diverged)") == 2
+    assert markdown.startswith("Findings") and "  absurd_lr_diverges: OPEN: an absurd learning rate diverges" in markdown
     page = open(next(p for p in paths if p.endswith("report.html"))).read()
     assert page.count("<figcaption>samples of ") == 2
 

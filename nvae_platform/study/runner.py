@@ -180,6 +180,7 @@ class StudyOutcome:
     parent_run_id: str  # None when the store did not take the record
     interrupted: bool
     unrecorded: str = None  # the line saying the store did not take the record, and what to do
+    verdicts: list = None  # nvae_platform.verdicts.Verdict of each finding of the study
 
 
 def prepare_study(study, settings):
@@ -278,12 +279,12 @@ def _run_prepared(study, settings, plan, max_concurrent):
             print("  " + ", ".join(f"{k} {r.metrics[k]:.4g}" for k in study.search.objectives) + "  "
                   + trial_key({n: r.config[n] for n in plan.levels}, plan.seeds[0]))
     if unrecorded:
-        return StudyOutcome(plan, results, table, tracking_uri, None, False, unrecorded)
+        return StudyOutcome(plan, results, table, tracking_uri, None, False, unrecorded, verdicts)
     if record.interrupted:
         print("\nThe study was interrupted: re-run the same command to resume it.")
     browse = tracking_uri if tracking_uri.startswith("http") else f"mlflow ui --backend-store-uri {tracking_uri}"
     print(f"\nMLflow: experiment {experiment!r}, parent run {record.parent_id}; browse with\n  {browse}", flush=True)
-    return StudyOutcome(plan, results, table, tracking_uri, record.parent_id, record.interrupted)
+    return StudyOutcome(plan, results, table, tracking_uri, record.parent_id, record.interrupted, verdicts=verdicts)
 
 
 def _complete_record(plan, tracking_uri, experiment, results, verdicts=()):
