@@ -134,6 +134,7 @@ class _Measured:
     """A comparison's statistics in one study."""
 
     comparison: object
+    pairs: tuple  # the level pairs judged: those with 2 finished seeds or more on both sides (metrics)
     estimate: float
     low: float
     high: float
@@ -153,8 +154,8 @@ def _measure(finding, comparison, cells, alpha, balanced):
         rate = [x / n if n else math.nan for x, n in (a, b)]
         shown = f"{p[1] if finding.sign > 0 else p[0]:.3g}" if a[1] and b[1] else "-"
         text = (f"{comparison.label}: diverged {a[0]}/{a[1]} vs {b[0]}/{b[1]} (Fisher's exact test: one-sided p "
-                f"{shown}, significant at {alpha:.3g})")
-        return _Measured(comparison, rate[0] - rate[1], math.nan, math.nan, p, text)
+                f"{shown}; decides at {alpha:.3g})")
+        return _Measured(comparison, comparison.pairs, rate[0] - rate[1], math.nan, math.nan, p, text)
     usable = [pair for pair in comparison.pairs if all(len(rows[c][0]) >= 2 for c in pair)]
     k = len(usable)
     left_out = len(comparison.pairs) - k
@@ -164,7 +165,7 @@ def _measure(finding, comparison, cells, alpha, balanced):
     if not k:
         text = (f"{comparison.label}: too few finished seeds to judge (finished seeds {seeds_text}; 2 per row "
                 "needed)")
-        return _Measured(comparison, math.nan, math.nan, math.nan, (math.nan, math.nan), text)
+        return _Measured(comparison, comparison.pairs, math.nan, math.nan, math.nan, (math.nan, math.nan), text)
     used = [c for pair in usable for c in pair]
     weights = [w / k for _ in usable for w in (1, -1)]
     estimate, se2, df = welch_contrast([np.mean(rows[c][0]) for c in used],
@@ -175,7 +176,7 @@ def _measure(finding, comparison, cells, alpha, balanced):
     p = tuple(float(x) for x in t_p_values(estimate, se2, df, finding.boundary))
     text = (f"{comparison.label}: Δ {finding.metric} {estimate:+.3g} [{estimate - half:+.3g}, {estimate + half:+.3g}] "
             f"({100 * (1 - 2 * alpha):.4g}% interval), finished seeds {seeds_text}{note}")
-    return _Measured(comparison, estimate, estimate - half, estimate + half, p, text)
+    return _Measured(comparison, tuple(usable), estimate, estimate - half, estimate + half, p, text)
 
 
 def judge(findings, trials, levels, looks=1, reference=None, study="", power=True):
@@ -213,7 +214,7 @@ def _simulate(finding, measured, means, sds, n, alpha, rng):
                            sds[cell] ** 2 * rng.chisquare(n - 1, SIMULATIONS) / (n - 1))
     p_values = []
     for m in measured:
-        pairs = m.comparison.pairs
+        pairs = m.pairs
         if finding.metric == DIVERGED:
             a, b = sum(draws[p[0]] for p in pairs), sum(draws[p[1]] for p in pairs)
             p_values.append(fisher_p_values(a, n * len(pairs), b, n * len(pairs)))
@@ -228,8 +229,8 @@ def _simulate(finding, measured, means, sds, n, alpha, rng):
 
 def seeds_to_settle(finding, measured, cells, factors, alpha, reference=None, study=""):
     """(a line saying what would settle an open finding, {row: seeds per row}); see module doc."""
-    rows = list(dict.fromkeys(c for m in measured for pair in m.comparison.pairs for c in pair))
-    need_rows = list(dict.fromkeys(c for m in measured for pair in m.comparison.pairs for c in pair
+    rows = list(dict.fromkeys(c for m in measured for pair in m.pairs for c in pair))
+    need_rows = list(dict.fromkeys(c for m in measured for pair in m.pairs for c in pair
                                    if not _claimed(finding, m, alpha)))
     names = ", ".join(level_key(c, factors) for c in need_rows)
     if finding.metric == DIVERGED:

@@ -133,8 +133,8 @@ def test_diverged_counts_are_judged_by_fishers_exact_test():
     assert found.verdict == REPRODUCED
     p = 1 / math.comb(10, 5)  # all 5 diverged trials on lambda 0's side, by chance
     assert p == pytest.approx(stats.fisher_exact([[5, 0], [0, 5]], alternative="greater")[1])
-    assert found.evidence[0] == f"0.0 vs 0.01: diverged 5/5 vs 0/5 (Fisher's exact test: one-sided p {p:.3g}, " \
-                                "significant at 0.025)"
+    assert found.evidence[0] == f"0.0 vs 0.01: diverged 5/5 vs 0/5 (Fisher's exact test: one-sided p {p:.3g}; " \
+                                "decides at 0.025)"
     against = judge([STABILIZES], sr_trials({"0.0": (0, 5), "0.01": (5, 0), "0.1": (0, 5)}), SR_LEVELS)[0]
     assert against.verdict == CONTRADICTED  # one comparison significant the other way: p 0.004 <= 0.025 / 2
     few = judge([STABILIZES], sr_trials({"0.0": (1, 0), "0.01": (0, 1), "0.1": (0, 1)}), SR_LEVELS)[0]
@@ -298,3 +298,28 @@ def test_next_round_adds_a_seed_to_the_rows_an_open_finding_needs_until_decided(
     verdicts = judge(findings, trials, levels, looks=looks_for(6), power=False)
     assert seeds["WN+ELU"] == 6 and verdicts[1].verdict == OPEN  # no effect: open at max seeds
     assert verdicts[0].verdict == REPRODUCED
+
+
+def test_an_open_finding_is_planned_for_the_papers_effect_where_the_reference_holds_its_rows(store):
+    uri, _ = store
+    study = load_studies("ablation_norm", uri)[0]
+    reference = {("ablation_norm", "norm_act=BN+ELU", "test_bpd"): 3.20,
+                 ("ablation_norm", "norm_act=WN+ELU", "test_bpd"): 3.30}
+    verdict = judge([FINDINGS[2]], study.trials, study.levels, reference=reference, study="ablation_norm")[0]
+    assert verdict.verdict == OPEN and "at the effect the paper reports" in verdict.settle
+    assert verdict.needs[("WN+ELU",)] < judge([FINDINGS[2]], study.trials, study.levels)[0].needs[("WN+ELU",)]
+
+
+def test_not_lower_holds_within_its_margin_and_is_contradicted_below_it():
+    levels = {"cell": ["regular", "separable"]}
+    finding = Finding("f", "separable not lower", rows={"cell": "separable"}, than={"cell": "regular"},
+                      direction="not lower", margin=0.05)
+
+    def trials(shift):
+        return pd.DataFrame([{"cell": cell, "seed": s, "status": "finished",
+                              "metrics.test_bpd": 3.0 + (shift if cell == "separable" else 0) + 0.01 * (s % 3 - 1)}
+                             for cell in levels["cell"] for s in range(6)])
+
+    assert judge([finding], trials(0.0), levels)[0].verdict == REPRODUCED  # equal: not lower by 0.05
+    assert judge([finding], trials(-0.2), levels)[0].verdict == CONTRADICTED
+    assert judge([finding], trials(-0.05), levels)[0].verdict == OPEN  # at the margin
