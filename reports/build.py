@@ -8,6 +8,8 @@ import tempfile
 
 from mlflow.tracking import MlflowClient
 
+from nvae_platform.verdicts import judge, verdict_lines
+
 from . import plots
 from .runs import load_studies
 from .tables import PAPER, build_table, load_reference
@@ -40,6 +42,8 @@ def _sample_grids(client, study):
 def study_report(client, study, reference):
     """Everything of one study invocation, in memory: {file name: bytes or str}."""
     table = build_table(study, reference)
+    verdicts = judge(study.findings, study.trials, study.levels, study.looks, reference, study.name)
+    findings = "".join(f"{line}\n" for line in verdict_lines(verdicts))
     caption = f"{study.name} ({study.scale}): " + ", ".join(study.columns) + "; mean ± sd over finished seeds"
     figures = {"val_bpd_per_epoch.png": plots.validation_curves(_histories(client, study.trials)),
                "kl_per_group.png": plots.kl_per_group(study)}
@@ -57,9 +61,10 @@ def study_report(client, study, reference):
              f"'{PAPER}': the paper's value as recalled, from reports/paper_reference.csv.")
     images = [(name[:-4].replace("_", " "), png) for name, png in figures.items()] + _sample_grids(client, study)
     note = "" if table.long["paper"].notna().any() else " The paper's values are known at scale paper only."
-    files = {"table.md": f"{caption}.{note}\n\n" + to_markdown(table.display, table.notes),
+    files = {"table.md": (f"{findings}\n" if findings else "") + f"{caption}.{note}\n\n"
+             + to_markdown(table.display, table.notes),
              "table.csv": to_csv(table.long, table.notes), "table.tex": to_latex(table.display, caption, table.notes),
-             "report.html": to_html(f"{study.name}: {study.run_name}", [(caption, intro, table, images)])}
+             "report.html": to_html(f"{study.name}: {study.run_name}", [(caption, intro, table, images)], verdicts)}
     return {**files, **figures}
 
 

@@ -1,9 +1,12 @@
 """Is a difference between two configurations more than seed noise? Welch's t interval for the
-difference of two means over seeds."""
+difference of two means over seeds (nvae_platform.verdicts.welch_contrast, which the findings'
+verdicts use too)."""
 import math
 import statistics
 
 from scipy import stats
+
+from nvae_platform.verdicts import welch_contrast
 
 
 def welch_interval(a, b, level=0.95):
@@ -17,9 +20,8 @@ def welch_interval(a, b, level=0.95):
     delta = statistics.fmean(a) - statistics.fmean(b)
     if len(a) < 2 or len(b) < 2:
         return delta, math.nan, math.nan, math.nan
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)  # squared standard errors
-    if va + vb == 0:
+    _, se2, df = welch_contrast([0.0, 0.0], [statistics.variance(a), statistics.variance(b)], [len(a), len(b)], [1, -1])
+    if se2 == 0:
         return delta, delta, delta, math.nan
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = float(stats.t.ppf((1 + level) / 2, df)) * math.sqrt(va + vb)
-    return delta, delta - half, delta + half, df
+    half = float(stats.t.ppf((1 + level) / 2, float(df))) * math.sqrt(se2)
+    return delta, delta - half, delta + half, float(df)

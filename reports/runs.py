@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from nvae_platform.findings import from_json
+
 PARENT = "tags.mlflow.parentRunId"
 
 
@@ -28,6 +30,8 @@ class StudyRuns:
     baseline: dict = field(default_factory=dict)
     objectives: dict = field(default_factory=dict)  # a search's metric -> min/max
     trials: pd.DataFrame = None  # one row per trial: factor levels, seed, status, run_id, run_name, metrics.*
+    findings: list = field(default_factory=list)  # nvae_platform.findings.Finding, as the study recorded them
+    looks: int = 1  # of a sequential run (--until-decided): each verdict is judged at ALPHA / looks
 
     @property
     def factors(self):
@@ -108,4 +112,5 @@ def _study(parent, children):
         kind=parent.get("tags.nvae.kind", "grid"),
         levels=levels, columns=[c for c in _param(parent, "table.columns", "test_bpd").split(",") if c],
         across=_param(parent, "table.across"), baseline=json.loads(_param(parent, "table.baseline", "{}")),
-        objectives=objectives, trials=trials.reset_index(drop=True))
+        objectives=objectives, trials=trials.reset_index(drop=True), findings=from_json(_param(parent, "findings")),
+        looks=int(_param(parent, "findings.looks", "1")))

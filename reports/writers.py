@@ -62,16 +62,30 @@ def _cell(text, seeds=""):
     return f"<td>{html.escape(text)}{extra}</td>"
 
 
-def to_html(title, sections):
-    """One page; sections: (heading, intro text, table or None, [(caption, png bytes[, css class])]), a table
+def _findings_html(verdicts):
+    """The page's opening section: each finding's verdict, claim, evidence and what would settle it."""
+    if not verdicts:
+        return []
+    parts = ["<h2>Findings</h2>"]
+    for v in verdicts:
+        lines = v.evidence + ([v.settle] if v.settle else [])
+        parts.append(f'<p class="finding {v.verdict}"><b>{html.escape(v.finding.name)}: {v.verdict.upper()}</b>: '
+                     f"{html.escape(v.finding.what())}</p><ul>"
+                     + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
+    return parts
+
+
+def to_html(title, sections, verdicts=()):
+    """One page, opening with the findings' verdicts (nvae_platform.verdicts.Verdict); sections: (heading, intro text, table or None, [(caption, png bytes[, css class])]), a table
     having .display, .seeds (display's shape: the seed values to show beside a cell) and .notes; class
     "grid" draws small images (sample grids) large with sharp pixels."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              ("<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border-bottom:1px solid #ccc;padding:4px 8px;text-align:left}figure{display:inline-block;"
              "margin:8px}img.plot{max-width:560px}img.grid{width:400px;image-rendering:pixelated}"
-             ".seeds{font-size:smaller;color:#777}p.note{font-size:smaller}</style>"),
-             f"</head><body><h1>{html.escape(title)}</h1>"]
+             ".seeds{font-size:smaller;color:#777}p.note{font-size:smaller}.reproduced b{color:#060}"
+             ".contradicted b{color:#a00}.open b{color:#a60}</style>"),
+             f"</head><body><h1>{html.escape(title)}</h1>", *_findings_html(verdicts)]
     for heading, intro, table, images in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2><p>{html.escape(intro)}</p>")
         if table is not None:

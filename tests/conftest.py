@@ -75,6 +75,7 @@ def finished_study(tmp_path_factory):
     (half a CPU per worker), two epochs each. Returns (StudyOutcome, tracking URI)."""
     import ray
 
+    from nvae_platform.findings import DIVERGED, Finding
     from nvae_platform.ray_cluster import init_ray, shutdown_ray
     from nvae_platform.study import Factor, Study
     from nvae_platform.study.runner import StudySettings, run_study
@@ -84,7 +85,9 @@ def finished_study(tmp_path_factory):
         factors=(Factor("act", {"ELU": {"activation": "elu"}, "Swish": {"activation": "swish"}}),
                  Factor("lr", {"1e-2": {"learning_rate": 1e-2},
                                "1e9": {"learning_rate": 1e9, "warmup_epochs": 0.0}})),
-        fixed={"epochs": 2}, baseline={"act": "Swish", "lr": "1e-2"})
+        fixed={"epochs": 2}, baseline={"act": "Swish", "lr": "1e-2"},
+        findings=(Finding("absurd_lr_diverges", "an absurd learning rate diverges", rows={"lr": "1e9"},
+                          than={"lr": "1e-2"}, metric=DIVERGED, direction="higher"),))
     folder = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{folder}/mlflow.db"
     ray.shutdown()

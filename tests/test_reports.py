@@ -25,9 +25,10 @@ TRIALS = [("WN+ELU", "10", 0, "finished", 3.30), ("WN+ELU", "10", 1, "finished",
           ("BN+Swish", "40", 2, "failed", None)]
 
 
-def record_study(tmp_path, levels, trials, baseline, across=""):
+def record_study(tmp_path, levels, trials, baseline, across="", extra=None):
     """An ablation_norm study at paper scale as the platform records it: a parent run with levels
-    {factor: [level, ...]} and one trial run per (level..., seed, status, test_bpd or None)."""
+    {factor: [level, ...]} (and the params in `extra`) and one trial run per (level..., seed, status,
+    test_bpd or None)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment = client.create_experiment("ablation_norm", artifact_location=(tmp_path / "art").as_uri())
@@ -36,7 +37,7 @@ def record_study(tmp_path, levels, trials, baseline, across=""):
     pid = parent.info.run_id
     params = {f"levels.{f}": ",".join(names) for f, names in levels.items()}
     params.update({"factors": ",".join(levels), "table.columns": "test_bpd", "table.across": across,
-                   "table.baseline": json.dumps(baseline)})
+                   "table.baseline": json.dumps(baseline), **(extra or {})})
     for key, value in params.items():
         if value:
             client.log_param(pid, key, value)
@@ -166,6 +167,7 @@ def test_a_report_of_a_real_smoke_study_embeds_its_sample_grids(finished_study, 
     markdown = open(next(p for p in paths if p.endswith("table.md"))).read()
     assert "| Swish | 1e-2 |" in markdown and "baseline" in markdown
     assert markdown.count("- (1 diverged)") == 2
+    assert markdown.startswith("Findings") and "  absurd_lr_diverges: OPEN: an absurd learning rate diverges" in markdown
     page = open(next(p for p in paths if p.endswith("report.html"))).read()
     assert page.count("<figcaption>samples of ") == 2
 

@@ -7,7 +7,15 @@ from nvae_core import ConfigError
 from nvae_platform.record.tracking import check_tracking_uri, status_of
 from nvae_platform.study.cli import main
 from nvae_platform.study.declaration import Factor, Study, field_factor, grid, resolve, trial_key
-from nvae_platform.study.runner import StudySettings, check_storage, pareto_front, plan_study, summary_table
+from nvae_platform.study.runner import (
+    StudySettings,
+    check_storage,
+    pareto_front,
+    plan_study,
+    study_verdicts,
+    summary_table,
+    trials_frame,
+)
 from studies.ablation_norm import STUDY as NORM
 from studies.search_architecture import STUDY as SEARCH
 
@@ -241,6 +249,19 @@ def test_summary_table_averages_finished_seeds_and_counts_statuses(tmp_path):
     assert table[0] == "| norm_act | groups | test_bpd | trials |"
     assert table[2] == "| WN+ELU | 2 | 1.5 ± 0.71 | 2 finished |"
     assert table[3] == "| BN+ELU | 2 | 3 | 1 diverged, 1 finished |"
+
+
+def test_the_runner_judges_the_findings_on_tune_results_as_reports_load_trials(tmp_path):
+    plan = plan_study(NORM, StudySettings(storage_path=str(tmp_path), levels={"groups": ["8"]}, seeds=2))
+    results = [_result({"norm_act": "WN+ELU", "groups": "8", "seed": s}, status="diverged at step 7") for s in (0, 1)]
+    results += [_result({"norm_act": n, "groups": "8", "seed": s}, status="finished", test_bpd=3.0 + s)
+                for n in ("BN+ELU", "BN+Swish") for s in (0, 1)]
+    frame = trials_frame(plan, results)
+    assert list(frame.columns[:4]) == ["norm_act", "groups", "seed", "status"]
+    assert frame["status"].tolist() == ["diverged"] * 2 + ["finished"] * 4 and frame["metrics.test_bpd"].iloc[2] == 3.0
+    verdicts = {v.finding.name: v for v in study_verdicts(plan, results)}
+    assert list(verdicts) == ["bn_beats_wn", "bn_gain_grows_with_groups", "swish_beats_elu", "wn_unstable_deep"]
+    assert verdicts["wn_unstable_deep"].evidence[0].startswith("WN+ELU vs BN+ELU at groups=8: diverged 2/2 vs 0/2")
 
 
 def test_pareto_front_keeps_only_undominated_trials():

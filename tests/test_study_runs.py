@@ -36,6 +36,10 @@ def test_one_parent_and_a_child_per_trial_with_params_tags_and_final_metrics(stu
     parents = [r for r in runs if PARENT_TAG not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and not outcome.interrupted
     assert parents[0].data.tags[STUDY_KEY_TAG] == outcome.plan.study_key
+    # 2 of 2 diverged against 0 of 2, one seed each: Fisher's one-sided p = 1/6, not yet decided
+    assert parents[0].data.tags["nvae.finding.absurd_lr_diverges"] == "open"
+    assert outcome.verdicts[0].evidence == [("1e9 vs 1e-2 (pooled over act): diverged 2/2 vs 0/2 (Fisher's exact test: "
+                                            "one-sided p 0.167; decides at 0.025)")]
     children = _children(runs)
     assert sorted(children) == sorted(t.key for t in outcome.plan.trials)
     for key, run in children.items():

@@ -34,9 +34,10 @@ from nvae_platform.record.store import StoreClient, experiment_id, sqlite_path, 
 from nvae_platform.train import fault_injection
 
 STUDY_KEY_TAG = "nvae.study_key"
+FINDING_TAG = "nvae.finding"  # nvae.finding.<name> = the finding's verdict, on the parent run
 TRIAL_KEY_TAG = "nvae.trial_key"
 PARENT_TAG = "mlflow.parentRunId"
-__all__ = ["CHECKPOINT_TAG", "CONFIG_ARTIFACT", "NODES_TAG", "PARENT_TAG", "STATUS_TAG", "STUDY_KEY_TAG",
+__all__ = ["CHECKPOINT_TAG", "CONFIG_ARTIFACT", "FINDING_TAG", "NODES_TAG", "PARENT_TAG", "STATUS_TAG", "STUDY_KEY_TAG",
            "TRIAL_KEY_TAG", "MlflowTracker", "StoreWriteError", "check_tracking_uri", "provenance_tags", "status_of"]
 
 
@@ -364,6 +365,11 @@ class MlflowTracker(tune.Callback):
         writer = self._child(trial)
         if not writer.closed:
             writer.finish(trial.last_result or {}, "failed", _error_text(trial))
+
+    def tag_verdicts(self, verdicts):
+        """Tag the parent run with each finding's verdict ({name: verdict}): nvae.finding.<name>."""
+        for name, verdict in verdicts.items():
+            self.client.set_tag(self.parent_id, f"{FINDING_TAG}.{name}", verdict)
 
     @property
     def interrupted(self):

@@ -7,6 +7,7 @@ the levels of each trial instead.
 from dataclasses import dataclass, field
 
 from nvae_core import ConfigError, NVAEConfig
+from nvae_platform.findings import Finding, level_errors, resolved
 from nvae_platform.preflight import label_error
 from nvae_platform.train.scales import run_config
 
@@ -58,6 +59,7 @@ class Study:
     search: Search = None
     across: str = None  # a factor whose levels are the report table's columns (e.g. groups)
     baseline: dict = None  # {factor: level} of the row the report compares every other row with
+    findings: tuple = ()  # the paper's claims the study tests (nvae_platform.findings.Finding)
 
     def __post_init__(self):
         if label_error(self.name):
@@ -87,6 +89,21 @@ class Trial:
 def trial_key(levels, seed):
     """'norm_act=BN+Swish,groups=20,seed=0': a trial's stable name (MLflow run, checkpoint folder)."""
     return ",".join([f"{k}={v}" for k, v in levels.items()] + [f"seed={seed}"])
+
+
+def study_findings(study, scale):
+    """The study's findings at scale, their levels resolved (HIGHEST/LOWEST named); ConfigError naming
+    an unknown factor or level, or a name used twice."""
+    levels = {f.name: list(f.at(scale)) for f in study.factors}
+    names = [f.name for f in study.findings]
+    errors = [f"study {study.name}: findings[{i}] is a {type(f).__name__}, not a Finding"
+              for i, f in enumerate(study.findings) if not isinstance(f, Finding)]
+    errors += [f"study {study.name}: two findings are named {n!r}" for n in sorted({n for n in names
+                                                                                     if names.count(n) > 1})]
+    errors += [e for f in study.findings if isinstance(f, Finding) for e in level_errors(f, levels)]
+    if errors:
+        raise ConfigError(f"{errors[0]} (at scale {scale})")
+    return tuple(resolved(f, levels) for f in study.findings)
 
 
 def factor_levels(study, scale, only=None):

@@ -20,7 +20,17 @@ from nvae_core import ConfigError, data_check
 from nvae_core.datasets import check_available
 from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path
-from nvae_platform.study.declaration import Study, Trial, combinations, factor_levels, grid, resolve, trial_key
+from nvae_platform.findings import to_json
+from nvae_platform.study.declaration import (
+    Study,
+    Trial,
+    combinations,
+    factor_levels,
+    grid,
+    resolve,
+    study_findings,
+    trial_key,
+)
 from nvae_platform.train.run_options import RunOptions
 from nvae_platform.train.scales import run_options
 
@@ -68,6 +78,7 @@ class StudyPlan:
     experiment_dir: str  # the study's folder under storage_path: study-scale-digest of its identity
     tune_name: str  # this invocation's Tune experiment, a folder in the study's: tune-digest of its trials
     num_samples: int
+    findings: tuple = ()  # the study's findings, their levels resolved at this scale
     train_in_trial: bool = False  # set by prepare_study: one-worker trials on a local Ray train in the trial's process
 
     @property
@@ -169,6 +180,8 @@ class StudyPlan:
         params.update({"factors": ",".join(self.levels), "table.columns": ",".join(self.study.columns),
                        "table.across": self.study.across or "",
                        "table.baseline": json.dumps(self.study.baseline or {})})
+        if self.findings:
+            params["findings"] = to_json(self.findings)
         if self.is_search:
             params["objectives"] = ",".join(f"{k}:{v}" for k, v in self.study.search.objectives.items())
         return params
@@ -225,6 +238,7 @@ def plan_study(study, settings, check_data=True):
     if study.search is not None and (settings.seeds != 1 or settings.row_seeds):
         raise ValueError("--seeds: a search trains one seed per trial; repeat its best trials as a grid study")
     levels = factor_levels(study, settings.scale, settings.levels)
+    findings = study_findings(study, settings.scale)
     counts = row_seed_counts(levels, settings)
     _check_size(study, settings, counts)
     if study.search is not None:
@@ -271,6 +285,7 @@ def plan_study(study, settings, check_data=True):
                 "workers": options.workers, **asked}
     tune_name = f"tune-{_digest(asked or sorted(t.key for t in trials))}"
     plan = StudyPlan(study, settings.scale, seeds, levels, dict(settings.overrides), options, trials, storage,
-                     f"{study.name}-{settings.scale}-{_digest(identity)}", tune_name, num_samples)
+                     f"{study.name}-{settings.scale}-{_digest(identity)}", tune_name, num_samples,
+                     findings)
     plan.options = dataclasses.replace(options, storage_path=plan.trials_path)
     return plan

@@ -17,6 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import pandas as pd
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -36,6 +37,7 @@ from nvae_platform.study.plan import StudyPlan, StudySettings, estimated_work, p
 from nvae_platform.study.progress_callback import ProgressCallback
 from nvae_platform.study.trial import run_trial
 from nvae_platform.summaries import mean_sd_of, non_dominated
+from nvae_platform.verdicts import judge, verdict_lines
 
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
 # workers, and reserves the memory it does use (Ray rejects an empty request).
@@ -158,6 +160,30 @@ def summary_table(plan, results):
     return "\n".join(lines)
 
 
+def trials_frame(plan, results):
+    """The trials of Tune results as nvae_platform.verdicts judges them (and reports/runs.py loads
+    them): a column per factor, seed, status and metrics.<name>."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        levels, seed = plan.levels_and_seed(result.config)
+        rows.append({**{k: str(v) for k, v in levels.items()}, "seed": str(seed),
+                     "status": status_of(metrics, "ERROR" if result.error else "TERMINATED"),
+                     **{f"metrics.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
+    return pd.DataFrame(rows, columns=[*plan.levels, "seed", "status"] if not rows else None)
+
+
+def study_verdicts(plan, results):
+    """The verdict of each of the study's findings on its results (nvae_platform.verdicts.judge)."""
+    if not plan.findings or plan.is_search:
+        return []
+    frame = trials_frame(plan, results)
+    # Pooled trials of earlier commands may hold levels this command's --levels left out.
+    levels = {name: [level for level in plan.study.factor(name).at(plan.scale)
+                     if level in chosen or level in set(frame.get(name, ()))] for name, chosen in plan.levels.items()}
+    return judge(plan.findings, frame, levels, study=plan.study.name)
+
+
 def pareto_front(results, objectives):
     """The finished Tune results no other finished result beats on every objective."""
     front = non_dominated([r.metrics or {} for r in results], objectives)
@@ -192,6 +218,7 @@ class StudyOutcome:
     interrupted: bool
     unrecorded: str = None  # the line saying the store did not take the record, and what to do
     pooled: list = None  # results and EndedTrials: every trial of the study that this table holds
+    verdicts: list = None  # nvae_platform.verdicts.Verdict of each finding of the study
 
 
 def prepare_study(study, settings):
@@ -286,9 +313,12 @@ def _run_prepared(study, settings, plan, max_concurrent, cost=None):
     results = [grid_results[i] for i in range(len(grid_results))]
     results = [r for r in results if r.config]  # a trial never started has no config
     pooled = results + earlier_trials(plan, ended, results)
-    record, unrecorded = _complete_record(plan, tracking_uri, experiment, pooled)
+    verdicts = study_verdicts(plan, pooled)
+    record, unrecorded = _complete_record(plan, tracking_uri, experiment, pooled, verdicts)
     table = summary_table(plan, pooled)
     print(f"\n{study.name} at scale {settings.scale}: bits/dim of the finished trials\n{table}")
+    if verdicts:
+        print("\n" + "\n".join(verdict_lines(verdicts)), flush=True)
     if study.search is not None and len(study.search.objectives) > 1:
         front = pareto_front(results, study.search.objectives)
         print("\nPareto front (" + " vs ".join(study.search.objectives) + "):")
@@ -296,21 +326,24 @@ def _run_prepared(study, settings, plan, max_concurrent, cost=None):
             print("  " + ", ".join(f"{k} {r.metrics[k]:.4g}" for k in study.search.objectives) + "  "
                   + trial_key({n: r.config[n] for n in plan.levels}, plan.seeds[0]))
     if unrecorded:
-        return StudyOutcome(plan, results, table, tracking_uri, None, False, unrecorded, pooled)
+        return StudyOutcome(plan, results, table, tracking_uri, None, False, unrecorded, pooled, verdicts)
     if record.interrupted:
         print("\nThe study was interrupted: re-run the same command to resume it.")
     browse = tracking_uri if tracking_uri.startswith("http") else f"mlflow ui --backend-store-uri {tracking_uri}"
     print(f"\nMLflow: experiment {experiment!r}, parent run {record.parent_id}; browse with\n  {browse}", flush=True)
-    return StudyOutcome(plan, results, table, tracking_uri, record.parent_id, record.interrupted, pooled=pooled)
+    return StudyOutcome(plan, results, table, tracking_uri, record.parent_id, record.interrupted, pooled=pooled,
+                        verdicts=verdicts)
 
 
-def _complete_record(plan, tracking_uri, experiment, results):
+def _complete_record(plan, tracking_uri, experiment, results, verdicts=()):
     """(the tracker, None) once the store holds every trial's record, completed from the results,
-    checkpoints and outcome files; (None, the line that says why not) when the store refuses."""
+    checkpoints and outcome files, and the parent run each finding's verdict (a tag); (None, the line
+    that says why not) when the store refuses."""
     try:
         record = MlflowTracker(plan, tracking_uri, experiment).open()  # what the store holds now
         for result in results:
             record.record_result(result)
+        record.tag_verdicts({v.finding.name: v.verdict for v in verdicts})
         record.close()
         return record, None
     except STORE_ERRORS as error:
@@ -319,5 +352,5 @@ def _complete_record(plan, tracking_uri, experiment, results):
                       "record and retrains nothing")
 
 
-__all__ = ["EndedTrial", "StudyOutcome", "StudyPlan", "StudySettings", "check_storage", "estimated_work", "pareto_front", "plan_study",
-           "prepare_study", "run_study", "run_trial", "summary_table"]
+__all__ = ["EndedTrial", "StudyOutcome", "StudyPlan", "StudySettings", "check_storage", "estimated_work", "pareto_front",
+           "plan_study", "prepare_study", "run_study", "run_trial", "study_verdicts", "summary_table", "trials_frame"]
