@@ -6,7 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow  # the whole module starts Ray, servers or commands
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS, PROCESSES = 5, 3
@@ -16,8 +19,6 @@ COMMAND = """
 import sys, time
 from nvae_platform.record.store import StoreClient, experiment_id
 from nvae_platform.record.tracking import check_tracking_uri
-
-pytestmark = pytest.mark.slow  # the whole module starts Ray, servers or commands
 uri, name, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 time.sleep(max(0.0, start - time.time()))
 check_tracking_uri(uri, name)
