@@ -80,6 +80,12 @@ def _param(row, name, default=""):
     return default if value is None or (isinstance(value, float) and pd.isna(value)) else value
 
 
+def _looks(parent):
+    """The looks the study's verdicts were judged at: its tag (--until-decided writes it), else 1."""
+    tag = parent.get("tags.nvae.findings.looks")
+    return tag if isinstance(tag, str) and tag else _param(parent, "findings.looks", "1")
+
+
 def _levels(parent, children):
     """{factor: levels} of the study: its parent's tags, which each invocation widens (params in records of
     earlier versions), and any level its trial runs hold beside them."""
@@ -113,4 +119,4 @@ def _study(parent, children):
         levels=levels, columns=[c for c in _param(parent, "table.columns", "test_bpd").split(",") if c],
         across=_param(parent, "table.across"), baseline=json.loads(_param(parent, "table.baseline", "{}")),
         objectives=objectives, trials=trials.reset_index(drop=True), findings=from_json(_param(parent, "findings")),
-        looks=int(_param(parent, "findings.looks", "1")))
+        looks=int(_looks(parent)))

@@ -37,6 +37,7 @@ STUDY_KEY_TAG = "nvae.study_key"
 FINDING_TAG = "nvae.finding"  # nvae.finding.<name> = the finding's verdict, on the parent run
 TRIAL_KEY_TAG = "nvae.trial_key"
 PARENT_TAG = "mlflow.parentRunId"
+LOOKS_TAG = "nvae.findings.looks"
 __all__ = ["CHECKPOINT_TAG", "CONFIG_ARTIFACT", "FINDING_TAG", "NODES_TAG", "PARENT_TAG", "STATUS_TAG", "STUDY_KEY_TAG",
            "TRIAL_KEY_TAG", "MlflowTracker", "StoreWriteError", "check_tracking_uri", "provenance_tags", "status_of"]
 
@@ -366,10 +367,13 @@ class MlflowTracker(tune.Callback):
         if not writer.closed:
             writer.finish(trial.last_result or {}, "failed", _error_text(trial))
 
-    def tag_verdicts(self, verdicts):
-        """Tag the parent run with each finding's verdict ({name: verdict}): nvae.finding.<name>."""
+    def tag_verdicts(self, verdicts, looks=1):
+        """Tag the parent run with each finding's verdict ({name: verdict}): nvae.finding.<name>, and
+        the looks they were judged at (nvae.findings.looks: a report judges at the same level)."""
         for name, verdict in verdicts.items():
             self.client.set_tag(self.parent_id, f"{FINDING_TAG}.{name}", verdict)
+        if verdicts:
+            self.client.set_tag(self.parent_id, LOOKS_TAG, str(looks))
 
     @property
     def interrupted(self):

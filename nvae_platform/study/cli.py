@@ -12,6 +12,12 @@ from nvae_platform.record.outcomes import ended_outcomes
 from nvae_platform.study.cost import check_budget, describe_cost, estimate_cost
 from nvae_platform.study.plan import MAX_TRIALS
 from nvae_platform.study.runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
+from nvae_platform.study.until_decided import (
+    DEFAULT_MAX_SEEDS,
+    check_until_decided,
+    run_until_decided,
+    until_decided_settings,
+)
 from nvae_platform.train.scales import SCALES
 
 STUDY_DATA_HINT = " In a study: add --download, or run --scale smoke, which needs no files."
@@ -84,6 +90,12 @@ def build_parser(study):
     add("--probe", action="store_true",
         help="time a few training steps and the evaluation of each distinct model on one worker where the study "
              "runs, for the hours of a model no earlier run in the MLflow store measured (seconds per model)")
+    add("--until-decided", action="store_true",
+        help="train in rounds, each adding one seed to the rows an open finding needs, until every finding is "
+             "decided, --max-seeds, or --budget-gpu-hours (a sequential design: stopping early keeps each "
+             "verdict's error rate; docs/findings.md)")
+    add("--max-seeds", type=at_least(2), default=DEFAULT_MAX_SEEDS,
+        help=f"with --until-decided: the most seeds of any row (default: {DEFAULT_MAX_SEEDS})")
     add("--budget-gpu-hours", type=at_least(0, float, strictly=True), metavar="H",
         help="refuse, before anything trains, a plan estimated above H GPU-hours (wall hours x GPUs reserved; "
              "for trials on CPUs: CPU-hours, wall hours x CPUs reserved)")
@@ -106,6 +118,9 @@ def main(study, argv=None):
         max_trials=args.max_trials, max_failures=args.max_failures)
     tracking_uri = settings.tracking_uri or default_tracking_uri()
     try:  # every check before anything is recorded or trained
+        if args.until_decided:
+            check_until_decided(study, settings, args.max_seeds)
+            settings = until_decided_settings(settings, args.max_seeds)
         if args.dry_run:
             plan = plan_study(study, settings, check_data=False)
             ended = ended_outcomes(plan.trials_path)
@@ -130,7 +145,11 @@ def main(study, argv=None):
     except (ConfigError, ValueError) as error:
         parser.error(str(error))
     stop_on_sigterm_as_on_sigint()
-    outcome = run_study(study, settings, prepared, cost)
+    if args.until_decided:
+        outcome = run_until_decided(study, settings, prepared, args.max_seeds, tracking_uri, args.budget_gpu_hours,
+                                    args.probe, cost)
+    else:
+        outcome = run_study(study, settings, prepared, cost)
     if outcome.unrecorded:
         print(outcome.unrecorded, file=sys.stderr, flush=True)
         return 1

@@ -61,6 +61,7 @@ class StudySettings:
     max_trials: int = MAX_TRIALS  # a plan above it is refused before it is built
     max_failures: int = 2  # restarts of a trial's workers (Train), and of its own process (Tune), after a failure
     row_seeds: dict = field(default_factory=dict)  # (level, ...) in factor order -> seeds of that row; else seeds
+    looks: int = 1  # of a sequential run (--until-decided): each verdict is judged at ALPHA / looks (verdicts.py)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class StudyPlan:
     tune_name: str  # this invocation's Tune experiment, a folder in the study's: tune-digest of its trials
     num_samples: int
     findings: tuple = ()  # the study's findings, their levels resolved at this scale
+    looks: int = 1  # of a sequential run (--until-decided): each verdict is judged at ALPHA / looks
     train_in_trial: bool = False  # set by prepare_study: one-worker trials on a local Ray train in the trial's process
 
     @property
@@ -286,6 +288,6 @@ def plan_study(study, settings, check_data=True):
     tune_name = f"tune-{_digest(asked or sorted(t.key for t in trials))}"
     plan = StudyPlan(study, settings.scale, seeds, levels, dict(settings.overrides), options, trials, storage,
                      f"{study.name}-{settings.scale}-{_digest(identity)}", tune_name, num_samples,
-                     findings)
+                     findings, settings.looks)
     plan.options = dataclasses.replace(options, storage_path=plan.trials_path)
     return plan

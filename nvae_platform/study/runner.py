@@ -173,15 +173,19 @@ def trials_frame(plan, results):
     return pd.DataFrame(rows, columns=[*plan.levels, "seed", "status"] if not rows else None)
 
 
+def pooled_levels(plan, frame):
+    """{factor: levels} of this command's plan and of the pooled trials (trials_frame), in the study's
+    order: trials of earlier commands may hold levels this command's --levels left out."""
+    return {name: [level for level in plan.study.factor(name).at(plan.scale)
+                   if level in chosen or level in set(frame.get(name, ()))] for name, chosen in plan.levels.items()}
+
+
 def study_verdicts(plan, results):
     """The verdict of each of the study's findings on its results (nvae_platform.verdicts.judge)."""
     if not plan.findings or plan.is_search:
         return []
     frame = trials_frame(plan, results)
-    # Pooled trials of earlier commands may hold levels this command's --levels left out.
-    levels = {name: [level for level in plan.study.factor(name).at(plan.scale)
-                     if level in chosen or level in set(frame.get(name, ()))] for name, chosen in plan.levels.items()}
-    return judge(plan.findings, frame, levels, study=plan.study.name)
+    return judge(plan.findings, frame, pooled_levels(plan, frame), looks=plan.looks, study=plan.study.name)
 
 
 def pareto_front(results, objectives):
@@ -343,7 +347,7 @@ def _complete_record(plan, tracking_uri, experiment, results, verdicts=()):
         record = MlflowTracker(plan, tracking_uri, experiment).open()  # what the store holds now
         for result in results:
             record.record_result(result)
-        record.tag_verdicts({v.finding.name: v.verdict for v in verdicts})
+        record.tag_verdicts({v.finding.name: v.verdict for v in verdicts}, plan.looks)
         record.close()
         return record, None
     except STORE_ERRORS as error:
@@ -353,4 +357,4 @@ def _complete_record(plan, tracking_uri, experiment, results, verdicts=()):
 
 
 __all__ = ["EndedTrial", "StudyOutcome", "StudyPlan", "StudySettings", "check_storage", "estimated_work", "pareto_front",
-           "plan_study", "prepare_study", "run_study", "run_trial", "study_verdicts", "summary_table", "trials_frame"]
+           "plan_study", "pooled_levels", "prepare_study", "run_study", "run_trial", "study_verdicts", "summary_table", "trials_frame"]
