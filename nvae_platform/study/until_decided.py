@@ -53,9 +53,8 @@ def run_until_decided(study, settings, prepared, max_seeds, tracking_uri, budget
         wanted = next_round(plan.findings, frame, pooled_levels(plan, frame), max_seeds)
         still_open = [v.finding.name for v in outcome.verdicts if v.verdict == OPEN]
         if not wanted:
-            print(f"[study] --until-decided: {'every finding is decided' if not still_open else ''}"
-                  + (f"open at {max_seeds} seeds: {', '.join(still_open)}" if still_open else "")
-                  + f" after {round_number} round(s)", flush=True)
+            verdict = f"open at {max_seeds} seeds: {', '.join(still_open)}" if still_open else "every finding is decided"
+            print(f"[study] --until-decided: {verdict} after {round_number} round(s)", flush=True)
             return outcome
         settings = dataclasses.replace(settings, row_seeds={**settings.row_seeds, **wanted})
         cost = estimate_cost(plan_study(study, settings, check_data=False), settings, tracking_uri, probe=probe,
@@ -63,7 +62,8 @@ def run_until_decided(study, settings, prepared, max_seeds, tracking_uri, budget
         if budget is not None and (cost.total_hours() is None or spent + cost.total_hours() > budget):
             need = "unknown hours" if cost.total_hours() is None else f"{cost.total_hours():.3g} {cost.unit}-h"
             print(f"[study] --until-decided: stopped before round {round_number + 1} ({need} more, "
-                  f"{spent:.3g} {cost.unit}-h spent, --budget-gpu-hours {budget:g}); open: {', '.join(still_open)}",
+                  f"{spent:.3g} {cost.unit}-h estimated for the rounds run, --budget-gpu-hours {budget:g}); "
+                  f"open: {', '.join(still_open)}",
                   flush=True)
             return outcome
         round_number += 1
