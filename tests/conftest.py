@@ -49,6 +49,23 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+_MODULE_SECONDS = {}  # test module: seconds of its tests' setup, call and teardown
+
+
+def pytest_runtest_logreport(report):
+    module = report.nodeid.split("::")[0]
+    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Seconds per test module, slowest first (modules over 1 s): where the suite's time goes."""
+    slow = sorted(((s, m) for m, s in _MODULE_SECONDS.items() if s >= 1), reverse=True)
+    if slow:
+        terminalreporter.write_sep("=", f"seconds per module ({sum(_MODULE_SECONDS.values()):.0f} s in all)")
+        for seconds, module in slow:
+            terminalreporter.write_line(f"{seconds:8.1f}  {module}")
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
