@@ -331,6 +331,17 @@ def check_available(name, data_dir="data", seed=0, image_size=None):
             load_dataset(name, split, data_dir, seed=seed, image_size=image_size)
 
 
+TRAIN_IMAGES = {"mnist": 60000, "cifar10": 50000, "celeba64": 162770}  # the published training splits
+
+
+def train_images(name, data_dir="data", seed=0, image_size=None, exclude=()):
+    """How many images the training split of name holds: the published count of a downloadable set
+    (no files needed), else the split's length (an image-folder's files are listed, none is read)."""
+    if name in TRAIN_IMAGES:
+        return TRAIN_IMAGES[name]
+    return len(load_dataset(name, "train", data_dir, seed=seed, image_size=image_size, exclude=exclude))
+
+
 def load_dataset(name, split, data_dir="data", download=False, seed=0, image_size=None, exclude=()):
     """Dataset `name` ("train", "test", or CelebA's "validation" split) whose items are float32
     tensors C x H x W in [0, 1].

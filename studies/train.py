@@ -90,6 +90,7 @@ def main(argv=None):
             options = replace(options, skip_files=tuple(check_data(
                 cfg.dataset, options.data_dir, seed=cfg.seed, image_size=cfg.image_size,
                 evaluation_split=cfg.evaluation_split, skip_unreadable=args.skip_unreadable)))
+        options.check_batch(cfg)
         check_storage(options.storage_path)
         tracking_uri = args.tracking_uri or default_tracking_uri()
         check_tracking_uri(tracking_uri, args.experiment)

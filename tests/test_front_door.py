@@ -49,6 +49,9 @@ CASES = [
     ("study", ["--set", "sr_lambda=1"], "--set sr_lambda"),
     ("train", ["--set", "dataset=mnist"], "--dataset"),
     ("train", ["--set", "epochs=0"], "epochs"),
+    # a batch larger than the training images (digits: 1438), counted before Ray starts
+    ("study", ["--set", "batch_size=100000"], "--set batch_size=100000"),
+    ("train", ["--set", "batch_size=100000"], "--set batch_size=100000"),
     # plans are bounded: refused before they are built, with their size
     ("study", ["--seeds", "1000000"], "--seeds 1000000"),
     # a cost budget: refused when the estimate is unknown (no earlier run, no --probe) or above it

@@ -167,6 +167,8 @@ def test_unwritable_storage_and_unreachable_tracking_are_named(tmp_path):
     (["--seeds", "0"], "argument --seeds: 0 is not allowed: expected an integer >= 1"),
     (["--max-failures", "-1"], "argument --max-failures: -1 is not allowed: expected an integer >= 0; Ray's -1"),
     (["--scale", "small", "--data-dir", "/nonexistent-data"], "dataset 'cifar10' not found.*add --download"),
+    (["--set", "batch_size=2000"], r"--set batch_size=2000 x 1 worker\(s\) is more than the 1438 training images"),
+    (["--set", "batch_size=720", "--workers-per-trial", "2"], r"batch_size=720 x 2 worker\(s\).*at most 719"),
     (["--address", "auto"], r"--address auto: no running Ray cluster was found on this machine; start one"),
     (["--address", "10.0.0.1:6379", "--num-cpus", "2"], "--num-cpus 2 sizes a local Ray.*drop --num-cpus"),
 ])
@@ -319,3 +321,23 @@ def test_the_tracker_is_plain_data_until_tunes_setup_hook_opens_the_store(tmp_pa
 def test_a_study_name_is_a_label_never_a_path(name):
     with pytest.raises(ConfigError, match=r"Study\(name="):
         Study(name=name, factors=NORM.factors)
+
+
+def test_batch_sizes_that_fit_the_training_images_pass_and_a_study_says_how_many_trials_failed(tmp_path):
+    from nvae_platform.study.runner import StudyOutcome
+    from nvae_platform.train.scales import run_config, run_options
+
+    cfg, options = run_config("digits", "smoke", batch_size=719), run_options("digits", "smoke", workers=2)
+    assert options.check_batch(cfg) == 1438  # 2 x 719 = 1438: each worker gets one batch
+    with pytest.raises(ValueError, match="no batch fits: lower it to at most 479"):
+        options.check_batch(cfg, images=959)
+    assert run_options("cifar10", "small").check_batch(run_config("cifar10", "small", batch_size=50000)) == 50000
+    plan = plan_study(NORM, StudySettings(storage_path=str(tmp_path)), check_data=False)
+    outcome = StudyOutcome(plan, [], "", "", None, False, pooled=[
+        _result({}, status="finished"), _result({}, status="failed: ValueError: x")])
+    line, every = outcome.failed_line()
+    assert line.startswith("[study] 1 of 2 trial(s) failed: the reason of each") and every is False
+    outcome.pooled = outcome.pooled[1:]
+    assert outcome.failed_line()[1] is True
+    outcome.pooled = [_result({}, status="diverged at step 3")]
+    assert outcome.failed_line() == (None, False)

@@ -224,6 +224,16 @@ class StudyOutcome:
     pooled: list = None  # results and EndedTrials: every trial of the study that this table holds
     verdicts: list = None  # nvae_platform.verdicts.Verdict of each finding of the study
 
+    def failed_line(self):
+        """The study's closing line when some of its trials failed (None when none did), and whether
+        every one of them failed."""
+        statuses = [status_of(r.metrics, "ERROR" if r.error else "TERMINATED") for r in self.pooled or self.results]
+        failed = statuses.count("failed")
+        if not failed:
+            return None, False
+        return (f"[study] {failed} of {len(statuses)} trial(s) failed: the reason of each is in its progress line "
+                "above and in its MLflow run (error.txt)"), failed == len(statuses)
+
 
 def prepare_study(study, settings):
     """Every check that needs no trial, before Ray starts: plan (numbers, configs, data), storage,
