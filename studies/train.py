@@ -29,11 +29,12 @@ from nvae_platform.defaults import default_data_dir, default_storage_path, defau
 from nvae_platform.folder_lock import FolderLock
 from nvae_platform.preflight import FAILURE_COUNT, CommandLine, at_least, check_storage, label
 from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
-from nvae_platform.ray_cluster import add_ray_arguments, init_ray_for_run
+from nvae_platform.ray_cluster import add_ray_arguments, cluster_address, init_ray_for_run
 from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
 from nvae_platform.record.tracking import StoreWriteError, check_tracking_uri
 from nvae_platform.record.train_record import TrainRecord, describe_changes, resume_changes, run_name
 from nvae_platform.study.cli import parse_pairs, parse_value
+from nvae_platform.train.memory import check_memory, smoke_warning
 from nvae_platform.train.run import run_training
 from nvae_platform.train.scales import SCALES, run_config, run_options
 
@@ -91,6 +92,10 @@ def main(argv=None):
                 cfg.dataset, options.data_dir, seed=cfg.seed, image_size=cfg.image_size,
                 evaluation_split=cfg.evaluation_split, skip_unreadable=args.skip_unreadable)))
         options.check_batch(cfg)
+        if cluster_address(args.address, args.num_cpus) is None:  # a cluster's nodes are not known here
+            check_memory(cfg, options.workers, options.gpus_per_worker > 0)
+        if args.scale == "smoke" and smoke_warning(cfg):
+            print(f"[nvae] {smoke_warning(cfg)}", file=sys.stderr, flush=True)
         check_storage(options.storage_path)
         tracking_uri = args.tracking_uri or default_tracking_uri()
         check_tracking_uri(tracking_uri, args.experiment)

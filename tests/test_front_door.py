@@ -52,6 +52,8 @@ CASES = [
     # a batch larger than the training images (digits: 1438), counted before Ray starts
     ("study", ["--set", "batch_size=100000"], "--set batch_size=100000"),
     ("train", ["--set", "batch_size=100000"], "--set batch_size=100000"),
+    # a model whose training needs more memory than the machine (5.9 B parameters), counted on the meta device
+    ("train", ["--set", "num_channels_enc=4096"], "--set"),
     # plans are bounded: refused before they are built, with their size
     ("study", ["--seeds", "1000000"], "--seeds 1000000"),
     # a cost budget: refused when the estimate is unknown (no earlier run, no --probe) or above it

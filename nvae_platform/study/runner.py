@@ -13,8 +13,10 @@ checkpoint, and a trial whose outcome file exists is reported, not retrained. A 
 for more seeds or levels of a study (plan.py: its identity) is a new Tune experiment of the trials
 that have not ended yet, under the same MLflow parent run; its closing table pools every ended trial.
 """
+import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import pandas as pd
@@ -37,6 +39,7 @@ from nvae_platform.study.plan import StudyPlan, StudySettings, estimated_work, p
 from nvae_platform.study.progress_callback import ProgressCallback
 from nvae_platform.study.trial import run_trial
 from nvae_platform.summaries import mean_sd_of, non_dominated
+from nvae_platform.train.memory import check_memory, smoke_warning
 from nvae_platform.verdicts import judge, verdict_lines
 
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
@@ -248,6 +251,11 @@ def prepare_study(study, settings):
         opts = plan.options
         check_local_resources(opts.workers, opts.cpus_per_worker, opts.gpus_per_worker, settings.num_cpus,
                               "--workers-per-trial")
+        for cfg in {json.dumps(t.config.to_dict(), sort_keys=True): t.config for t in plan.trials}.values():
+            check_memory(cfg, opts.workers, opts.gpus_per_worker > 0)
+    warnings = {smoke_warning(t.config) for t in plan.trials} - {None} if plan.scale == "smoke" else set()
+    for warning in sorted(warnings):
+        print(f"[study] {warning}", file=sys.stderr, flush=True)
     check_tracking_uri(settings.tracking_uri or default_tracking_uri(), settings.experiment or study.name)
     lock = FolderLock(plan.study_key, f"study {plan.experiment_dir}")  # AlreadyRunning: a second invocation
     gone = lock.acquire()
