@@ -166,7 +166,8 @@ def test_unwritable_storage_and_unreachable_tracking_are_named(tmp_path):
     (["--storage-path", "/proc/version/runs"], "is not writable"),
     (["--seeds", "0"], "argument --seeds: 0 is not allowed: expected an integer >= 1"),
     (["--max-failures", "-1"], "argument --max-failures: -1 is not allowed: expected an integer >= 0; Ray's -1"),
-    (["--scale", "small", "--data-dir", "/nonexistent-data"], "dataset 'cifar10' not found.*add --download"),
+    (["--scale", "small", "--gpus-per-worker", "0", "--cpus-per-worker", "1", "--data-dir", "/nonexistent-data"],
+     "dataset 'cifar10' not found.*add --download"),
     (["--set", "batch_size=2000"], r"--set batch_size=2000 x 1 worker\(s\) is more than the 1438 training images"),
     (["--set", "batch_size=720", "--workers-per-trial", "2"], r"batch_size=720 x 2 worker\(s\).*at most 719"),
     (["--address", "auto"], r"--address auto: no running Ray cluster was found on this machine; start one"),
@@ -341,3 +342,18 @@ def test_batch_sizes_that_fit_the_training_images_pass_and_a_study_says_how_many
     assert outcome.failed_line()[1] is True
     outcome.pooled = [_result({}, status="diverged at step 3")]
     assert outcome.failed_line() == (None, False)
+
+
+def test_a_gpu_scale_on_a_machine_without_a_gpu_says_so_before_the_data(tmp_path, monkeypatch, capsys):
+    from studies.train import main as train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("nvae_platform.preflight.local_resources", lambda num_cpus=None: {"CPU": 2, "GPU": 0})
+    for command, argv in ((lambda a: main(NORM, a), ["--scale", "small"]), (train, ["--dataset", "cifar10",
+                                                                                   "--scale", "small"])):
+        with pytest.raises(SystemExit) as exit_info:
+            command(argv + ["--data-dir", str(tmp_path / "none"), "--storage-path", str(tmp_path / "runs")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert "x --gpus-per-worker: this machine has no GPU: use --scale smoke here, or join a GPU cluster with " \
+               "--address" in err

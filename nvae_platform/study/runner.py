@@ -239,18 +239,20 @@ class StudyOutcome:
 
 
 def prepare_study(study, settings):
-    """Every check that needs no trial, before Ray starts: plan (numbers, configs, data), storage,
-    the resources of a local Ray, the tracking store (a write probe), and last the study folder's
-    lock (no other invocation runs this study there). Returns (plan, max concurrent trials, the held
+    """Every check that needs no trial, before Ray starts: the resources of a local Ray (before the
+    data), plan (numbers, configs, data), storage, a local worker's memory, the tracking store (a
+    write probe), and last the study folder's lock (no other invocation runs this study there). Returns (plan, max concurrent trials, the held
     FolderLock). Raises ConfigError/ValueError/DatasetNotFoundError (AlreadyRunning) naming the
     problem; records nothing."""
-    plan = plan_study(study, settings)
     joining = cluster_address(settings.address, settings.num_cpus) is not None
-    check_storage(plan.storage_path)
-    if not joining:  # a local Ray cannot grow: refuse what it could never schedule, before starting it
-        opts = plan.options
+    if not joining:  # a local Ray cannot grow: refuse what it could never schedule, before the data is checked
+        opts = plan_study(study, settings, check_data=False).options
         check_local_resources(opts.workers, opts.cpus_per_worker, opts.gpus_per_worker, settings.num_cpus,
                               "--workers-per-trial")
+    plan = plan_study(study, settings)
+    check_storage(plan.storage_path)
+    if not joining:
+        opts = plan.options
         for cfg in {json.dumps(t.config.to_dict(), sort_keys=True): t.config for t in plan.trials}.values():
             check_memory(cfg, opts.workers, opts.gpus_per_worker > 0)
     warnings = {smoke_warning(t.config) for t in plan.trials} - {None} if plan.scale == "smoke" else set()
