@@ -20,6 +20,7 @@ CASES = [
     ("train", ["--storage-path", "/proc/nvae-runs"], "--storage-path"),
     ("study", ["--tracking-uri", "sqlite:///{ro}"], "--tracking-uri"),
     ("study", ["--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri"),
+    ("train", ["--tracking-uri", "postgresql://nobody@127.0.0.1:9/db"], "--tracking-uri"),
     ("study", ["--scale", "small", "--gpus-per-worker", "0", "--cpus-per-worker", "1", "--data-dir",
                "/nonexistent/nvae-data"], "--data-dir"),
     ("train", ["--dataset", "cifar10", "--data-dir", "/nonexistent/nvae-data"], "--data-dir"),

@@ -150,8 +150,11 @@ def test_unwritable_storage_and_unreachable_tracking_are_named(tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match="--storage-path .*a-file/runs is not writable"):
         check_storage(str(blocker / "runs"))
-    with pytest.raises(ValueError, match="--tracking-uri http://127.0.0.1:9 cannot be reached"):
+    with pytest.raises(ValueError, match="--tracking-uri http://127.0.0.1:9 cannot be reached .*Connection refused"):
         check_tracking_uri("http://127.0.0.1:9")
+    with pytest.raises(ValueError, match=r"--tracking-uri postgresql://nobody:\*\*\*@127.0.0.1:9/db: the postgresql "
+                                         r"database 'db' at 127.0.0.1:9 cannot be reached \(.*Connection refused\)"):
+        check_tracking_uri("postgresql://nobody:secret@127.0.0.1:9/db")  # one attempt, not MLflow's 2 minutes
     with pytest.raises(ValueError, match="does not exist or is not writable"):
         check_tracking_uri(f"sqlite:///{blocker}/mlflow.db")
 
