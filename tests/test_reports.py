@@ -181,6 +181,14 @@ def test_the_pareto_plot_takes_finished_trials_only():
     assert pareto_front(trials.iloc[2:], {"test_bpd": "min", "num_params": "min"}) is None
 
 
+
+def test_the_validation_plot_is_left_out_when_no_trial_has_an_epoch(recwarn):
+    from reports.plots import validation_curves
+
+    assert validation_curves({"lambda=0.1": [], "lambda=1": []}) is None  # every trial diverged in epoch 1
+    assert validation_curves({"lambda=0": [(0, 0.7), (1, 0.6)], "lambda=1": []})[:4] == b"\x89PNG"
+    assert not [w for w in recwarn if "legend" in str(w.message)]
+
 # (norm_act, seed, status, test_bpd): a baseline of three seeds; BN+ELU clearly worse; WN+ELU within
 # seed noise; WN+Swish with a single finished seed.
 KNOWN = [("BN+Swish", 0, "finished", 3.10), ("BN+Swish", 1, "finished", 3.12), ("BN+Swish", 2, "finished", 3.14),
