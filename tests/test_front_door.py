@@ -24,6 +24,7 @@ CASES = [
     ("study", ["--scale", "small", "--gpus-per-worker", "0", "--cpus-per-worker", "1", "--data-dir",
                "/nonexistent/nvae-data"], "--data-dir"),
     ("train", ["--dataset", "cifar10", "--data-dir", "/nonexistent/nvae-data"], "--data-dir"),
+    ("train", ["--dataset", "mnist", "--data-dir", "/proc/version", "--download"], "--data-dir"),
     ("study", ["--max-concurrent", "-3"], "--max-concurrent"),
     ("study", ["--seeds", "0"], "--seeds"),
     ("study", ["--workers-per-trial", "0"], "--workers-per-trial"),

@@ -3,7 +3,7 @@ declaring a study or a scale builds these without starting anything."""
 from dataclasses import asdict, dataclass
 
 from nvae_core.compiling import check_compile
-from nvae_core.datasets import check_available, train_images
+from nvae_core.datasets import check_available, check_data_dir, train_images
 from nvae_core.paths import absolute
 from nvae_core.training import check_precision
 
@@ -60,6 +60,7 @@ class RunOptions:
                              "(Ray's -1, unlimited, would retry a failure that repeats forever)")
         check_precision(cfg.precision, "cuda" if self.gpus_per_worker > 0 else "cpu")
         check_compile(cfg.compile)
+        check_data_dir(cfg.dataset, self.data_dir)
         if not self.download:  # a missing dataset fails here, in seconds, not in every worker
             check_available(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size)
 
