@@ -287,6 +287,18 @@ def test_status_of_names_each_outcome():
     assert status_of({"status": "running"}, "TERMINATED") == "stopped early"
 
 
+def test_a_grid_trial_without_an_outcome_was_interrupted_and_a_searchs_stopped_early(tmp_path):
+    from nvae_platform.study.runner import result_status
+
+    settings = StudySettings(storage_path=str(tmp_path))
+    cut = _result({"norm_act": "BN+ELU", "groups": "2", "seed": 0}, status="running")
+    plan = plan_study(NORM, settings, check_data=False)
+    assert result_status(plan, cut) == "interrupted"
+    assert summary_table(plan, [cut]).splitlines()[2].endswith("| 1 interrupted |")
+    assert result_status(plan_study(SEARCH, settings, check_data=False), cut) == (
+        "stopped early" if SEARCH.search.early_stopping else "interrupted")
+
+
 def test_a_baseline_or_across_that_is_not_a_level_or_factor_is_named():
     import dataclasses
 

@@ -131,6 +131,13 @@ def describe_plan(plan, max_concurrent=None, ended=()):
     return "\n".join(lines)
 
 
+def result_status(plan, result):
+    """The status of a trial's Tune result: one without an outcome stopped early under a search's
+    early stopping (ASHA), and otherwise was interrupted."""
+    early = plan.is_search and plan.study.search.early_stopping
+    return status_of(result.metrics, "ERROR" if result.error else "TERMINATED" if early else "INTERRUPTED")
+
+
 def summary_table(plan, results):
     """Markdown table of the trials, each level combination averaged over its finished seeds, in the
     study's level order."""
@@ -145,7 +152,7 @@ def summary_table(plan, results):
     for result in results:
         metrics = result.metrics or {}
         levels = {name: result.config.get(name) for name in plan.levels}
-        status = status_of(metrics, "ERROR" if result.error else "TERMINATED")
+        status = result_status(plan, result)
         label = tuple(levels.values())
         if plan.is_search:
             label = (metrics.get("trial_id", ""), *label)
@@ -171,7 +178,7 @@ def trials_frame(plan, results):
         metrics = result.metrics or {}
         levels, seed = plan.levels_and_seed(result.config)
         rows.append({**{k: str(v) for k, v in levels.items()}, "seed": str(seed),
-                     "status": status_of(metrics, "ERROR" if result.error else "TERMINATED"),
+                     "status": result_status(plan, result),
                      **{f"metrics.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
     return pd.DataFrame(rows, columns=[*plan.levels, "seed", "status"] if not rows else None)
 
@@ -230,7 +237,7 @@ class StudyOutcome:
     def failed_line(self):
         """The study's closing line when some of its trials failed (None when none did), and whether
         every one of them failed."""
-        statuses = [status_of(r.metrics, "ERROR" if r.error else "TERMINATED") for r in self.pooled or self.results]
+        statuses = [result_status(self.plan, r) for r in self.pooled or self.results]
         failed = statuses.count("failed")
         if not failed:
             return None, False
