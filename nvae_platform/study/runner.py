@@ -13,7 +13,6 @@ checkpoint, and a trial whose outcome file exists is reported, not retrained. A 
 for more seeds or levels of a study (plan.py: its identity) is a new Tune experiment of the trials
 that have not ended yet, under the same MLflow parent run; its closing table pools every ended trial.
 """
-import json
 import math
 import os
 import sys
@@ -260,8 +259,8 @@ def prepare_study(study, settings):
     check_storage(plan.storage_path)
     if not joining:
         opts = plan.options
-        for cfg in {json.dumps(t.config.to_dict(), sort_keys=True): t.config for t in plan.trials}.values():
-            check_memory(cfg, opts.workers, opts.gpus_per_worker > 0)
+        for trial in plan.trials:  # each distinct model and batch estimated once
+            check_memory(trial.config, opts.workers, opts.gpus_per_worker > 0)
     warnings = {smoke_warning(t.config) for t in plan.trials} - {None} if plan.scale == "smoke" else set()
     for warning in sorted(warnings):
         print(f"[study] {warning}", file=sys.stderr, flush=True)

@@ -73,7 +73,7 @@ def _measure(cfg):
 
 @functools.lru_cache(maxsize=64)
 def _estimate(config_json):
-    cfg = NVAEConfig.from_dict(json.loads(config_json))
+    cfg = NVAEConfig().replace(**json.loads(config_json))
     groups = cfg.num_groups_per_scale
     if groups <= MEASURED_GROUPS:
         parameters, per_image = _measure(cfg)
@@ -85,9 +85,16 @@ def _estimate(config_json):
                           ACTIVATION_SHARE * per_image * cfg.batch_size / 1e9)
 
 
+# Fields of the objective and the optimizer: configs that differ only in these share one estimate
+# (a study's seeds, or its levels of sr_lambda, are estimated once).
+NOT_SIZES = ("kl_anneal_portion", "kl_const_portion", "kl_min_coeff", "kl_balance", "sr_lambda", "sr_lambda_init",
+             "epochs", "learning_rate", "learning_rate_min", "warmup_epochs", "weight_decay", "adamax_eps", "seed",
+             "train_flip", "eval_split", "compile")
+
+
 def estimate_memory(cfg):
     """The MemoryEstimate of training cfg on one worker (nothing is allocated)."""
-    values = {k: v for k, v in cfg.to_dict().items() if k != "seed"}
+    values = {k: v for k, v in cfg.to_dict().items() if k not in NOT_SIZES}
     return _estimate(json.dumps(values, sort_keys=True, default=str))
 
 
