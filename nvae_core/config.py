@@ -4,6 +4,7 @@ Every ablation of the paper is a field here, so a study varies fields, never cod
 flat (str, int, float, bool only) so that it serializes to JSON and becomes MLflow params as is.
 """
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ EVAL_SPLITS = ("auto", "test", "validation")
 
 class ConfigError(ValueError):
     """A configuration field holds a value that cannot work; the message says which and why."""
+
+
+# Common names of fields, from other code bases, that difflib cannot match to ours.
+ALIASES = {"lr": "learning_rate", "bs": "batch_size", "batch": "batch_size", "wd": "weight_decay",
+           "channels": "num_channels_enc", "groups": "num_groups_per_scale", "flows": "num_flows"}
 
 
 @dataclass(frozen=True)
@@ -127,9 +133,14 @@ class NVAEConfig:
 
     def replace(self, **changes):
         """A copy with some fields changed, validated again."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(fields))
         if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; see nvae_core.NVAEConfig for the fields")
+            guesses = (ALIASES.get(name.lower()) or next(iter(difflib.get_close_matches(name, fields, 1)), None)
+                       for name in unknown)
+            meant = [guess for guess in guesses if guess]
+            hint = f"; did you mean {', '.join(meant)}?" if meant else ""
+            raise ConfigError(f"unknown config field(s) {unknown}{hint} (see nvae_core.NVAEConfig for the fields)")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self):

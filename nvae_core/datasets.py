@@ -320,6 +320,20 @@ def _image_folder(split, root, seed, image_size, exclude=()):
     return ImageFiles([paths[i] for i in index], image_size)
 
 
+def check_data_dir(name, data_dir):
+    """Raise ValueError when data_dir, or a folder above it, is a file: no dataset of files can be
+    read from or downloaded into it (the offline sets need no folder)."""
+    if dataset_spec(name).offline:
+        return
+    path = Path(absolute(data_dir))
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--data-dir {data_dir}: {folder} is a file, not a folder; point --data-dir at a "
+                                 "folder (--download downloads the dataset into it)")
+            return
+
+
 def check_available(name, data_dir="data", seed=0, image_size=None):
     """Raise now what load_dataset(download=False) would raise for a missing dataset, without
     reading any images (a driver calls this before it starts workers)."""
@@ -329,6 +343,17 @@ def check_available(name, data_dir="data", seed=0, image_size=None):
     elif name == "image-folder":  # lists the files of both splits; opens none
         for split in ("train", "test"):
             load_dataset(name, split, data_dir, seed=seed, image_size=image_size)
+
+
+TRAIN_IMAGES = {"mnist": 60000, "cifar10": 50000, "celeba64": 162770}  # the published training splits
+
+
+def train_images(name, data_dir="data", seed=0, image_size=None, exclude=()):
+    """How many images the training split of name holds: the published count of a downloadable set
+    (no files needed), else the split's length (an image-folder's files are listed, none is read)."""
+    if name in TRAIN_IMAGES:
+        return TRAIN_IMAGES[name]
+    return len(load_dataset(name, "train", data_dir, seed=seed, image_size=image_size, exclude=exclude))
 
 
 def load_dataset(name, split, data_dir="data", download=False, seed=0, image_size=None, exclude=()):

@@ -121,6 +121,10 @@ def check_resources(workers, cpus_per_worker, gpus_per_worker, have, workers_fla
                   flush=True)
             continue
         per_worker = f"--{kind.lower()}s-per-worker"
+        if kind == "GPU" and not have.get("GPU") and where == "this machine":
+            raise ValueError(f"{workers_flag} x {per_worker}: this machine has no GPU: use --scale smoke here, or join "
+                             f"a GPU cluster with --address (one run needs {amount:g} GPU(s); --gpus-per-worker 0 "
+                             "trains on CPUs)")
         hint = ("add --gpus-per-worker 0 to train on CPUs" if kind == "GPU"
                 else f"lower {workers_flag} or --cpus-per-worker")
         raise ValueError(f"{workers_flag} x {per_worker}: {message}: {hint}, or --address to join a larger cluster")

@@ -22,7 +22,10 @@ def _png(figure):
 
 
 def validation_curves(histories):
-    """Validation bits/dim per epoch, one line per trial; histories: {trial name: [(epoch, value)]}."""
+    """Validation bits/dim per epoch, one line per trial; histories: {trial name: [(epoch, value)]}.
+    None when no trial has one (every trial diverged or failed in its first epoch)."""
+    if not any(histories.values()):
+        return None
     figure, axes = plt.subplots(figsize=(7, 4.2))
     for name, points in histories.items():
         if points:

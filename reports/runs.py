@@ -32,6 +32,8 @@ class StudyRuns:
     trials: pd.DataFrame = None  # one row per trial: factor levels, seed, status, run_id, run_name, metrics.*
     findings: list = field(default_factory=list)  # nvae_platform.findings.Finding, as the study recorded them
     looks: int = 1  # of a sequential run (--until-decided): each verdict is judged at ALPHA / looks
+    running: bool = False  # the parent run is still RUNNING: the study runs (or its driver was killed)
+    planned: int = 0  # the trials the study's invocations planned (its parent's tag), 0 if unknown
 
     @property
     def factors(self):
@@ -119,4 +121,5 @@ def _study(parent, children):
         levels=levels, columns=[c for c in _param(parent, "table.columns", "test_bpd").split(",") if c],
         across=_param(parent, "table.across"), baseline=json.loads(_param(parent, "table.baseline", "{}")),
         objectives=objectives, trials=trials.reset_index(drop=True), findings=from_json(_param(parent, "findings")),
-        looks=int(_looks(parent)))
+        looks=int(_looks(parent)), running=parent.get("status") == "RUNNING",
+        planned=int(parent.get("tags.nvae.trials") or 0))

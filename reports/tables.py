@@ -79,7 +79,7 @@ def long_table(study, reference):
     for combo in product(*study.levels.values()):
         levels = dict(zip(factors, combo))
         selected = trials[(trials[factors] == pd.Series(levels)).all(axis=1)]
-        if selected.empty:
+        if selected.empty and not study.running:  # a running study lists the rows still to come
             continue
         for metric in study.columns:
             row = {**levels, "metric": metric, **_stats(selected, metric),
@@ -126,10 +126,14 @@ def format_delta(row):
 
 
 def table_notes(study):
-    """The lines every format prints under the table: the Δ legend (when there is a baseline), a plain
-    warning when the study ran one seed, so no difference can be judged, and one per seed whose
+    """The lines every format prints under the table: the Δ legend (when there is a baseline), that the
+    study is still running (with its trials ended), a plain warning when the study ran one seed, so no difference can be judged, and one per seed whose
     trials read different data."""
     lines = [LEGEND] if study.baseline else []
+    if study.running:
+        ended = int((study.trials["status"] != "running").sum())
+        lines.append(f"The study is still running (its MLflow run is RUNNING; or its driver was killed): {ended} of "
+                     f"{max(study.planned, len(study.trials))} trials have ended, and this table is not final.")
     if study.trials["seed"].nunique() < 2:
         lines.append(ONE_SEED)
     return lines + data_warnings(study.trials)

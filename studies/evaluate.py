@@ -25,6 +25,7 @@ from nvae_platform.evaluate.run import EvaluationSettings, evaluate, record, wri
 from nvae_platform.evaluate.trained_model import load_trained
 from nvae_platform.preflight import CommandLine, at_least
 from nvae_platform.ray_cluster import add_ray_arguments, init_ray_for_run
+from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
 from nvae_platform.record.tracking import check_tracking_uri
 from nvae_platform.train.run_options import RunOptions
 
@@ -87,12 +88,15 @@ def main(argv=None):
                 os.makedirs(out, exist_ok=True)
             except OSError as error:
                 raise ValueError(f"--out {out} cannot be created ({error.strerror}); choose a folder you can write")
+        run_folder = os.path.dirname(trained.checkpoint.rstrip("/"))
+        ray_log = ray_log_path(run_folder, os.path.basename(run_folder))
+        send_ray_logs_to(ray_log)  # Ray's start-up lines included
         init_ray_for_run(args.address, args.num_cpus, settings.workers, settings.cpus_per_worker,
                          settings.gpus_per_worker, "--workers")
     except (ConfigError, ValueError, DatasetNotFoundError) as error:
         parser.error(str(error))
     print(f"[evaluate] {trained.checkpoint} (epoch {trained.epoch + 1}"
-          f"{', run ' + trained.run_id if trained.run_id else ''})", flush=True)
+          f"{', run ' + trained.run_id if trained.run_id else ''}); Ray's own messages go to {ray_log}", flush=True)
     metrics, grids = evaluate(trained, settings, say=lambda line: print(line, flush=True))
     with tempfile.TemporaryDirectory() as scratch:
         paths = write_files(trained, settings, metrics, grids, out or scratch)

@@ -27,13 +27,14 @@ from nvae_core.datasets import DatasetNotFoundError
 from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path, default_tracking_uri
 from nvae_platform.folder_lock import FolderLock
-from nvae_platform.preflight import FAILURE_COUNT, CommandLine, at_least, check_storage, label
+from nvae_platform.preflight import FAILURE_COUNT, CommandLine, at_least, check_local_resources, check_storage, label
 from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
-from nvae_platform.ray_cluster import add_ray_arguments, init_ray_for_run
+from nvae_platform.ray_cluster import add_ray_arguments, cluster_address, init_ray_for_run
 from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
 from nvae_platform.record.tracking import StoreWriteError, check_tracking_uri
 from nvae_platform.record.train_record import TrainRecord, describe_changes, resume_changes, run_name
 from nvae_platform.study.cli import parse_pairs, parse_value
+from nvae_platform.train.memory import check_memory, smoke_warning
 from nvae_platform.train.run import run_training
 from nvae_platform.train.scales import SCALES, run_config, run_options
 
@@ -85,11 +86,20 @@ def main(argv=None):
                               **option_overrides)
         options = replace(options, name=args.resume_from or run_name(args.name or f"{args.dataset}-{args.scale}",
                                                                      cfg, options))
+        local = cluster_address(args.address, args.num_cpus) is None
+        if local:  # resources before data: a GPU scale on a machine without one is told so first
+            check_local_resources(options.workers, options.cpus_per_worker, options.gpus_per_worker, args.num_cpus,
+                                  "--workers")
         options.validate(cfg)
         if not options.download:  # every image's header, or a batch of a pickled set, before Ray starts
             options = replace(options, skip_files=tuple(check_data(
                 cfg.dataset, options.data_dir, seed=cfg.seed, image_size=cfg.image_size,
                 evaluation_split=cfg.evaluation_split, skip_unreadable=args.skip_unreadable)))
+        options.check_batch(cfg)
+        if local:  # a cluster's nodes are not known here
+            check_memory(cfg, options.workers, options.gpus_per_worker > 0)
+        if args.scale == "smoke" and smoke_warning(cfg):
+            print(f"[nvae] {smoke_warning(cfg)}", file=sys.stderr, flush=True)
         check_storage(options.storage_path)
         tracking_uri = args.tracking_uri or default_tracking_uri()
         check_tracking_uri(tracking_uri, args.experiment)

@@ -120,6 +120,7 @@ def test_evaluate_a_trial_by_run_id_logs_the_figures_and_grids_to_its_run(store)
                            "--workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "IW NLL 20/20 shards, sample grids 2/2" in result.stdout
+    assert "Ray's own messages go to" in result.stdout and "Started a local Ray" not in result.stdout + result.stderr
     logged = client.get_run(run.info.run_id).data.metrics
     assert logged["test_images"] == 256
     assert logged["test_bpd_iw10"] == pytest.approx(logged["test_bpd"], abs=0.03)

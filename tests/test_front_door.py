@@ -20,8 +20,11 @@ CASES = [
     ("train", ["--storage-path", "/proc/nvae-runs"], "--storage-path"),
     ("study", ["--tracking-uri", "sqlite:///{ro}"], "--tracking-uri"),
     ("study", ["--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri"),
-    ("study", ["--scale", "small", "--data-dir", "/nonexistent/nvae-data"], "--data-dir"),
+    ("train", ["--tracking-uri", "postgresql://nobody@127.0.0.1:9/db"], "--tracking-uri"),
+    ("study", ["--scale", "small", "--gpus-per-worker", "0", "--cpus-per-worker", "1", "--data-dir",
+               "/nonexistent/nvae-data"], "--data-dir"),
     ("train", ["--dataset", "cifar10", "--data-dir", "/nonexistent/nvae-data"], "--data-dir"),
+    ("train", ["--dataset", "mnist", "--data-dir", "/proc/version", "--download"], "--data-dir"),
     ("study", ["--max-concurrent", "-3"], "--max-concurrent"),
     ("study", ["--seeds", "0"], "--seeds"),
     ("study", ["--workers-per-trial", "0"], "--workers-per-trial"),
@@ -49,6 +52,11 @@ CASES = [
     ("study", ["--set", "sr_lambda=1"], "--set sr_lambda"),
     ("train", ["--set", "dataset=mnist"], "--dataset"),
     ("train", ["--set", "epochs=0"], "epochs"),
+    # a batch larger than the training images (digits: 1438), counted before Ray starts
+    ("study", ["--set", "batch_size=100000"], "--set batch_size=100000"),
+    ("train", ["--set", "batch_size=100000"], "--set batch_size=100000"),
+    # a model whose training needs more memory than the machine (5.9 B parameters), counted on the meta device
+    ("train", ["--set", "num_channels_enc=4096"], "--set"),
     # plans are bounded: refused before they are built, with their size
     ("study", ["--seeds", "1000000"], "--seeds 1000000"),
     # a cost budget: refused when the estimate is unknown (no earlier run, no --probe) or above it

@@ -181,6 +181,14 @@ def test_the_pareto_plot_takes_finished_trials_only():
     assert pareto_front(trials.iloc[2:], {"test_bpd": "min", "num_params": "min"}) is None
 
 
+
+def test_the_validation_plot_is_left_out_when_no_trial_has_an_epoch(recwarn):
+    from reports.plots import validation_curves
+
+    assert validation_curves({"lambda=0.1": [], "lambda=1": []}) is None  # every trial diverged in epoch 1
+    assert validation_curves({"lambda=0": [(0, 0.7), (1, 0.6)], "lambda=1": []})[:4] == b"\x89PNG"
+    assert not [w for w in recwarn if "legend" in str(w.message)]
+
 # (norm_act, seed, status, test_bpd): a baseline of three seeds; BN+ELU clearly worse; WN+ELU within
 # seed noise; WN+Swish with a single finished seed.
 KNOWN = [("BN+Swish", 0, "finished", 3.10), ("BN+Swish", 1, "finished", 3.12), ("BN+Swish", 2, "finished", 3.14),
@@ -285,3 +293,18 @@ def test_the_kl_heatmap_lists_configurations_in_the_studys_level_order_not_the_r
     assert means.loc[("WN+ELU", "4"), "metrics.train_kl_group_0"] == 3.0
     one_factor = StudyRuns(**{**study.__dict__, "levels": {"groups": ["2", "4", "8"]}, "trials": trials.drop(columns="norm_act")})
     assert list(kl_means(one_factor).index) == ["2", "4", "8"]
+
+
+def test_a_study_still_running_says_so_with_its_ended_trials_and_lists_every_planned_row(tmp_path):
+    uri, _ = record_study(tmp_path, {"norm_act": ["WN+ELU", "BN+Swish", "BN+ELU"]},
+                          [("BN+Swish", 0, "finished", 3.1), ("WN+ELU", 0, "running", None)], {"norm_act": "BN+Swish"})
+    client = MlflowClient(uri)
+    parent = next(r for r in client.search_runs([client.get_experiment_by_name("ablation_norm").experiment_id])
+                  if "mlflow.parentRunId" not in r.data.tags)
+    client.update_run(parent.info.run_id, "RUNNING")
+    client.set_tag(parent.info.run_id, "nvae.trials", "3")
+    paths = build_report("ablation_norm", uri, str(tmp_path / "out"))
+    with open(next(p for p in paths if p.endswith("table.md"))) as f:
+        table = f.read()
+    assert "The study is still running" in table and "1 of 3 trials have ended" in table
+    assert all(f"| {level} |" in table for level in ("WN+ELU", "BN+Swish", "BN+ELU"))

@@ -150,8 +150,11 @@ def test_unwritable_storage_and_unreachable_tracking_are_named(tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match="--storage-path .*a-file/runs is not writable"):
         check_storage(str(blocker / "runs"))
-    with pytest.raises(ValueError, match="--tracking-uri http://127.0.0.1:9 cannot be reached"):
+    with pytest.raises(ValueError, match="--tracking-uri http://127.0.0.1:9 cannot be reached .*Connection refused"):
         check_tracking_uri("http://127.0.0.1:9")
+    with pytest.raises(ValueError, match=r"--tracking-uri postgresql://nobody:\*\*\*@127.0.0.1:9/db: the postgresql "
+                                         r"database 'db' at 127.0.0.1:9 cannot be reached \(.*Connection refused\)"):
+        check_tracking_uri("postgresql://nobody:secret@127.0.0.1:9/db")  # one attempt, not MLflow's 2 minutes
     with pytest.raises(ValueError, match="does not exist or is not writable"):
         check_tracking_uri(f"sqlite:///{blocker}/mlflow.db")
 
@@ -162,11 +165,17 @@ def test_unwritable_storage_and_unreachable_tracking_are_named(tmp_path):
     (["--levels", "groups"], "--levels 'groups': expected NAME=VALUE"),
     (["--set", "num_groups_per_scale=3"], "the study varies this field"),
     (["--set", "colour=red"], r"unknown config field\(s\) \['colour'\]"),
+    (["--set", "lr=1e4"], r"unknown config field\(s\) \['lr'\]; did you mean learning_rate\?"),
+    (["--scale", "small", "--gpus-per-worker", "0", "--cpus-per-worker", "1", "--data-dir", "/proc/version",
+      "--download"], "--data-dir /proc/version: /proc/version is a file, not a folder"),
     (["--tracking-uri", "http://127.0.0.1:9"], "cannot be reached"),
     (["--storage-path", "/proc/version/runs"], "is not writable"),
     (["--seeds", "0"], "argument --seeds: 0 is not allowed: expected an integer >= 1"),
     (["--max-failures", "-1"], "argument --max-failures: -1 is not allowed: expected an integer >= 0; Ray's -1"),
-    (["--scale", "small", "--data-dir", "/nonexistent-data"], "dataset 'cifar10' not found.*add --download"),
+    (["--scale", "small", "--gpus-per-worker", "0", "--cpus-per-worker", "1", "--data-dir", "/nonexistent-data"],
+     "dataset 'cifar10' not found.*add --download"),
+    (["--set", "batch_size=2000"], r"--set batch_size=2000 x 1 worker\(s\) is more than the 1438 training images"),
+    (["--set", "batch_size=720", "--workers-per-trial", "2"], r"batch_size=720 x 2 worker\(s\).*at most 719"),
     (["--address", "auto"], r"--address auto: no running Ray cluster was found on this machine; start one"),
     (["--address", "10.0.0.1:6379", "--num-cpus", "2"], "--num-cpus 2 sizes a local Ray.*drop --num-cpus"),
 ])
@@ -278,6 +287,18 @@ def test_status_of_names_each_outcome():
     assert status_of({"status": "running"}, "TERMINATED") == "stopped early"
 
 
+def test_a_grid_trial_without_an_outcome_was_interrupted_and_a_searchs_stopped_early(tmp_path):
+    from nvae_platform.study.runner import result_status
+
+    settings = StudySettings(storage_path=str(tmp_path))
+    cut = _result({"norm_act": "BN+ELU", "groups": "2", "seed": 0}, status="running")
+    plan = plan_study(NORM, settings, check_data=False)
+    assert result_status(plan, cut) == "interrupted"
+    assert summary_table(plan, [cut]).splitlines()[2].endswith("| 1 interrupted |")
+    assert result_status(plan_study(SEARCH, settings, check_data=False), cut) == (
+        "stopped early" if SEARCH.search.early_stopping else "interrupted")
+
+
 def test_a_baseline_or_across_that_is_not_a_level_or_factor_is_named():
     import dataclasses
 
@@ -319,3 +340,38 @@ def test_the_tracker_is_plain_data_until_tunes_setup_hook_opens_the_store(tmp_pa
 def test_a_study_name_is_a_label_never_a_path(name):
     with pytest.raises(ConfigError, match=r"Study\(name="):
         Study(name=name, factors=NORM.factors)
+
+
+def test_batch_sizes_that_fit_the_training_images_pass_and_a_study_says_how_many_trials_failed(tmp_path):
+    from nvae_platform.study.runner import StudyOutcome
+    from nvae_platform.train.scales import run_config, run_options
+
+    cfg, options = run_config("digits", "smoke", batch_size=719), run_options("digits", "smoke", workers=2)
+    assert options.check_batch(cfg) == 1438  # 2 x 719 = 1438: each worker gets one batch
+    with pytest.raises(ValueError, match="no batch fits: lower it to at most 479"):
+        options.check_batch(cfg, images=959)
+    assert run_options("cifar10", "small").check_batch(run_config("cifar10", "small", batch_size=50000)) == 50000
+    plan = plan_study(NORM, StudySettings(storage_path=str(tmp_path)), check_data=False)
+    outcome = StudyOutcome(plan, [], "", "", None, False, pooled=[
+        _result({}, status="finished"), _result({}, status="failed: ValueError: x")])
+    line, every = outcome.failed_line()
+    assert line.startswith("[study] 1 of 2 trial(s) failed: the reason of each") and every is False
+    outcome.pooled = outcome.pooled[1:]
+    assert outcome.failed_line()[1] is True
+    outcome.pooled = [_result({}, status="diverged at step 3")]
+    assert outcome.failed_line() == (None, False)
+
+
+def test_a_gpu_scale_on_a_machine_without_a_gpu_says_so_before_the_data(tmp_path, monkeypatch, capsys):
+    from studies.train import main as train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("nvae_platform.preflight.local_resources", lambda num_cpus=None: {"CPU": 2, "GPU": 0})
+    for command, argv in ((lambda a: main(NORM, a), ["--scale", "small"]), (train, ["--dataset", "cifar10",
+                                                                                   "--scale", "small"])):
+        with pytest.raises(SystemExit) as exit_info:
+            command(argv + ["--data-dir", str(tmp_path / "none"), "--storage-path", str(tmp_path / "runs")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert "x --gpus-per-worker: this machine has no GPU: use --scale smoke here, or join a GPU cluster with " \
+               "--address" in err

@@ -91,6 +91,8 @@ def check_tracking_uri(tracking_uri, experiment=None):
         except sqlite3.Error as error:
             raise ValueError(f"--tracking-uri {tracking_uri} does not take a write ({error}); make the file "
                              "writable, or choose another store") from None
+    if path is None and _is_database(tracking_uri):
+        _probe_database(tracking_uri)
     # No retries: a server that is down refuses at once. A server that is up may be slow to answer its
     # first request (5 s was too short for a new one on a loaded head), so a generous read timeout.
     try:
@@ -110,8 +112,39 @@ def check_tracking_uri(tracking_uri, experiment=None):
 
 
 def first_line(error):
-    """An error's first line (at most 300 characters), or its type's name when it has no text."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    """An error's first line (at most 300 characters: a longer one loses its middle, since the cause,
+    e.g. urllib3's "Connection refused", comes last), or its type's name when it has no text."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line if len(line) <= 300 else f"{line[:150]} ... {line[-145:]}"
+
+
+NOT_DATABASES = ("http", "https", "file", "databricks", "databricks-uc", "uc")  # MLflow's other store schemes
+
+
+def _is_database(tracking_uri):
+    """Whether MLflow opens tracking_uri with SQLAlchemy (postgresql://, mysql://, mssql://, ...)."""
+    scheme = tracking_uri.split("://", 1)[0].lower() if "://" in tracking_uri else ""
+    return bool(scheme) and scheme.split("+")[0] not in NOT_DATABASES
+
+
+def _probe_database(tracking_uri):
+    """One connection attempt to a database store (MLflow's own retries it for about 2 minutes);
+    ValueError naming the database and the cause."""
+    try:
+        url = sqlalchemy.engine.make_url(tracking_uri)
+    except sqlalchemy.exc.ArgumentError:
+        return  # not a database URL after all: MLflow's own error names it
+    timeout = {"connect_timeout": 10} if url.get_backend_name() in ("postgresql", "mysql") else {}
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=timeout)
+        with engine.connect():
+            pass
+    except Exception as error:  # noqa: BLE001  a missing driver, a refused connection, a bad password...
+        cause = re.sub(r"^\([\w.]+\) ", "", first_line(error))  # SQLAlchemy's "(psycopg.OperationalError) "
+        raise ValueError(f"--tracking-uri {url.render_as_string(hide_password=True)}: the {url.get_backend_name()} "
+                         f"database {url.database!r} at {url.host}:{url.port or 'its default port'} cannot be reached "
+                         f"({type(error).__name__}: {cause}); start it, fix the URI, or omit --tracking-uri for a "
+                         "SQLite store in this folder") from None
 
 
 def provenance_tags():

@@ -153,7 +153,12 @@ def main(study, argv=None):
     if outcome.unrecorded:
         print(outcome.unrecorded, file=sys.stderr, flush=True)
         return 1
-    return interrupted_code() if outcome.interrupted else 0
+    failed, all_failed = outcome.failed_line()
+    if failed:
+        print(failed, flush=True)
+    if outcome.interrupted:
+        return interrupted_code()
+    return 1 if all_failed else 0
 
 
 def run(study):

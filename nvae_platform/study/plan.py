@@ -265,6 +265,10 @@ def plan_study(study, settings, check_data=True):
                                         image_size=first.image_size, evaluation_split=first.evaluation_split,
                                         skip_unreadable=settings.skip_unreadable)
         options = dataclasses.replace(options, skip_files=tuple(skipped))
+    if check_data:  # every trial's batch against the training images, counted once
+        images = None
+        for trial in trials:
+            images = options.check_batch(trial.config, images)
     num_samples = 0
     if study.across is not None:
         study.factor(study.across)

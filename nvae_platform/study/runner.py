@@ -15,6 +15,7 @@ that have not ended yet, under the same MLflow parent run; its closing table poo
 """
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import pandas as pd
@@ -37,6 +38,7 @@ from nvae_platform.study.plan import StudyPlan, StudySettings, estimated_work, p
 from nvae_platform.study.progress_callback import ProgressCallback
 from nvae_platform.study.trial import run_trial
 from nvae_platform.summaries import mean_sd_of, non_dominated
+from nvae_platform.train.memory import check_memory, smoke_warning
 from nvae_platform.verdicts import judge, verdict_lines
 
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
@@ -128,6 +130,13 @@ def describe_plan(plan, max_concurrent=None, ended=()):
     return "\n".join(lines)
 
 
+def result_status(plan, result):
+    """The status of a trial's Tune result: one without an outcome stopped early under a search's
+    early stopping (ASHA), and otherwise was interrupted."""
+    early = plan.is_search and plan.study.search.early_stopping
+    return status_of(result.metrics, "ERROR" if result.error else "TERMINATED" if early else "INTERRUPTED")
+
+
 def summary_table(plan, results):
     """Markdown table of the trials, each level combination averaged over its finished seeds, in the
     study's level order."""
@@ -142,7 +151,7 @@ def summary_table(plan, results):
     for result in results:
         metrics = result.metrics or {}
         levels = {name: result.config.get(name) for name in plan.levels}
-        status = status_of(metrics, "ERROR" if result.error else "TERMINATED")
+        status = result_status(plan, result)
         label = tuple(levels.values())
         if plan.is_search:
             label = (metrics.get("trial_id", ""), *label)
@@ -168,7 +177,7 @@ def trials_frame(plan, results):
         metrics = result.metrics or {}
         levels, seed = plan.levels_and_seed(result.config)
         rows.append({**{k: str(v) for k, v in levels.items()}, "seed": str(seed),
-                     "status": status_of(metrics, "ERROR" if result.error else "TERMINATED"),
+                     "status": result_status(plan, result),
                      **{f"metrics.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
     return pd.DataFrame(rows, columns=[*plan.levels, "seed", "status"] if not rows else None)
 
@@ -224,20 +233,37 @@ class StudyOutcome:
     pooled: list = None  # results and EndedTrials: every trial of the study that this table holds
     verdicts: list = None  # nvae_platform.verdicts.Verdict of each finding of the study
 
+    def failed_line(self):
+        """The study's closing line when some of its trials failed (None when none did), and whether
+        every one of them failed."""
+        statuses = [result_status(self.plan, r) for r in self.pooled or self.results]
+        failed = statuses.count("failed")
+        if not failed:
+            return None, False
+        return (f"[study] {failed} of {len(statuses)} trial(s) failed: the reason of each is in its progress line "
+                "above and in its MLflow run (error.txt)"), failed == len(statuses)
+
 
 def prepare_study(study, settings):
-    """Every check that needs no trial, before Ray starts: plan (numbers, configs, data), storage,
-    the resources of a local Ray, the tracking store (a write probe), and last the study folder's
-    lock (no other invocation runs this study there). Returns (plan, max concurrent trials, the held
+    """Every check that needs no trial, before Ray starts: the resources of a local Ray (before the
+    data), plan (numbers, configs, data), storage, a local worker's memory, the tracking store (a
+    write probe), and last the study folder's lock (no other invocation runs this study there). Returns (plan, max concurrent trials, the held
     FolderLock). Raises ConfigError/ValueError/DatasetNotFoundError (AlreadyRunning) naming the
     problem; records nothing."""
-    plan = plan_study(study, settings)
     joining = cluster_address(settings.address, settings.num_cpus) is not None
-    check_storage(plan.storage_path)
-    if not joining:  # a local Ray cannot grow: refuse what it could never schedule, before starting it
-        opts = plan.options
+    if not joining:  # a local Ray cannot grow: refuse what it could never schedule, before the data is checked
+        opts = plan_study(study, settings, check_data=False).options
         check_local_resources(opts.workers, opts.cpus_per_worker, opts.gpus_per_worker, settings.num_cpus,
                               "--workers-per-trial")
+    plan = plan_study(study, settings)
+    check_storage(plan.storage_path)
+    if not joining:
+        opts = plan.options
+        for trial in plan.trials:  # each distinct model and batch estimated once
+            check_memory(trial.config, opts.workers, opts.gpus_per_worker > 0)
+    warnings = {smoke_warning(t.config) for t in plan.trials} - {None} if plan.scale == "smoke" else set()
+    for warning in sorted(warnings):
+        print(f"[study] {warning}", file=sys.stderr, flush=True)
     check_tracking_uri(settings.tracking_uri or default_tracking_uri(), settings.experiment or study.name)
     lock = FolderLock(plan.study_key, f"study {plan.experiment_dir}")  # AlreadyRunning: a second invocation
     gone = lock.acquire()

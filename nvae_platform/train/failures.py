@@ -41,6 +41,10 @@ def reason(error, storage=""):
     text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
     lines = [line.strip() for line in text.splitlines() if _ERROR_LINE.match(line)]
     last = lines[-1] if lines else ([line.strip() for line in text.splitlines() if line.strip()] or ["unknown error"])[-1]
+    if last.endswith(":"):  # e.g. Ray's "Training failed due to controller error:": the cause follows
+        after = text[text.rindex(last) + len(last):] if last in text else ""
+        cause = next((line.strip() for line in after.splitlines() if line.strip()), "")
+        last = f"{last} {cause}" if cause else last
     if _STORAGE in last:  # already this function's line (a study's view reads the status again)
         return last[last.index(_STORAGE):]
     if NO_SPACE in text:

@@ -3,7 +3,7 @@ declaring a study or a scale builds these without starting anything."""
 from dataclasses import asdict, dataclass
 
 from nvae_core.compiling import check_compile
-from nvae_core.datasets import check_available
+from nvae_core.datasets import check_available, check_data_dir, train_images
 from nvae_core.paths import absolute
 from nvae_core.training import check_precision
 
@@ -60,8 +60,22 @@ class RunOptions:
                              "(Ray's -1, unlimited, would retry a failure that repeats forever)")
         check_precision(cfg.precision, "cuda" if self.gpus_per_worker > 0 else "cpu")
         check_compile(cfg.compile)
+        check_data_dir(cfg.dataset, self.data_dir)
         if not self.download:  # a missing dataset fails here, in seconds, not in every worker
             check_available(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size)
+
+    def check_batch(self, cfg, images=None):
+        """Raise ValueError unless every worker gets at least one batch of cfg.batch_size from the
+        training split (of `images` images; counted here when None). A worker's sampler gives it
+        floor(images / workers) of them, and training drops the last partial batch."""
+        if images is None:
+            images = train_images(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size,
+                                  exclude=self.skip_files)
+        if cfg.batch_size * self.workers > images:
+            raise ValueError(f"--set batch_size={cfg.batch_size} x {self.workers} worker(s) is more than the {images} "
+                             f"training images of {cfg.dataset}, so no batch fits: lower it to at most "
+                             f"{images // self.workers}")
+        return images
 
     def params(self):
         """The options as MLflow params (run.<field>), without the run's name, storage and test hooks."""

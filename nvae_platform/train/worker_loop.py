@@ -354,7 +354,8 @@ def _train(cfg, options, session):
         metrics = train_epoch(w, epoch)
         if metrics["status"] != "running":  # diverged: every rank stops; the last good checkpoint stays
             if w.rank == 0:
-                say(f"[nvae] {metrics['status']} (epoch {epoch}); last good checkpoint kept")
+                kept = "last good checkpoint kept" if epoch > 0 else "before its first checkpoint: none kept"
+                say(f"[nvae] {metrics['status']} (epoch {epoch}); {kept}")
             _report(w.session, {**metrics, **_data_fields(w)})  # a run diverged in its first epoch still says what it read
             return metrics
         metrics.update(validate(w))
