@@ -3,9 +3,9 @@ declaring a study or a scale builds these without starting anything."""
 from dataclasses import asdict, dataclass
 
 from nvae_core.compiling import check_compile
-from nvae_core.datasets import check_available
 from nvae_core.paths import absolute
 from nvae_core.training import check_precision
+from nvae_platform.train.data_cache import check_data_dir
 
 
 @dataclass
@@ -61,7 +61,7 @@ class RunOptions:
         check_precision(cfg.precision, "cuda" if self.gpus_per_worker > 0 else "cpu")
         check_compile(cfg.compile)
         if not self.download:  # a missing dataset fails here, in seconds, not in every worker
-            check_available(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size)
+            check_data_dir(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size)
 
     def params(self):
         """The options as MLflow params (run.<field>), without the run's name, storage and test hooks."""
