@@ -107,6 +107,33 @@ def test_bad_input_is_one_line_naming_the_flag_before_ray_starts(entry, args, fl
         assert read_only_store.read_bytes() == before
 
 
+# A remote --data-dir (moto's S3): a prefix with nothing, a dataset missing a file, no images, no store.
+S3_CASES = [
+    (["--dataset", "cifar10", "--data-dir", "s3://nvae/nothing"], None, "holds nothing of dataset 'cifar10'"),
+    (["--dataset", "cifar10", "--data-dir", "s3://nvae/data"], None, "holds no data_batch_2"),
+    (["--dataset", "image-folder", "--data-dir", "s3://nvae/data"], None, "holds 0 image file(s)"),
+    (["--dataset", "cifar10", "--data-dir", "s3://nvae/data"], "http://127.0.0.1:9", "cannot be listed"),
+]
+
+
+@pytest.mark.parametrize("args, endpoint, said", S3_CASES, ids=[f"{' '.join(a)} {e or ''}" for a, e, _ in S3_CASES])
+def test_a_remote_data_dir_without_the_dataset_is_one_line_before_ray_starts(args, endpoint, said, s3_store,
+                                                                             tmp_path):
+    with s3_store.filesystem.open_output_stream("nvae/data/cifar-10-batches-py/data_batch_1") as f:
+        f.write(b"x")
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"), PYTHONPATH=str(ROOT),
+               AWS_ENDPOINT_URL=endpoint or s3_store.endpoint, NVAE_DATA_CACHE=str(tmp_path / "cache"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, str(ROOT / ENTRY_POINTS["train"]), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"--data-dir {args[-1]}" in lines[0] and said in lines[0], lines[0]
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "cache").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_max_failures_help_says_why_minus_one_is_refused():
     result = subprocess.run([sys.executable, str(ROOT / "studies/train.py"), "--help"], capture_output=True,
                             text=True, timeout=120, check=False, env=dict(os.environ, PYTHONPATH=str(ROOT)))

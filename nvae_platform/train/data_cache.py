@@ -2,8 +2,9 @@
 to each node's local disk, where nvae_core's loaders read it.
 
 The copy of a dataset lives in <cache root>/<dataset>-<digest>, the digest taken over the remote
-files' names, sizes and modification times (an object store's Last-Modified, new with every upload):
-unchanged files are read from the cache, a changed one makes a new copy. It is made whole or not at
+files' names, sizes and versions (an S3 object's ETag, new with every upload; elsewhere, or without
+boto3, the modification time): unchanged files are read from the cache, a changed one makes a new
+copy. It is made whole or not at
 all: files are written into <key>.partial (each as .part, renamed once its size checks) and the
 folder is renamed to <key> at the end, so a copy cut short is never read, and the next one keeps the
 files already there. Processes of one node take a lock on the key first: one copies, the others
@@ -18,6 +19,7 @@ import os
 import socket
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pyarrow.fs
@@ -30,6 +32,7 @@ TRIES = 3  # per file, 1 s then 2 s apart, before the store is named as failing
 CHUNK = 8 << 20
 COPY_THREADS = 8
 PROGRESS_SECONDS = 5.0
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".gz")  # torchvision's downloads, beside what it extracts
 
 
 class DataCopyError(RuntimeError):
@@ -41,12 +44,17 @@ def is_remote(data_dir):
     return "://" in str(data_dir)
 
 
+def _archive(name):
+    """Whether a file is a downloaded archive (its extracted files are what the loaders read)."""
+    return name.endswith(ARCHIVES)
+
+
 def _plain(uri):
     return uri.split("?")[0].rstrip("/")  # as the user knows it: no URI options
 
 
 def remote_files(data_dir, dataset):
-    """(filesystem, base path, {relative path: (size, mtime ns)}) of dataset's files under data_dir.
+    """(filesystem, base path, {relative path: (size, version)}) of dataset's files under data_dir.
     ValueError, one line naming --data-dir and the fix, when the store cannot be listed or holds no
     such dataset."""
     uri, (folder, entries) = _plain(data_dir), files_layout(dataset)
@@ -56,12 +64,13 @@ def remote_files(data_dir, dataset):
         base = base.rstrip("/")
         top = f"{base}/{folder}".rstrip("/")
         found = filesystem.get_file_info(pyarrow.fs.FileSelector(top, recursive=True, allow_not_found=True))
-    except Exception as error:  # noqa: BLE001  pyarrow raises OSError, ArrowInvalid, ... for the same causes
+        etags = _etags(data_dir, top)
+    except Exception as error:  # noqa: BLE001  pyarrow (OSError, ArrowInvalid, ...) and boto3 for the same causes
         raise ValueError(f"--data-dir {uri} cannot be listed ({' '.join(str(error).split())[:200]}); check the "
                          "URI, the store's credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the "
                          "node's role) and AWS_ENDPOINT_URL for a store other than AWS") from None
-    files = {info.path[len(base) + 1:]: (info.size, info.mtime_ns or 0) for info in found
-             if info.type == pyarrow.fs.FileType.File}
+    files = {info.path[len(base) + 1:]: (info.size, etags.get(info.path) or info.mtime_ns or 0) for info in found
+             if info.type == pyarrow.fs.FileType.File and not _archive(info.base_name)}
     if dataset == "image-folder":
         images = [path for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
         if len(images) < 2:
@@ -77,8 +86,31 @@ def remote_files(data_dir, dataset):
     return filesystem, base, files
 
 
+def _etags(data_dir, top):
+    """{bucket/key: ETag} of the objects under top (bucket/prefix) of an s3:// data dir, listed by
+    boto3 (a request per 1000 objects; pyarrow's listing has no ETags), endpoint and region as
+    pyarrow takes them; {} for other stores, or where boto3 is not installed (nvae[cluster] installs it)."""
+    if not data_dir.startswith("s3://"):
+        return {}
+    try:
+        import boto3
+    except ImportError:
+        return {}
+    options = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(data_dir).query))
+    endpoint = options.get("endpoint_override")
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{options.get('scheme', 'https')}://{endpoint}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=options.get("region"))
+    bucket, _, prefix = top.partition("/")
+    etags = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
+        etags.update({f"{bucket}/{item['Key']}": item["ETag"].strip('"') for item in page.get("Contents", ())})
+    return etags
+
+
 def files_digest(data_dir, files):
-    """16 hex digits of SHA-256 over the URI and each file's name, size and modification time."""
+    """16 hex digits of SHA-256 over the URI and each file's name, size and version (its ETag, else
+    its modification time)."""
     digest = hashlib.sha256(_plain(data_dir).encode())
     for path, (size, mtime) in sorted(files.items()):
         digest.update(f"{path}\t{size}\t{mtime}\n".encode())
@@ -194,6 +226,25 @@ def _copy_file(filesystem, source, target, size, progress):
             if attempt == TRIES - 1:
                 raise
             time.sleep(2 ** attempt)
+
+
+def upload(dataset, local_root, data_dir):
+    """Copy dataset's files from the local folder local_root to the remote data_dir, in the layout
+    local_data_dir reads (the same relative paths), then list them there. Returns (files, bytes)."""
+    folder, _ = files_layout(dataset)
+    source = os.path.join(local_root, folder).rstrip("/")
+    filesystem, base = pyarrow.fs.FileSystem.from_uri(data_dir)
+    target = f"{base.rstrip('/')}/{folder}".rstrip("/")
+    paths = [path for path in Path(source).rglob("*") if path.is_file() and not _archive(path.name)]
+
+    def put(path):
+        pyarrow.fs.copy_files(str(path), f"{target}/{path.relative_to(source).as_posix()}",
+                              source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=filesystem)
+
+    with concurrent.futures.ThreadPoolExecutor(COPY_THREADS) as pool:
+        list(pool.map(put, paths))
+    _, _, files = remote_files(data_dir, dataset)
+    return len(files), sum(size for size, _ in files.values())
 
 
 def check_data_dir(dataset, data_dir, seed=0, image_size=None):
