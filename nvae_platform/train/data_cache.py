@@ -112,8 +112,8 @@ def files_digest(data_dir, files):
     """16 hex digits of SHA-256 over the URI and each file's name, size and version (its ETag, else
     its modification time)."""
     digest = hashlib.sha256(_plain(data_dir).encode())
-    for path, (size, mtime) in sorted(files.items()):
-        digest.update(f"{path}\t{size}\t{mtime}\n".encode())
+    for path, (size, version) in sorted(files.items()):
+        digest.update(f"{path}\t{size}\t{version}\n".encode())
     return digest.hexdigest()[:16]
 
 
