@@ -218,6 +218,14 @@ DOWNLOADABLE = tuple(_ON_DISK)  # the sets torchvision downloads into data_dir
 _WAYS_OUT = "or use an offline set that needs no files: --dataset digits or --dataset photo-patches"
 
 
+def files_layout(name):
+    """Where name's files sit under a data folder: (subfolder, entries that must be in it) for the sets
+    torchvision reads from files, ("", ()) for image-folder (the whole folder), None for the offline sets."""
+    if name in _ON_DISK:
+        return _ON_DISK[name][:2]
+    return ("", ()) if name == "image-folder" else None
+
+
 def _missing(name, root):
     folder, entries, _ = _ON_DISK[name]
     return [entry for entry in entries if not (Path(root) / folder / entry).exists()]
@@ -320,7 +328,7 @@ def _image_folder(split, root, seed, image_size, exclude=()):
     return ImageFiles([paths[i] for i in index], image_size)
 
 
-def check_data_dir(name, data_dir):
+def check_data_folder(name, data_dir):
     """Raise ValueError when data_dir, or a folder above it, is a file: no dataset of files can be
     read from or downloaded into it (the offline sets need no folder)."""
     if dataset_spec(name).offline:

@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 from nvae_core import ConfigError
-from nvae_core.datasets import DatasetNotFoundError, check_available
+from nvae_core.datasets import DatasetNotFoundError
 from nvae_core.paths import absolute
 from nvae_core.training import check_precision
 from nvae_platform.defaults import default_data_dir, default_tracking_uri
@@ -27,6 +27,7 @@ from nvae_platform.preflight import CommandLine, at_least
 from nvae_platform.ray_cluster import add_ray_arguments, init_ray_for_run
 from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
 from nvae_platform.record.tracking import check_tracking_uri
+from nvae_platform.train.data_cache import check_data_dir
 from nvae_platform.train.run_options import RunOptions
 
 PAPER_READJUST_BATCHES = 500  # the authors' evaluate.py re-estimates BN statistics over 500 sampling batches
@@ -78,7 +79,7 @@ def main(argv=None):
         trained = load_trained(args.source, tracking_uri)
         cfg, settings = trained.config, settings_for(trained, args)
         check_precision(cfg.precision, "cuda" if settings.gpus_per_worker > 0 else "cpu")
-        check_available(cfg.dataset, settings.data_dir, seed=cfg.seed, image_size=cfg.image_size)
+        check_data_dir(cfg.dataset, settings.data_dir, seed=cfg.seed, image_size=cfg.image_size)
         if trained.run_id:
             check_tracking_uri(tracking_uri)
         out = args.out or (None if trained.run_id else

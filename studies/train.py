@@ -34,6 +34,7 @@ from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
 from nvae_platform.record.tracking import StoreWriteError, check_tracking_uri
 from nvae_platform.record.train_record import TrainRecord, describe_changes, resume_changes, run_name
 from nvae_platform.study.cli import parse_pairs, parse_value
+from nvae_platform.train.data_cache import is_remote
 from nvae_platform.train.memory import check_memory, smoke_warning
 from nvae_platform.train.run import run_training
 from nvae_platform.train.scales import SCALES, run_config, run_options
@@ -48,7 +49,8 @@ def build_parser():
     add("--gpus-per-worker", type=at_least(0, float), help="0 trains on CPUs")
     add("--cpus-per-worker", type=at_least(0, float, strictly=True))
     add("--data-dir", default=default_data_dir(),
-        help="where datasets live, or are downloaded to (default: $NVAE_DATA_DIR, else data)")
+        help="where datasets live, or are downloaded to, or an s3:// prefix each node copies once "
+             "(default: $NVAE_DATA_DIR, else data)")
     add("--download", action="store_true", help="download the dataset if it is missing")
     add("--skip-unreadable", action="store_true",
         help="train without the image-folder files that cannot be read (default: refuse to start, naming them)")
@@ -91,7 +93,8 @@ def main(argv=None):
             check_local_resources(options.workers, options.cpus_per_worker, options.gpus_per_worker, args.num_cpus,
                                   "--workers")
         options.validate(cfg)
-        if not options.download:  # every image's header, or a batch of a pickled set, before Ray starts
+        if not options.download and not is_remote(options.data_dir):  # every image's header, or a batch of a
+            # pickled set, before Ray starts (a remote data dir is only listed: each node reads its own copy)
             options = replace(options, skip_files=tuple(check_data(
                 cfg.dataset, options.data_dir, seed=cfg.seed, image_size=cfg.image_size,
                 evaluation_split=cfg.evaluation_split, skip_unreadable=args.skip_unreadable)))

@@ -2,11 +2,14 @@
 real command, exits 2 with one line on stderr that names the flag, starts no Ray session and
 writes nothing to the tracking store."""
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 pytestmark = pytest.mark.slow  # the whole module starts Ray, servers or commands
 
@@ -113,6 +116,56 @@ def test_bad_input_is_one_line_naming_the_flag_before_ray_starts(entry, args, fl
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
     if read_only_store is not None:
         assert read_only_store.read_bytes() == before
+
+
+# A remote --data-dir (moto's S3): a prefix with nothing, a dataset missing a file, no images; a store
+# that refuses the keys (a moto server that checks them), one that does not answer.
+S3_CASES = [
+    (["--dataset", "cifar10", "--data-dir", "s3://nvae/nothing"], None, "holds nothing of dataset 'cifar10'"),
+    (["--dataset", "cifar10", "--data-dir", "s3://nvae/data"], None, "holds no data_batch_2"),
+    (["--dataset", "image-folder", "--data-dir", "s3://nvae/data"], None, "holds 0 image file(s)"),
+    (["--dataset", "cifar10", "--data-dir", "s3://nvae/data"], "keys refused", "INVALID_ACCESS_KEY_ID"),
+    (["--dataset", "cifar10", "--data-dir", "s3://nvae/data"], "http://127.0.0.1:9", "cannot be listed"),
+]
+
+
+def _store_checking_keys():
+    """moto's S3 server with its IAM checks on (it knows no key): (process, endpoint)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"))
+    for _ in range(100):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("args, endpoint, said", S3_CASES, ids=[f"{' '.join(a)} {e or ''}" for a, e, _ in S3_CASES])
+def test_a_remote_data_dir_without_the_dataset_is_one_line_before_ray_starts(args, endpoint, said, s3_store,
+                                                                             tmp_path):
+    with s3_store.filesystem.open_output_stream("nvae/data/cifar-10-batches-py/data_batch_1") as f:
+        f.write(b"x")
+    server = None
+    if endpoint == "keys refused":
+        server, endpoint = _store_checking_keys()
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"), PYTHONPATH=str(ROOT),
+               AWS_ENDPOINT_URL=endpoint or s3_store.endpoint, NVAE_DATA_CACHE=str(tmp_path / "cache"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    try:
+        result = subprocess.run([sys.executable, str(ROOT / ENTRY_POINTS["train"]), *args], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"--data-dir {args[-1]}" in lines[0] and said in lines[0], lines[0]
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "cache").exists()
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_max_failures_help_says_why_minus_one_is_refused():

@@ -287,3 +287,33 @@ def test_a_lost_worker_host_is_replaced_and_the_trial_resumes_from_the_buckets_c
     assert nodes_before < nodes_after and len(nodes_after) == 3  # the tag lists every node: now the fresh host too
     assert run["metrics"]["start_epoch"] >= trial["epochs"]  # resumed from the checkpoint, not from scratch
     print(f"\nworker2 lost after {trial['epochs']} epoch(s); resumed at epoch {run['metrics']['start_epoch']:g}")
+
+
+def test_a_run_reads_its_dataset_from_the_bucket_each_worker_host_copying_it_once(local_hosts):
+    """The laptop uploads a real-format CIFAR-10 (torchvision's layout) with download_data.py; a run of
+    studies/train.py with --data-dir s3://... and 2 workers (one per worker host) trains on it: each
+    worker host copies it once to its own disk, the head none. worker2 is then lost and a fresh host
+    joins: the next run copies it there again, and worker1 reads its copy."""
+    write = ("import pathlib, sys; sys.path.insert(0, sys.argv[1]); from test_datasets import write_cifar10; "
+             "pathlib.Path('/tmp/home/local').mkdir(); write_cifar10(pathlib.Path('/tmp/home/local'), per_batch=16)")
+    on(local_hosts, "laptop", f"python -c {shlex.quote(write)} {local_hosts.REPO}/tests && python "
+                              f"{local_hosts.REPO}/studies/download_data.py cifar10 --local-dir /tmp/home/local "
+                              "--data-dir s3://nvae/data/cifar")
+
+    def train(run):
+        logs = on(local_hosts, "laptop", f"ray job submit --address {dashboard(local_hosts)} --submission-id {run} -- "
+                                         f"python {local_hosts.REPO}/studies/train.py --dataset cifar10 --data-dir "
+                                         "s3://nvae/data/cifar --workers 2 --set epochs=1 --storage-path "
+                                         f"{local_hosts.STORAGE}/data-from-bucket --name {run}")
+        assert '"status": "finished"' in logs, logs[-5000:]
+        # the first copies (the hosts share this machine's hostname, so the lines name the same one)
+        return len(re.findall(r"copying to this node's disk s3://nvae/data/cifar: 0/7", logs))
+
+    assert train("data-from-bucket") == 2  # one per worker host
+    for host in ("worker1", "worker2"):
+        cache = on_host(host, "ls /tmp/home/.cache/nvae/data").split()
+        assert len([name for name in cache if name.startswith("cifar10-") and "." not in name]) == 1, cache
+    assert on_host("head", "ls /tmp/home/.cache/nvae/data 2>/dev/null || echo none").strip() == "none"
+    local_hosts.lose_host("worker2")
+    local_hosts.start_worker("worker2")  # a fresh host: an empty disk
+    assert train("data-after-host-lost") == 1  # the fresh worker2 copies; worker1 reads its copy

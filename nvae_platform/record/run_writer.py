@@ -109,9 +109,13 @@ class RunWriter:
         self.logged.add(epoch)
 
     def log_dataset(self, result):
-        """The data the workers read, as the run's MLflow dataset input: name, digest, source, split sizes."""
-        dataset = Dataset(name=result["data_name"], digest=result["data_digest"], source_type="local",
-                          source=json.dumps({"path": result.get("data_source", "")}),
+        """The data the workers read, as the run's MLflow dataset input: name, digest, source (a remote
+        data dir's URI with the digest of its files' listing), split sizes."""
+        source = result.get("data_source", "")
+        remote = {"files_digest": result["data_files_digest"]} if result.get("data_files_digest") else {}
+        dataset = Dataset(name=result["data_name"], digest=result["data_digest"],
+                          source_type=source.split("://")[0] if "://" in source else "local",
+                          source=json.dumps({"path": source, **remote}),
                           profile=json.dumps({"splits": json.loads(result.get("data_splits") or "{}")}))
         self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
         self.data_logged = True

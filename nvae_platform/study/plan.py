@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from ray import tune
 
 from nvae_core import ConfigError, data_check
-from nvae_core.datasets import check_available
 from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path
 from nvae_platform.findings import to_json
@@ -31,6 +30,7 @@ from nvae_platform.study.declaration import (
     study_findings,
     trial_key,
 )
+from nvae_platform.train.data_cache import check_data_dir, is_remote
 from nvae_platform.train.run_options import RunOptions
 from nvae_platform.train.scales import run_options
 
@@ -260,8 +260,8 @@ def plan_study(study, settings, check_data=True):
         dataclasses.replace(options, download=True).validate(trial.config)
     if check_data and not options.download:
         first = trials[0].config
-        check_available(first.dataset, options.data_dir, seed=first.seed, image_size=first.image_size)
-        skipped = data_check.check_data(first.dataset, options.data_dir, seed=first.seed,
+        check_data_dir(first.dataset, options.data_dir, seed=first.seed, image_size=first.image_size)
+        skipped = [] if is_remote(options.data_dir) else data_check.check_data(first.dataset, options.data_dir, seed=first.seed,
                                         image_size=first.image_size, evaluation_split=first.evaluation_split,
                                         skip_unreadable=settings.skip_unreadable)
         options = dataclasses.replace(options, skip_files=tuple(skipped))

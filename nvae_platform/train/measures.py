@@ -15,6 +15,7 @@ from torch.utils.data import Subset
 from nvae_core import autocast, bits_per_dim, importance_weighted_nll
 from nvae_core.datasets import Batches, load_dataset
 from nvae_core.evaluation import active_unit_sums, counts_from_sums, eval_mode
+from nvae_platform.train.data_cache import local_data_dir
 
 
 @contextlib.contextmanager
@@ -98,5 +99,6 @@ def final_figures(model, loader, cfg, device, options, seed):
 def evaluation_images(cfg, data_dir, max_images=0):
     """The images a run's test figures are over: the first max_images (0: all) of its dataset's
     evaluation split (cfg.evaluation_split), in order."""
+    data_dir, _ = local_data_dir(data_dir, cfg.dataset)  # a remote data dir: this node's copy
     images = load_dataset(cfg.dataset, cfg.evaluation_split, data_dir, seed=cfg.seed, image_size=cfg.image_size)
     return Subset(images, range(min(len(images), max_images))) if max_images else images

@@ -3,9 +3,10 @@ declaring a study or a scale builds these without starting anything."""
 from dataclasses import asdict, dataclass
 
 from nvae_core.compiling import check_compile
-from nvae_core.datasets import check_available, check_data_dir, train_images
+from nvae_core.datasets import TRAIN_IMAGES, check_data_folder, train_images
 from nvae_core.paths import absolute
 from nvae_core.training import check_precision
+from nvae_platform.train.data_cache import check_data_dir, is_remote
 
 
 @dataclass
@@ -60,14 +61,17 @@ class RunOptions:
                              "(Ray's -1, unlimited, would retry a failure that repeats forever)")
         check_precision(cfg.precision, "cuda" if self.gpus_per_worker > 0 else "cpu")
         check_compile(cfg.compile)
-        check_data_dir(cfg.dataset, self.data_dir)
+        if not is_remote(self.data_dir):
+            check_data_folder(cfg.dataset, self.data_dir)
         if not self.download:  # a missing dataset fails here, in seconds, not in every worker
-            check_available(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size)
+            check_data_dir(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size)
 
     def check_batch(self, cfg, images=None):
         """Raise ValueError unless every worker gets at least one batch of cfg.batch_size from the
         training split (of `images` images; counted here when None). A worker's sampler gives it
         floor(images / workers) of them, and training drops the last partial batch."""
+        if images is None and is_remote(self.data_dir) and cfg.dataset not in TRAIN_IMAGES:
+            return None  # an image folder in a bucket is counted by each node once it has its copy
         if images is None:
             images = train_images(cfg.dataset, self.data_dir, seed=cfg.seed, image_size=cfg.image_size,
                                   exclude=self.skip_files)

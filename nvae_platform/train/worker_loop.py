@@ -32,6 +32,7 @@ from nvae_core.lineage import dataset_lineage
 from nvae_platform.machine import peak_memory_gb, reset_peak_memory
 from nvae_platform.train import fault_injection
 from nvae_platform.train.checkpoints import CHECKPOINT_FILE, METRICS_FILE, SAMPLES_FILE
+from nvae_platform.train.data_cache import local_data_dir
 from nvae_platform.train.failures import is_deterministic, read_failure, write_failure
 from nvae_platform.train.image_grid import save_grid
 from nvae_platform.train.measures import final_figures as _final_evaluation
@@ -158,14 +159,17 @@ def set_up(cfg, options, session):
     reset_peak_memory(device)  # a study's trial process trains one trial after another
     torch.set_num_threads(options.threads_per_worker)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    common = dict(data_dir=options.data_dir, download=options.download, seed=cfg.seed, image_size=cfg.image_size,
+    data_dir, remote = local_data_dir(options.data_dir, cfg.dataset, say)  # a remote one: this node's copy
+    common = dict(data_dir=data_dir, download=options.download, seed=cfg.seed, image_size=cfg.image_size,
                   exclude=options.skip_files)
     train_set = load_dataset(cfg.dataset, "train", **common)
     test_set = load_dataset(cfg.dataset, cfg.evaluation_split, **common)
     lineage = None
     if rank == 0:
         lineage = dataset_lineage(cfg.dataset, {"train": train_set, cfg.evaluation_split: test_set},
-                                  source=os.path.abspath(options.data_dir))
+                                  source=remote["uri"] if remote else os.path.abspath(data_dir))
+        if remote:
+            lineage["files_digest"] = remote["digest"]
     if options.max_test_images:
         test_set = Subset(test_set, range(min(len(test_set), options.max_test_images)))
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -286,7 +290,8 @@ def _data_fields(w):
     if not w.lineage:
         return {}
     return {"data_name": w.lineage["name"], "data_digest": w.lineage["digest"],
-            "data_source": w.lineage["source"], "data_splits": json.dumps(w.lineage["splits"])}
+            "data_source": w.lineage["source"], "data_splits": json.dumps(w.lineage["splits"]),
+            **({"data_files_digest": w.lineage["files_digest"]} if "files_digest" in w.lineage else {})}
 
 
 def final_evaluation(w):
