@@ -8,8 +8,9 @@ The run is named by what it trains, <--name>-<digest of the config and workers>,
 each epoch under --storage-path/<run name>: the same command again resumes it (or says it is
 finished), a changed --set starts a new run. To continue a run with a changed config (say more
 epochs), name it with --resume-from. A worker that dies is replaced and training continues from the
-latest checkpoint (--max-failures times). Ctrl-C or SIGTERM stops it (exit 130 or 143), its MLflow run
-marked KILLED; the same command resumes it. A second invocation of the same run while it trains is
+latest checkpoint (--max-failures times). Ctrl-C or SIGTERM (to its pid or its process group) stops it
+(exit 130 or 143), its MLflow run marked KILLED; so does a lost local Ray (exit 1); the same command
+resumes it. A second invocation of the same run while it trains is
 refused (a lock file in its folder). MLflow gets one run per run name (experiment "train"):
 params, per-epoch metrics, final figures, config.json, the sample grid and the final checkpoint.
 The console shows the run's own lines; Ray's messages (start-up, its processes' output and logs,
