@@ -24,7 +24,6 @@ def print_ray_output_with(printer):
     ray._private.worker.print_to_stdstream = printer
 
 
-
 def start_local_ray_in_own_session():
     """Start the processes of a local Ray (GCS, raylet, monitors; the raylet's workers follow it) in
     a session of their own, as Ray already does on Windows: a signal to the driver's process group

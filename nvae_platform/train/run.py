@@ -36,8 +36,7 @@ class RunResult:
 def prepare_run(cfg, options):
     """options, validated, for a new attempt at cfg's run: a deterministic failure an earlier attempt
     recorded is forgotten (this one tries again), checkpoints a killed process was staging are
-    deleted, and the run resumes from its newest checkpoint that
-    loads (resume.py)."""
+    deleted, and the run resumes from its newest checkpoint that loads (resume.py)."""
     options.validate(cfg)
     clear_failure(options.run_folder)
     remove_staging_leftovers(options.run_folder)
