@@ -42,7 +42,9 @@ def stop_on_sigterm_as_on_sigint():
 def stop_once_on_sigint(stop):
     """From now on the first SIGINT (Ctrl-C, or SIGTERM turned into one) calls stop(), a second is
     ignored while the command ends as after one, and a third ends the process at once, quietly.
-    An impatient user's second Ctrl-C otherwise interrupts the cleanup the first one started."""
+    An impatient user's second Ctrl-C otherwise interrupts the cleanup the first one started.
+    (Python runs a handler between bytecodes: signals that arrive while the main thread waits in C
+    code count as one.)"""
     def on_sigint(signum, frame):
         _INTERRUPTS.append(signum)
         if len(_INTERRUPTS) == 1:

@@ -10,6 +10,7 @@ import threading
 import ray
 
 from nvae_platform.preflight import at_least, check_local_resources, check_resources
+from nvae_platform.process_exit import stopped_by_signal
 from nvae_platform.ray_internals import local_ray_processes, start_local_ray_in_own_session
 
 
@@ -114,7 +115,9 @@ def shutdown_ray():
 def local_ray_watched(on_lost):
     """While in the block, on_lost(what) runs in a thread of its own if the GCS or the raylet of the
     local Ray this process started exits (the out-of-memory killer, a crash, a signal to it); what
-    says which and how, e.g. "its raylet (pid 123) was killed by SIGKILL". The driver's Ray ends the
+    says which, how and the likely cause, e.g. "its raylet (pid 123) was killed by SIGKILL (out of
+    memory? see dmesg)", or "... (stopped with this command)" when a job manager signalled every
+    process of the job (systemd, Slurm) and the driver got the stop signal too. The driver's Ray ends the
     process within seconds of such a loss, without a word of ours, so on_lost ends the command
     itself. Nothing is watched on a cluster."""
     processes, done = local_ray_processes(), threading.Event()
@@ -125,7 +128,8 @@ def local_ray_watched(on_lost):
                 code = process.poll()
                 if code is not None and not done.is_set():
                     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-                    on_lost(f"its {kind.replace('_server', '')} (pid {process.pid}) {how}")
+                    cause = "stopped with this command" if stopped_by_signal() else "out of memory? see dmesg"
+                    on_lost(f"its {kind.replace('_server', '')} (pid {process.pid}) {how} ({cause})")
                     return
 
     if processes:

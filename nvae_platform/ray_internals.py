@@ -27,7 +27,7 @@ def print_ray_output_with(printer):
 def start_local_ray_in_own_session():
     """Start the processes of a local Ray (GCS, raylet, monitors; the raylet's workers follow it) in
     a session of their own, as Ray already does on Windows: a signal to the driver's process group
-    (`timeout`, a job manager, `kill -TERM -PGID`) then reaches the driver alone, which stops Ray
+    (`timeout`, `kill -TERM -PGID`) then reaches the driver alone, which stops Ray
     itself, instead of killing the GCS under it. They still die with the driver (Ray's kernel
     fate-sharing, checked here: without it Ray's reaper relies on the process group). Call it
     before ray.init."""

@@ -163,8 +163,7 @@ def _interrupted(record):
 def _end_when_local_ray_lost(record, lock, what):
     """The local Ray is lost, and with it the run (the driver's Ray ends this process within seconds):
     end it here, as interrupted; exit 1 (143 or 130 when a stop signal came too)."""
-    print(f"[nvae] the local Ray was lost: {what} (out of memory? see dmesg); the run stops", file=sys.stderr,
-          flush=True)
+    print(f"[nvae] the local Ray was lost: {what}; the run stops", file=sys.stderr, flush=True)
     try:
         _interrupted(record)
     finally:

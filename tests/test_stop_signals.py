@@ -1,5 +1,5 @@
 """A study stopped by Ctrl-C (SIGINT, once or twice) or by a job manager (SIGTERM to its process
-group: `timeout`, Slurm, systemd; to its pid: `ray job stop`, Kubernetes) stops the same way: its
+group: `timeout`; to its pid: `ray job stop`, Kubernetes) stops the same way: its
 table, the one line of advice, its unfinished runs marked KILLED, exit 130 or 143, and no process it
 started left running; so does `studies/train.py`. A study whose local Ray is lost (its raylet
 SIGKILLed) says so and ends the same way, with exit 1. A study that finishes or fails leaves no
@@ -48,8 +48,8 @@ def _stop(process, send, tree, ray_dir, what):
 
 
 def _signals(*signums, group=False):
-    """A stop: each signal in turn, 0.5 s apart (an impatient user), to the command's pid or, as `timeout`,
-    systemd, Slurm and a terminal's Ctrl-C do, to its whole process group."""
+    """A stop: each signal in turn, 0.5 s apart (an impatient user), to the command's pid or, as `timeout`
+    and a terminal's Ctrl-C do, to its whole process group."""
     def send(process):
         for i, signum in enumerate(signums):
             time.sleep(0.5 if i else 0)

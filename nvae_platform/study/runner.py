@@ -231,7 +231,7 @@ class StudyOutcome:
 def stop_once_on_ctrl_c():
     """For a study's command: from now on the first Ctrl-C stops it, its table printed (Tune stops its
     run on SIGUSR1, which it listens to while it runs; before that, KeyboardInterrupt); a second is
-    ignored, and a third ends it at once (process_exit.stop_once_on_sigint). Tune's own SIGINT
+    ignored, and a third may end it at once (process_exit.stop_once_on_sigint). Tune's own SIGINT
     handler, which lets a second Ctrl-C break its cleanup with a traceback, is left out."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
@@ -373,8 +373,7 @@ def _end_when_local_ray_lost(study, settings, plan, lock):
     re-run line, the unfinished runs KILLED; exit 1 (143 or 130 when a stop signal came too: a job
     manager that signals every process of the job stops Ray with the driver)."""
     def end(what):
-        print(f"[study] the local Ray was lost: {what} (out of memory? see dmesg); the study stops", file=sys.stderr,
-              flush=True)
+        print(f"[study] the local Ray was lost: {what}; the study stops", file=sys.stderr, flush=True)
         code = interrupted_code() if stopped_by_signal() else 1
         try:
             outcome = _close_study(study, settings, plan, [], ended_outcomes(plan.trials_path))
