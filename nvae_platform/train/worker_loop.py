@@ -9,6 +9,7 @@ beside it: see checkpoints.py). A restarted worker group resumes
 from the latest checkpoint. A non-finite loss on any rank stops all ranks within the step with the
 status "diverged at step S"; the last good checkpoint stays.
 """
+import io
 import json
 import math
 import os
@@ -116,7 +117,12 @@ def _report(session, metrics, run_folder, checkpoint_state=None, files=()):
         session.report(metrics)
         return
     with staging_folder(run_folder) as folder:
-        torch.save(checkpoint_state, os.path.join(folder, CHECKPOINT_FILE))
+        # serialized first: torch.save's own file writer hides a full disk (ENOSPC) behind "unexpected pos"
+        serialized = io.BytesIO()
+        torch.save(checkpoint_state, serialized)
+        with open(os.path.join(folder, CHECKPOINT_FILE), "wb") as f:
+            f.write(serialized.getbuffer())
+        del serialized
         for make in files:
             make(folder)
         session.report(metrics, folder)
