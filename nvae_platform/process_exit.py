@@ -8,6 +8,7 @@ binds triton, prints a "leaked" line for every object of its types still alive w
 it has no switch to silence them that Python can reach.
 """
 import gc
+import os
 import signal
 import sys
 
@@ -20,7 +21,15 @@ def exit_with(code):
     sys.exit(code)
 
 
+def end_now(code):
+    """End the process at once with code, its output flushed: no atexit handler, no cleanup."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 _TERMINATED = []  # set once SIGTERM arrived
+_INTERRUPTS = []  # each SIGINT stop_once_on_sigint took
 
 
 def stop_on_sigterm_as_on_sigint():
@@ -32,6 +41,27 @@ def stop_on_sigterm_as_on_sigint():
         signal.raise_signal(signal.SIGINT)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def stop_once_on_sigint(stop):
+    """From now on the first SIGINT (Ctrl-C, or SIGTERM turned into one) calls stop(), a second is
+    ignored while the command ends as after one, and a third ends the process at once, quietly.
+    An impatient user's second Ctrl-C otherwise interrupts the cleanup the first one started.
+    (Python runs a handler between bytecodes: signals that arrive while the main thread waits in C
+    code count as one.)"""
+    def on_sigint(signum, frame):
+        _INTERRUPTS.append(signum)
+        if len(_INTERRUPTS) == 1:
+            stop()
+        elif len(_INTERRUPTS) >= 3:
+            end_now(interrupted_code())
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+
+def stopped_by_signal():
+    """Whether SIGTERM, or a SIGINT that stop_once_on_sigint took, has arrived."""
+    return bool(_TERMINATED or _INTERRUPTS)
 
 
 def interrupted_code():

@@ -1,12 +1,17 @@
 """The Ray a command runs on: the cluster it joins (an address, $RAY_ADDRESS, or `ray start` on this
 machine), else a local Ray it starts and stops."""
 import atexit
+import contextlib
 import os
+import signal
 import sys
+import threading
 
 import ray
 
 from nvae_platform.preflight import at_least, check_local_resources, check_resources
+from nvae_platform.process_exit import stopped_by_signal
+from nvae_platform.ray_internals import local_ray_processes, start_local_ray_in_own_session
 
 
 def find_cluster(address=None):
@@ -76,6 +81,7 @@ def init_ray(address=None, num_cpus=None, **kwargs):
     if not joined:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         kwargs.update(num_cpus=num_cpus, include_dashboard=kwargs.get("include_dashboard", False))
+        start_local_ray_in_own_session()  # a signal to the command's process group reaches the driver only
     # what find_cluster found, and no other: given "auto", ray.init would also join a Ray that another
     # process started with ray.init (any GCS process on this machine)
     ray.init(address=(None if address == "auto" else address) if joined else "local", **kwargs)
@@ -103,6 +109,35 @@ def shutdown_ray():
     """ray.shutdown. A local Ray's autoscaler monitor then sits out Ray's 1 s SIGTERM grace before its
     SIGKILL; killing it first saved that second but took Ray's private process table."""
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def local_ray_watched(on_lost):
+    """While in the block, on_lost(what) runs in a thread of its own if the GCS or the raylet of the
+    local Ray this process started exits (the out-of-memory killer, a crash, a signal to it); what
+    says which, how and the likely cause, e.g. "its raylet (pid 123) was killed by SIGKILL (out of
+    memory? see dmesg)", or "... (stopped with this command)" when a job manager signalled every
+    process of the job (systemd, Slurm) and the driver got the stop signal too. The driver's Ray ends the
+    process within seconds of such a loss, without a word of ours, so on_lost ends the command
+    itself. Nothing is watched on a cluster."""
+    processes, done = local_ray_processes(), threading.Event()
+
+    def watch():
+        while not done.wait(0.25):
+            for kind, process in processes.items():
+                code = process.poll()
+                if code is not None and not done.is_set():
+                    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                    cause = "stopped with this command" if stopped_by_signal() else "out of memory? see dmesg"
+                    on_lost(f"its {kind.replace('_server', '')} (pid {process.pid}) {how} ({cause})")
+                    return
+
+    if processes:
+        threading.Thread(target=watch, name="local Ray watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 _LOCAL_RAY = set()  # GCS addresses of the local Rays this process started

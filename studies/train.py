@@ -8,8 +8,9 @@ The run is named by what it trains, <--name>-<digest of the config and workers>,
 each epoch under --storage-path/<run name>: the same command again resumes it (or says it is
 finished), a changed --set starts a new run. To continue a run with a changed config (say more
 epochs), name it with --resume-from. A worker that dies is replaced and training continues from the
-latest checkpoint (--max-failures times). Ctrl-C or SIGTERM stops it (exit 130 or 143), its MLflow run
-marked KILLED; the same command resumes it. A second invocation of the same run while it trains is
+latest checkpoint (--max-failures times). Ctrl-C or SIGTERM (to its pid or its process group) stops it
+(exit 130 or 143), its MLflow run marked KILLED; so does a lost local Ray (exit 1); the same command
+resumes it. A second invocation of the same run while it trains is
 refused (a lock file in its folder). MLflow gets one run per run name (experiment "train"):
 params, per-epoch metrics, final figures, config.json, the sample grid and the final checkpoint.
 The console shows the run's own lines; Ray's messages (start-up, its processes' output and logs,
@@ -28,8 +29,14 @@ from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path, default_tracking_uri
 from nvae_platform.folder_lock import FolderLock
 from nvae_platform.preflight import FAILURE_COUNT, CommandLine, at_least, check_local_resources, check_storage, label
-from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
-from nvae_platform.ray_cluster import add_ray_arguments, cluster_address, init_ray_for_run
+from nvae_platform.process_exit import (
+    end_now,
+    exit_with,
+    interrupted_code,
+    stop_on_sigterm_as_on_sigint,
+    stopped_by_signal,
+)
+from nvae_platform.ray_cluster import add_ray_arguments, cluster_address, init_ray_for_run, local_ray_watched
 from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
 from nvae_platform.record.tracking import StoreWriteError, check_tracking_uri
 from nvae_platform.record.train_record import TrainRecord, describe_changes, resume_changes, run_name
@@ -139,15 +146,11 @@ def main(argv=None):
           f"run {options.name}, checkpoints in {record.run_folder}; MLflow run {record.run_id}; Ray's own "
           f"messages go to {ray_log}", flush=True)
     try:
-        with record.watching():
+        with record.watching(), local_ray_watched(lambda what: _end_when_local_ray_lost(record, lock, what)):
             result = run_training(cfg, options)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (a job manager) turned into one; Ray Train's
         # own SIGINT handler aborts the run, then raises SystemExit
-        try:
-            record.interrupt()
-        except StoreWriteError as error:
-            print(f"[nvae] {error}", file=sys.stderr, flush=True)
-        print("[nvae] the run was interrupted: re-run the same command to resume it.", flush=True)
+        _interrupted(record)
         return interrupted_code()
     try:
         record.finish(result)
@@ -159,6 +162,26 @@ def main(argv=None):
     print(json.dumps({"status": result.status, **figures, "samples": result.samples_path,
                       "checkpoint": result.checkpoint_path, "mlflow_run": record.run_id}, indent=2))
     return 0 if result.status == "finished" else 1
+
+
+def _interrupted(record):
+    """Mark the run KILLED and say how to resume it."""
+    try:
+        record.interrupt()
+    except StoreWriteError as error:
+        print(f"[nvae] {error}", file=sys.stderr, flush=True)
+    print("[nvae] the run was interrupted: re-run the same command to resume it.", flush=True)
+
+
+def _end_when_local_ray_lost(record, lock, what):
+    """The local Ray is lost, and with it the run (the driver's Ray ends this process within seconds):
+    end it here, as interrupted; exit 1 (143 or 130 when a stop signal came too)."""
+    print(f"[nvae] the local Ray was lost: {what}; the run stops", file=sys.stderr, flush=True)
+    try:
+        _interrupted(record)
+    finally:
+        lock.release()
+        end_now(interrupted_code() if stopped_by_signal() else 1)
 
 
 if __name__ == "__main__":

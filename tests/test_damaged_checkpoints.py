@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from nvae_platform.ray_internals import TRAIN_SNAPSHOT_FILE
-from nvae_platform.train.checkpoints import epoch_checkpoints
+from nvae_platform.train.checkpoints import epoch_checkpoints, staging_folder
 from nvae_platform.train.resume import damage
-from nvae_platform.train.run import run_training
+from nvae_platform.train.run import prepare_run, run_training
 from nvae_platform.train.scales import run_config, run_options
 
 
@@ -21,6 +21,16 @@ def test_a_truncated_state_is_damage_and_a_whole_one_is_not(tmp_path):
     assert damage(str(tmp_path)) is not None
     (tmp_path / "state.pt").unlink()
     assert damage(str(tmp_path)) == "no state.pt"
+
+
+def test_a_checkpoint_is_staged_in_its_run_folder_and_what_a_killed_process_left_there_is_cleared(tmp_path):
+    options = run_options("digits", "smoke", workers=1, storage_path=str(tmp_path), name="run")
+    with staging_folder(options.run_folder) as folder:  # not the machine's temp folder
+        assert Path(folder).parent == tmp_path / "run"
+        (Path(folder) / "state.pt").write_bytes(b"state")
+        shutil.copytree(folder, f"{folder}-left")  # as a process killed while it staged leaves it
+    prepare_run(run_config("digits", "smoke"), options)  # the next attempt
+    assert not list((tmp_path / "run").iterdir())
 
 
 def _two_epochs(folder):

@@ -6,7 +6,9 @@ import pytest
 
 
 @pytest.mark.parametrize("module, name", [("ray.train.v2._internal.constants", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME"),
-                                          ("ray._private.worker", "print_to_stdstream")])
+                                          ("ray._private.worker", "print_to_stdstream"),
+                                          ("ray._private.worker", "_global_node"),
+                                          ("ray._private.services", "ConsolePopen")])
 def test_the_private_ray_symbol_still_exists(module, name):
     assert hasattr(importlib.import_module(module), name), (
         f"Ray {importlib.import_module('ray').__version__} no longer has {module}.{name}: "
@@ -86,3 +88,26 @@ def test_shutdown_ray_stops_a_local_ray_and_all_its_processes(monkeypatch):
     assert not ray.is_initialized()
     _, alive = psutil.wait_procs(started, timeout=10)
     assert not alive, [p.cmdline()[:2] for p in alive]
+
+
+def test_a_local_ray_s_processes_start_in_a_session_of_their_own(monkeypatch):
+    """Ray starts its processes through services.ConsolePopen, which the patch makes start a session of
+    their own: a signal to the driver's process group does not reach them."""
+    import inspect
+    import os
+    import subprocess
+
+    import ray._private.services
+
+    from nvae_platform.ray_internals import start_local_ray_in_own_session
+
+    monkeypatch.setattr(ray._private.services, "ConsolePopen", ray._private.services.ConsolePopen)
+    start_local_ray_in_own_session()
+    start_local_ray_in_own_session()  # once is enough: a second call changes nothing
+    process = ray._private.services.ConsolePopen(["sleep", "5"], stdin=subprocess.DEVNULL)
+    try:
+        assert os.getsid(process.pid) == process.pid != os.getsid(0)
+        assert "ConsolePopen(" in inspect.getsource(ray._private.services.start_ray_process)
+    finally:
+        process.kill()
+        process.wait()

@@ -1,7 +1,9 @@
-"""A study stopped by Ctrl-C (SIGINT) or by a job manager (SIGTERM: `ray job stop`, Slurm,
-Kubernetes, systemd) stops the same way: its table, the one line of advice, its unfinished runs
-marked KILLED, exit 130 or 143, and no process it started left running; so does `studies/train.py`.
-A study that finishes or fails leaves no process either. Real commands, subprocesses."""
+"""A study stopped by Ctrl-C (SIGINT, once or twice) or by a job manager (SIGTERM to its process
+group: `timeout`; to its pid: `ray job stop`, Kubernetes) stops the same way: its
+table, the one line of advice, its unfinished runs marked KILLED, exit 130 or 143, and no process it
+started left running; so does `studies/train.py`. A study whose local Ray is lost (its raylet
+SIGKILLed) says so and ends the same way, with exit 1. A study that finishes or fails leaves no
+process either. Real commands, subprocesses."""
 import os
 import signal
 import sqlite3
@@ -35,14 +37,30 @@ def _started_by_now(folder):
     return [p for p in psutil.process_iter(["cmdline"]) if str(folder) in " ".join(p.info["cmdline"] or [])]
 
 
-def _stop(process, signum, tree, ray_dir, what):
-    """Send the signal and wait for the command's end: its (stdout, stderr); prints how it went."""
-    process.send_signal(signum)
+def _stop(process, send, tree, ray_dir, what):
+    """Stop the command with send(process) and wait for its end: its (stdout, stderr); prints how it went."""
     signalled = time.time()
+    send(process)
     out, err = process.communicate(timeout=120)
     print(f"{what}: {len(tree)} processes, exit {process.returncode} {time.time() - signalled:.1f} s after the "
-          f"signal, {len(_started_by_now(ray_dir))} left")
+          f"stop, {len(_started_by_now(ray_dir))} left")
     return out, err
+
+
+def _signals(*signums, group=False):
+    """A stop: each signal in turn, 0.5 s apart (an impatient user), to the command's pid or, as `timeout`
+    and a terminal's Ctrl-C do, to its whole process group."""
+    def send(process):
+        for i, signum in enumerate(signums):
+            time.sleep(0.5 if i else 0)
+            (os.killpg if group else os.kill)(process.pid, signum)
+    return send
+
+
+STUDY_STOPS = {"SIGINT": (_signals(signal.SIGINT), 130),
+               "SIGINT twice": (_signals(signal.SIGINT, signal.SIGINT, group=True), 130),
+               "SIGTERM to the group": (_signals(signal.SIGTERM, group=True), 143)}
+TRAIN_STOPS = {k: STUDY_STOPS[k] for k in ("SIGINT", "SIGTERM to the group")}
 
 
 def _kill_if_running(process):
@@ -50,25 +68,53 @@ def _kill_if_running(process):
         os.killpg(process.pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_a_stopped_study_says_so_marks_its_runs_killed_and_leaves_no_process(signum, code, tmp_path):
+def _command_env(tmp_path):
+    """(environment, Ray folder) of a command on a new local Ray with its own (short: Ray's socket
+    paths have a length limit) Ray folder and temp folder."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env.update(PYTHONPATH=ROOT, RAY_TMPDIR=ray_dir)
+    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    (tmp_path / "tmp").mkdir()
+    env.update(PYTHONPATH=ROOT, RAY_TMPDIR=ray_dir, TMPDIR=str(tmp_path / "tmp"))
+    return env, ray_dir
+
+
+def _study_after_an_epoch(tmp_path, env, ray_dir):
+    """A study of 20 epochs started on a new local Ray, once a trial has finished an epoch: (process,
+    its output so far, its processes)."""
     command = [sys.executable, os.path.join(ROOT, "studies", "ablation_sr.py"), "--levels", "sr_lambda=0.0,0.01",
                "--set", "epochs=20", "--num-cpus", "2",
                "--address", "local"]  # a new local Ray, whatever else runs on this machine
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     started, out = time.time(), []
+    for line in process.stdout:  # until a trial has finished an epoch
+        out.append(line)
+        if ": epoch 1/20" in line or time.time() - started > 240:
+            break
+    tree = _started_by(process.pid, ray_dir)
+    assert len(tree) > 3, f"the study's Ray processes were not found: {''.join(out)[-2000:]}"
+    return process, out, tree
+
+
+def _assert_stopped_cleanly(tree, ray_dir, tmp_path, experiment):
+    """No process of the command is left, its locks are released and its MLflow runs are all KILLED."""
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    assert not alive, [" ".join(p.cmdline()[:3]) for p in alive]
+    assert not _started_by_now(ray_dir)
+    assert not list((tmp_path / "runs").glob("*/.lock"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert runs and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+    return runs
+
+
+@pytest.mark.parametrize("stop", STUDY_STOPS)
+def test_a_stopped_study_says_so_marks_its_runs_killed_and_leaves_no_process(stop, tmp_path):
+    send, code = STUDY_STOPS[stop]
+    env, ray_dir = _command_env(tmp_path)
+    process, out, tree = _study_after_an_epoch(tmp_path, env, ray_dir)
     try:
-        for line in process.stdout:  # until a trial has finished an epoch
-            out.append(line)
-            if ": epoch 1/20" in line or time.time() - started > 240:
-                break
-        tree = _started_by(process.pid, ray_dir)
-        assert len(tree) > 3, f"the study's Ray processes were not found: {''.join(out)[-2000:]}"
-        rest, err = _stop(process, signum, tree, ray_dir, "study")
+        rest, err = _stop(process, send, tree, ray_dir, f"study, {stop}")
     finally:
         _kill_if_running(process)
     out = "".join(out) + rest
@@ -76,20 +122,33 @@ def test_a_stopped_study_says_so_marks_its_runs_killed_and_leaves_no_process(sig
     assert "The study was interrupted: re-run the same command to resume it." in out, out[-3000:]
     assert "| sr_lambda |" in out  # its table of what finished
     assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
-    _, alive = psutil.wait_procs(tree, timeout=5)
-    assert not alive, [" ".join(p.cmdline()[:3]) for p in alive]
-    assert not _started_by_now(ray_dir)
-    assert not list((tmp_path / "runs").glob("*/.lock"))  # the study folder's lock is released
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("ablation_sr").experiment_id])
-    assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+    _assert_stopped_cleanly(tree, ray_dir, tmp_path, "ablation_sr")
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_a_stopped_training_run_says_so_marks_its_run_killed_and_leaves_no_process(signum, code, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    env.update(PYTHONPATH=ROOT, RAY_TMPDIR=ray_dir)
+def test_a_study_whose_local_ray_is_lost_says_so_marks_its_runs_killed_and_leaves_nothing(tmp_path):
+    """The study's raylet SIGKILLed, as by the out-of-memory killer: one line says so, then the table
+    and the re-run line; exit 1, no process left, no checkpoint left in the temp folder."""
+    env, ray_dir = _command_env(tmp_path)
+    process, out, tree = _study_after_an_epoch(tmp_path, env, ray_dir)
+    try:
+        (raylet,) = [p for p in tree if p.name() == "raylet"]
+        rest, err = _stop(process, lambda _: raylet.kill(), tree, ray_dir, "study, raylet SIGKILLed")
+    finally:
+        _kill_if_running(process)
+    out = "".join(out) + rest
+    assert process.returncode == 1, err[-3000:]
+    assert f"[study] the local Ray was lost: its raylet (pid {raylet.pid}) was killed by SIGKILL" in err, err[-3000:]
+    assert "The study was interrupted: re-run the same command to resume it." in out, out[-3000:]
+    assert "| sr_lambda |" in out
+    assert "Traceback" not in err and "core_worker" not in err, err[-3000:]
+    _assert_stopped_cleanly(tree, ray_dir, tmp_path, "ablation_sr")
+    assert not os.listdir(tmp_path / "tmp")  # the checkpoints are staged in their run folders
+
+
+@pytest.mark.parametrize("stop", TRAIN_STOPS)
+def test_a_stopped_training_run_says_so_marks_its_run_killed_and_leaves_no_process(stop, tmp_path):
+    send, code = TRAIN_STOPS[stop]
+    env, ray_dir = _command_env(tmp_path)
     command = [sys.executable, os.path.join(ROOT, "studies", "train.py"), "--set", "epochs=20", "--num-cpus", "2",
                "--address", "local"]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -103,19 +162,16 @@ def test_a_stopped_training_run_says_so_marks_its_run_killed_and_leaves_no_proce
             time.sleep(0.5)  # until an epoch is checkpointed
         tree = _started_by(process.pid, ray_dir)
         assert len(tree) > 3, "the run's Ray processes were not found"
-        out, err = _stop(process, signum, tree, ray_dir, "train.py")
+        out, err = _stop(process, send, tree, ray_dir, f"train.py, {stop}")
     finally:
         _kill_if_running(process)
     assert process.returncode == code, err[-3000:]
     assert "[nvae] the run was interrupted: re-run the same command to resume it." in out, out[-3000:]
     own = "\n".join(line for line in err.splitlines() if "pid=" not in line)  # not Ray's processes' forwarded lines
     assert "SIGTERM received" not in own and "Traceback" not in own, own[-3000:]
-    _, alive = psutil.wait_procs(tree, timeout=5)
-    assert not alive, [" ".join(p.cmdline()[:3]) for p in alive]
-    assert not os.path.exists(os.path.join(run_folder, ".lock"))
+    (run,) = _assert_stopped_cleanly(tree, ray_dir, tmp_path, "train")
+    assert run.data.tags["nvae.status"] == "interrupted"
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
-    assert run.info.status == "KILLED" and run.data.tags["nvae.status"] == "interrupted"
     assert client.get_metric_history(run.info.run_id, "val_bpd")  # the epochs checkpointed before the stop
 
 
@@ -150,9 +206,7 @@ def test_a_study_that_ends_leaves_no_process(end, tmp_path):
         with sqlite3.connect(store) as db:
             db.execute("CREATE TRIGGER full_disk BEFORE INSERT ON params WHEN (SELECT count(*) FROM runs) >= 2 "
                        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    env.update(PYTHONPATH=ROOT, RAY_TMPDIR=ray_dir)
+    env, ray_dir = _command_env(tmp_path)
     command = [sys.executable, os.path.join(ROOT, "studies", "ablation_sr.py"), "--levels", "sr_lambda=0.0",
                "--set", "epochs=1", "--num-cpus", "2", "--address", "local"]
     process, out, err, seen = _watch(command, tmp_path, env)

@@ -11,7 +11,14 @@ from nvae_platform.ray_cluster import add_ray_arguments
 from nvae_platform.record.outcomes import ended_outcomes
 from nvae_platform.study.cost import check_budget, describe_cost, estimate_cost
 from nvae_platform.study.plan import MAX_TRIALS
-from nvae_platform.study.runner import StudySettings, describe_plan, plan_study, prepare_study, run_study
+from nvae_platform.study.runner import (
+    StudySettings,
+    describe_plan,
+    plan_study,
+    prepare_study,
+    run_study,
+    stop_once_on_ctrl_c,
+)
 from nvae_platform.study.until_decided import (
     DEFAULT_MAX_SEEDS,
     check_until_decided,
@@ -145,6 +152,7 @@ def main(study, argv=None):
     except (ConfigError, ValueError) as error:
         parser.error(str(error))
     stop_on_sigterm_as_on_sigint()
+    stop_once_on_ctrl_c()
     if args.until_decided:
         outcome = run_until_decided(study, settings, prepared, args.max_seeds, tracking_uri, args.budget_gpu_hours,
                                     args.probe, cost)

@@ -15,6 +15,7 @@ that have not ended yet, under the same MLflow parent run; its closing table poo
 """
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -28,7 +29,8 @@ from ray.tune.search.optuna import OptunaSearch
 from nvae_platform.defaults import default_tracking_uri
 from nvae_platform.folder_lock import FolderLock
 from nvae_platform.preflight import check_local_resources, check_resources, check_storage
-from nvae_platform.ray_cluster import cluster_address, init_ray, shutdown_ray
+from nvae_platform.process_exit import end_now, interrupted_code, stop_once_on_sigint, stopped_by_signal
+from nvae_platform.ray_cluster import cluster_address, init_ray, local_ray_watched, shutdown_ray
 from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
 from nvae_platform.record.outcomes import ended_outcomes
 from nvae_platform.record.store import open_in_background
@@ -244,6 +246,22 @@ class StudyOutcome:
                 "above and in its MLflow run (error.txt)"), failed == len(statuses)
 
 
+def stop_once_on_ctrl_c():
+    """For a study's command: from now on the first Ctrl-C stops it, its table printed (Tune stops its
+    run on SIGUSR1, which it listens to while it runs; before that, KeyboardInterrupt); a second is
+    ignored, and a third may end it at once (process_exit.stop_once_on_sigint). Tune's own SIGINT
+    handler, which lets a second Ctrl-C break its cleanup with a traceback, is left out."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+
+    def stop():
+        if callable(signal.getsignal(signal.SIGUSR1)):  # Tune's handler, set when its run starts
+            signal.raise_signal(signal.SIGUSR1)
+        else:
+            raise KeyboardInterrupt
+
+    stop_once_on_sigint(stop)
+
+
 def prepare_study(study, settings):
     """Every check that needs no trial, before Ray starts: the resources of a local Ray (before the
     data), plan (numbers, configs, data), storage, a local worker's memory, the tracking store (a
@@ -295,7 +313,8 @@ def run_study(study, settings, prepared=None, cost=None):
     it ends."""
     plan, max_concurrent, lock = prepared or prepare_study(study, settings)
     try:
-        return _run_prepared(study, settings, plan, max_concurrent, cost)
+        with local_ray_watched(_end_when_local_ray_lost(study, settings, plan, lock)):
+            return _run_prepared(study, settings, plan, max_concurrent, cost)
     finally:
         lock.release()
 
@@ -342,6 +361,14 @@ def _run_prepared(study, settings, plan, max_concurrent, cost=None):
         raise
     results = [grid_results[i] for i in range(len(grid_results))]
     results = [r for r in results if r.config]  # a trial never started has no config
+    return _close_study(study, settings, plan, results, ended)
+
+
+def _close_study(study, settings, plan, results, ended):
+    """Complete the record of the study's trials (this command's Tune results, and those that ended
+    before: ended_outcomes), print their table and verdicts, and say how to go on: its StudyOutcome."""
+    tracking_uri = settings.tracking_uri or default_tracking_uri()
+    experiment = settings.experiment or study.name
     pooled = results + earlier_trials(plan, ended, results)
     verdicts = study_verdicts(plan, pooled)
     record, unrecorded = _complete_record(plan, tracking_uri, experiment, pooled, verdicts)
@@ -365,6 +392,24 @@ def _run_prepared(study, settings, plan, max_concurrent, cost=None):
                         verdicts=verdicts)
 
 
+def _end_when_local_ray_lost(study, settings, plan, lock):
+    """on_lost for local_ray_watched: the driver's Ray is about to end this process, so the study ends
+    here, from what its folder and the MLflow store hold: the table of the trials that ended, the
+    re-run line, the unfinished runs KILLED; exit 1 (143 or 130 when a stop signal came too: a job
+    manager that signals every process of the job stops Ray with the driver)."""
+    def end(what):
+        print(f"[study] the local Ray was lost: {what}; the study stops", file=sys.stderr, flush=True)
+        code = interrupted_code() if stopped_by_signal() else 1
+        try:
+            outcome = _close_study(study, settings, plan, [], ended_outcomes(plan.trials_path))
+            if outcome.unrecorded:
+                print(outcome.unrecorded, file=sys.stderr, flush=True)
+        finally:
+            lock.release()
+            end_now(code)
+    return end
+
+
 def _complete_record(plan, tracking_uri, experiment, results, verdicts=()):
     """(the tracker, None) once the store holds every trial's record, completed from the results,
     checkpoints and outcome files, and the parent run each finding's verdict (a tag); (None, the line
@@ -383,4 +428,5 @@ def _complete_record(plan, tracking_uri, experiment, results, verdicts=()):
 
 
 __all__ = ["EndedTrial", "StudyOutcome", "StudyPlan", "StudySettings", "check_storage", "estimated_work", "pareto_front",
-           "plan_study", "pooled_levels", "prepare_study", "run_study", "run_trial", "study_verdicts", "summary_table", "trials_frame"]
+           "plan_study", "pooled_levels", "prepare_study", "run_study", "run_trial", "stop_once_on_ctrl_c", "study_verdicts",
+           "summary_table", "trials_frame"]

@@ -7,6 +7,7 @@ measured: the MLflow record is reconciled against it after any crash.
 """
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -17,6 +18,26 @@ CHECKPOINT_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.png"
 CHECKPOINT_PREFIX = "checkpoint_"
+STAGING_PREFIX = ".staging_"
+
+
+def staging_folder(run_folder):
+    """A new folder to stage a checkpoint in before it is reported (a TemporaryDirectory: deleted on
+    leaving its block): inside a local run folder, so that a process killed while it stages leaves no
+    full checkpoint in the machine's temp folder (remove_staging_leftovers clears it at the next
+    attempt); in the temp folder for a run on an object store."""
+    if "://" in run_folder:
+        return tempfile.TemporaryDirectory()
+    os.makedirs(run_folder, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=run_folder, prefix=STAGING_PREFIX)
+
+
+def remove_staging_leftovers(run_folder):
+    """Delete the staging folders that killed processes left in a local run folder."""
+    if "://" not in run_folder and os.path.isdir(run_folder):
+        for name in os.listdir(run_folder):
+            if name.startswith(STAGING_PREFIX):
+                shutil.rmtree(os.path.join(run_folder, name), ignore_errors=True)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from nvae_platform.train.checkpoints import (
     SAMPLES_FILE,
     checkpoint_uri,
     epoch_checkpoints,
+    remove_staging_leftovers,
     storage_file_exists,
     storage_uri,
 )
@@ -34,10 +35,11 @@ class RunResult:
 
 def prepare_run(cfg, options):
     """options, validated, for a new attempt at cfg's run: a deterministic failure an earlier attempt
-    recorded is forgotten (this one tries again), and the run resumes from its newest checkpoint that
-    loads (resume.py)."""
+    recorded is forgotten (this one tries again), checkpoints a killed process was staging are
+    deleted, and the run resumes from its newest checkpoint that loads (resume.py)."""
     options.validate(cfg)
     clear_failure(options.run_folder)
+    remove_staging_leftovers(options.run_folder)
     resume, set_aside = choose_resume(options.run_folder)
     return dataclasses.replace(options, resume_checkpoint=resume, set_aside_checkpoints=tuple(set_aside))
 

@@ -9,11 +9,11 @@ beside it: see checkpoints.py). A restarted worker group resumes
 from the latest checkpoint. A non-finite loss on any rank stops all ranks within the step with the
 status "diverged at step S"; the last good checkpoint stays.
 """
+import io
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -31,7 +31,7 @@ from nvae_core.layers import synchronize_batchnorm
 from nvae_core.lineage import dataset_lineage
 from nvae_platform.machine import peak_memory_gb, reset_peak_memory
 from nvae_platform.train import fault_injection
-from nvae_platform.train.checkpoints import CHECKPOINT_FILE, METRICS_FILE, SAMPLES_FILE
+from nvae_platform.train.checkpoints import CHECKPOINT_FILE, METRICS_FILE, SAMPLES_FILE, staging_folder
 from nvae_platform.train.data_cache import local_data_dir
 from nvae_platform.train.failures import is_deterministic, read_failure, write_failure
 from nvae_platform.train.image_grid import save_grid
@@ -111,14 +111,19 @@ def _restore(model, step, checkpoint):
     return state["epoch"] + 1
 
 
-def _report(session, metrics, checkpoint_state=None, files=()):
-    """Report from every rank; rank 0 attaches the checkpoint folder."""
+def _report(session, metrics, run_folder, checkpoint_state=None, files=()):
+    """Report from every rank; rank 0 attaches the checkpoint folder, staged in the run folder."""
     rank, _ = _world()
     if checkpoint_state is None or rank != 0:
         session.report(metrics)
         return
-    with tempfile.TemporaryDirectory() as folder:
-        torch.save(checkpoint_state, os.path.join(folder, CHECKPOINT_FILE))
+    with staging_folder(run_folder) as folder:
+        # serialized first: torch.save's own file writer hides a full disk (ENOSPC) behind "unexpected pos"
+        serialized = io.BytesIO()
+        torch.save(checkpoint_state, serialized)
+        with open(os.path.join(folder, CHECKPOINT_FILE), "wb") as f:
+            f.write(serialized.getbuffer())
+        del serialized
         for make in files:
             make(folder)
         session.report(metrics, folder)
@@ -318,7 +323,7 @@ def report_and_checkpoint(w, epoch, metrics, last):
         shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in ("train_bpd", "val_bpd", "images_per_s") if k in metrics)
         tail = f"  test_bpd {metrics['test_bpd']:.4f}" if last else ""
         say(f"[nvae] epoch {epoch + 1}/{w.cfg.epochs}  {shown}{tail}")
-    _report(w.session, metrics, _checkpoint_state(w.core, w.step, epoch, w.cfg), files)
+    _report(w.session, metrics, w.options.run_folder, _checkpoint_state(w.core, w.step, epoch, w.cfg), files)
     w.session.wait_committed()
 
 
@@ -361,7 +366,7 @@ def _train(cfg, options, session):
             if w.rank == 0:
                 kept = "last good checkpoint kept" if epoch > 0 else "before its first checkpoint: none kept"
                 say(f"[nvae] {metrics['status']} (epoch {epoch}); {kept}")
-            _report(w.session, {**metrics, **_data_fields(w)})  # a run diverged in its first epoch still says what it read
+            _report(w.session, {**metrics, **_data_fields(w)}, w.options.run_folder)  # a run diverged in its first epoch still says what it read
             return metrics
         metrics.update(validate(w))
         last = epoch == cfg.epochs - 1
