@@ -21,6 +21,8 @@ import json
 import sys
 from dataclasses import replace
 
+import ray
+
 from nvae_core import ConfigError
 from nvae_core.data_check import check_data
 from nvae_core.dataset_registry import DATASETS
@@ -42,7 +44,7 @@ from nvae_platform.record.tracking import StoreWriteError, check_tracking_uri
 from nvae_platform.record.train_record import TrainRecord, describe_changes, resume_changes, run_name
 from nvae_platform.study.cli import parse_pairs, parse_value
 from nvae_platform.train.data_cache import is_remote
-from nvae_platform.train.memory import check_memory, smoke_warning
+from nvae_platform.train.memory import check_memory, cluster_memory_warning, smoke_warning
 from nvae_platform.train.run import run_training
 from nvae_platform.train.scales import SCALES, run_config, run_options
 
@@ -120,8 +122,11 @@ def main(argv=None):
         gone = lock.acquire()  # released at exit
         ray_log = ray_log_path(record.run_folder, options.name)
         send_ray_logs_to(ray_log, console_prefix="[nvae] ")  # the workers' own lines still reach the console
-        init_ray_for_run(args.address, args.num_cpus, options.workers, options.cpus_per_worker,
-                         options.gpus_per_worker, "--workers")
+        if init_ray_for_run(args.address, args.num_cpus, options.workers, options.cpus_per_worker,
+                            options.gpus_per_worker, "--workers"):  # joined a cluster: its nodes are known now
+            warning = cluster_memory_warning(cfg, options.gpus_per_worker > 0, ray.nodes())
+            if warning:
+                print(f"[nvae] {warning}", file=sys.stderr, flush=True)
         stop_on_sigterm_as_on_sigint()
     except (ConfigError, ValueError, DatasetNotFoundError) as error:
         parser.error(str(error))

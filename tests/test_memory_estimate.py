@@ -4,7 +4,7 @@ import torch
 
 from nvae_core import NVAE
 from nvae_platform.train.failures import reason
-from nvae_platform.train.memory import check_memory, estimate_memory, smoke_warning
+from nvae_platform.train.memory import check_memory, cluster_memory_warning, estimate_memory, smoke_warning
 from nvae_platform.train.scales import run_config
 
 
@@ -39,3 +39,15 @@ def test_a_failure_reason_ending_in_a_colon_shows_the_cause_after_it():
                          "running low on memory.\nMemory on the node was 22.1GB / 23.0GB")
     assert reason(error) == ("RuntimeError: Training failed due to controller error: 4 worker(s) were killed due "
                              "to the node running low on memory.")
+
+
+def test_on_a_cluster_cpu_workers_larger_than_its_largest_node_are_warned_about():
+    cfg = run_config("digits", "smoke", num_channels_enc=512, num_channels_dec=512, batch_size=8)  # about 4.4 GB
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "memory": 3e9}},  # as ray.nodes() gives them
+             {"Alive": False, "Resources": {"CPU": 64.0, "memory": 500e9}},  # a lost node counts for nothing
+             {"Alive": True, "Resources": {"CPU": 2.0, "memory": 2e9}}]
+    warning = cluster_memory_warning(cfg, on_gpu=False, nodes=nodes)
+    assert warning.startswith("warning: a worker needs about 4.") and "offers 3 GB" in warning, warning
+    assert cluster_memory_warning(cfg, on_gpu=True, nodes=nodes) is None  # Ray reports no GPU's memory
+    nodes.append({"Alive": True, "Resources": {"CPU": 16.0, "memory": 64e9}})
+    assert cluster_memory_warning(cfg, on_gpu=False, nodes=nodes) is None

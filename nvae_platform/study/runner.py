@@ -40,7 +40,7 @@ from nvae_platform.study.plan import StudyPlan, StudySettings, estimated_work, p
 from nvae_platform.study.progress_callback import ProgressCallback
 from nvae_platform.study.trial import run_trial
 from nvae_platform.summaries import mean_sd_of, non_dominated
-from nvae_platform.train.memory import check_memory, smoke_warning
+from nvae_platform.train.memory import check_memory, cluster_memory_warning, smoke_warning
 from nvae_platform.verdicts import judge, verdict_lines
 
 # A trial's own process only launches and waits on its Train run: it takes no CPU from the
@@ -296,6 +296,10 @@ def prepare_study(study, settings):
         # On a cluster every trial is a Train run: its controller stays on the head, and a lost node costs
         # only its workers.
         plan.train_in_trial = not joined and plan.options.workers == 1
+        if joined:
+            gpus, nodes = plan.options.gpus_per_worker > 0, ray.nodes()
+            for warning in sorted({cluster_memory_warning(t.config, gpus, nodes) for t in plan.trials} - {None}):
+                print(f"[study] {warning}", file=sys.stderr, flush=True)
         try:
             return plan, _default_concurrency(plan, settings, joined), lock
         except ValueError:

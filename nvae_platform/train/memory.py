@@ -138,3 +138,18 @@ def smoke_warning(cfg):
     return (f"warning: at --scale smoke this model ({_count(found.parameters)} parameters, about "
             f"{found.worker_gb:.3g} GB per worker) is {share / SMOKE_USUAL_GB:.0f} times the scale's usual size; "
             "expect minutes per epoch on a CPU: check the --set sizes")
+
+
+def cluster_memory_warning(cfg, on_gpu, nodes):
+    """The warning for CPU workers on a Ray cluster none of whose alive nodes (ray.nodes()) offers the
+    memory one worker needs (Ray's `memory` resource: a node's RAM for tasks, in bytes), else None.
+    A warning, not a refusal: the autoscaler may add larger nodes. GPU workers are not checked here:
+    Ray reports no GPU's memory."""
+    have_gb = max((n["Resources"].get("memory", 0) for n in nodes if n.get("Alive")), default=0) / 1e9
+    found = estimate_memory(cfg)
+    if on_gpu or not have_gb or found.worker_gb <= have_gb:
+        return None
+    return (f"warning: a worker needs about {found.worker_gb:.3g} GB of memory ({_count(found.parameters)} "
+            f"parameters, batch_size={cfg.batch_size}) and the largest node of the Ray cluster offers {have_gb:.3g} GB "
+            "to tasks: its workers will be killed for memory unless the autoscaler adds a larger node; lower the "
+            "model's sizes or batch_size (--set)")
