@@ -117,6 +117,20 @@ def finished_study(tmp_path_factory):
     return outcome, uri
 
 
+@pytest.fixture(scope="session")
+def commands():
+    """The entry points as commands forked from one process that imported them (tests/forked_commands.py):
+    commands.run(script, args, cwd, env) is a CompletedProcess, without the 6 s of imports and teardown."""
+    from forked_commands import ForkedCommands
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with ForkedCommands(os.path.join(root, "studies", name) for name in ENTRY_POINTS) as server:
+        yield server
+
+
+ENTRY_POINTS = ("ablation_sr.py", "ablation_norm.py", "train.py")
+
+
 def free_port():
     """A TCP port on loopback that nothing listens on."""
     import socket

@@ -65,24 +65,24 @@ def _cifar(root, key=b"data"):
 
 
 @pytest.mark.slow
-def test_a_pickled_set_in_the_wrong_format_is_refused_by_the_train_command_before_ray(tmp_path):
+def test_a_pickled_set_in_the_wrong_format_is_refused_by_the_train_command_before_ray(tmp_path, commands):
     folder = _cifar(tmp_path)
     with pytest.raises(BadDataError, match="cannot be read"):
         check_data("cifar10", tmp_path)
-    result = subprocess.run([sys.executable, "studies/train.py", "--dataset", "cifar10", "--data-dir", str(tmp_path),
-                             "--num-cpus", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = commands.run(os.path.join(ROOT, "studies/train.py"), ["--dataset", "cifar10", "--data-dir", str(tmp_path),
+                                                                   "--num-cpus", "1"], cwd=ROOT, env=dict(os.environ))
     assert result.returncode == 2
     assert f"the train split in {folder} cannot be read (KeyError" in result.stderr
     assert "--download" in result.stderr and "Started a local Ray instance" not in result.stderr
 
 
 @pytest.mark.slow
-def test_the_train_command_refuses_bad_images_or_skips_them_and_records_which(tmp_path):
+def test_the_train_command_refuses_bad_images_or_skips_them_and_records_which(tmp_path, commands):
     folder = _folder(tmp_path / "images", good=40)
     command = [sys.executable, "studies/train.py", "--dataset", "image-folder", "--data-dir", str(folder),
                "--set", "image_size=8", "--set", "epochs=1", "--set", "batch_size=8", "--num-cpus", "2",
                "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
-    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    refused = commands.run(command[1], command[2:], cwd=ROOT, env=dict(os.environ))
     assert refused.returncode == 2 and "corrupt.png" in refused.stderr and "--skip-unreadable" in refused.stderr
     assert "Started a local Ray instance" not in refused.stderr
 

@@ -1,6 +1,8 @@
 """Every entry point checks its input the same way, before Ray starts: each bad input below, run as a
-real command, exits 2 with one line on stderr that names the flag, starts no Ray session and
-writes nothing to the tracking store."""
+command, exits 2 with one line on stderr that names the flag, starts no Ray session and writes
+nothing to the tracking store. The commands are forked from a process that imported the entry points
+once (tests/forked_commands.py); one case per entry point also runs as a plain subprocess and must
+give the same answer."""
 import os
 import socket
 import subprocess
@@ -96,17 +98,21 @@ def read_only_store(tmp_path_factory):
         subprocess.run(["chattr", "-i", str(path)], capture_output=True, check=False)
 
 
+def _command_env(tmp_path, **extra):
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"), PYTHONPATH=str(ROOT), **extra)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 @pytest.mark.parametrize("entry, args, flag", CASES, ids=[f"{e}:{' '.join(a)}" for e, a, _ in CASES])
-def test_bad_input_is_one_line_naming_the_flag_before_ray_starts(entry, args, flag, tmp_path, read_only_store):
+def test_bad_input_is_one_line_naming_the_flag_before_ray_starts(entry, args, flag, tmp_path, read_only_store,
+                                                                 commands):
     if "sqlite:///{ro}" in args and read_only_store is None:
         pytest.skip("no way to make a file read-only for root here (chattr)")
     args = [a.replace("{ro}", str(read_only_store)) for a in args]
     before = read_only_store.read_bytes() if read_only_store is not None else None
-    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"), PYTHONPATH=str(ROOT))
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    result = subprocess.run([sys.executable, str(ROOT / ENTRY_POINTS[entry]), *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = commands.run(ROOT / ENTRY_POINTS[entry], args, cwd=tmp_path, env=_command_env(tmp_path))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1, result.stderr
@@ -116,6 +122,16 @@ def test_bad_input_is_one_line_naming_the_flag_before_ray_starts(entry, args, fl
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
     if read_only_store is not None:
         assert read_only_store.read_bytes() == before
+
+
+@pytest.mark.parametrize("entry, args", [("study", ["--set", "epochs=abc"]), ("norm", ["--set", "num_latent_scales=2"]),
+                                         ("train", ["--dataset", "cifar10", "--data-dir", "/nonexistent/nvae-data"])])
+def test_a_forked_command_answers_as_the_plain_command_does(entry, args, tmp_path, commands):
+    forked = commands.run(ROOT / ENTRY_POINTS[entry], args, cwd=tmp_path, env=_command_env(tmp_path))
+    plain = subprocess.run([sys.executable, str(ROOT / ENTRY_POINTS[entry]), *args], cwd=tmp_path,
+                           env=_command_env(tmp_path), capture_output=True, text=True, timeout=120, check=False)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (plain.returncode, plain.stdout, plain.stderr)
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1, plain.stderr
 
 
 # A remote --data-dir (moto's S3): a prefix with nothing, a dataset missing a file, no images; a store
@@ -144,19 +160,16 @@ def _store_checking_keys():
 
 @pytest.mark.parametrize("args, endpoint, said", S3_CASES, ids=[f"{' '.join(a)} {e or ''}" for a, e, _ in S3_CASES])
 def test_a_remote_data_dir_without_the_dataset_is_one_line_before_ray_starts(args, endpoint, said, s3_store,
-                                                                             tmp_path):
+                                                                             tmp_path, commands):
     with s3_store.filesystem.open_output_stream("nvae/data/cifar-10-batches-py/data_batch_1") as f:
         f.write(b"x")
     server = None
     if endpoint == "keys refused":
         server, endpoint = _store_checking_keys()
-    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"), PYTHONPATH=str(ROOT),
-               AWS_ENDPOINT_URL=endpoint or s3_store.endpoint, NVAE_DATA_CACHE=str(tmp_path / "cache"))
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
+    env = _command_env(tmp_path, AWS_ENDPOINT_URL=endpoint or s3_store.endpoint,
+                       NVAE_DATA_CACHE=str(tmp_path / "cache"))
     try:
-        result = subprocess.run([sys.executable, str(ROOT / ENTRY_POINTS["train"]), *args], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=120, check=False)
+        result = commands.run(ROOT / ENTRY_POINTS["train"], args, cwd=tmp_path, env=env)
     finally:
         if server is not None:
             server.kill()
@@ -168,8 +181,7 @@ def test_a_remote_data_dir_without_the_dataset_is_one_line_before_ray_starts(arg
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_max_failures_help_says_why_minus_one_is_refused():
-    result = subprocess.run([sys.executable, str(ROOT / "studies/train.py"), "--help"], capture_output=True,
-                            text=True, timeout=120, check=False, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+def test_max_failures_help_says_why_minus_one_is_refused(tmp_path, commands):
+    result = commands.run(ROOT / "studies/train.py", ["--help"], cwd=tmp_path, env=_command_env(tmp_path))
     assert result.returncode == 0
     assert "--max-failures" in result.stdout and "-1, unlimited, is refused" in " ".join(result.stdout.split())

@@ -104,7 +104,7 @@ def test_after_a_sigkilled_holder_the_next_invocation_takes_the_lock_over_and_re
     assert not lock.exists()
 
 
-def test_a_training_run_in_progress_refuses_a_second_invocation_of_it(tmp_path):
+def test_a_training_run_in_progress_refuses_a_second_invocation_of_it(tmp_path, commands):
     """studies/train.py shares the lock: a run folder locked by a live process on this host."""
     name = run_name("digits-smoke", run_config("digits", "smoke", epochs=1), run_options("digits", "smoke"))
     holder = subprocess.Popen(["sleep", "120"])
@@ -113,8 +113,8 @@ def test_a_training_run_in_progress_refuses_a_second_invocation_of_it(tmp_path):
         (tmp_path / "runs" / name / ".lock").write_text(json.dumps(
             {"host": socket.gethostname(), "pid": holder.pid, "started": time.time(), "token": "t"}))
         started = time.time()
-        refused = subprocess.run([sys.executable, os.path.join(ROOT, "studies", "train.py"), "--set", "epochs=1"],
-                                 cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+        refused = commands.run(os.path.join(ROOT, "studies", "train.py"), ["--set", "epochs=1"], cwd=tmp_path,
+                               env=_env())
         print(f"train.py refused in {time.time() - started:.1f} s")
     finally:
         holder.kill()

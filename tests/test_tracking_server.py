@@ -35,12 +35,11 @@ def test_requests_without_valid_credentials_are_refused(tracking_server):
     assert _status(url + "/api/2.0/mlflow/experiments/search?max_results=1", (user, password)) == 200
 
 
-def _study(tmp_path, url, **credentials):
+def _study(commands, tmp_path, url, **credentials):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     env.update(MLFLOW_TRACKING_URI=url, **credentials)
-    return subprocess.run([sys.executable, "studies/ablation_sr.py", "--experiment", "refused-study",
-                           "--storage-path", str(tmp_path / "runs")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return commands.run(os.path.join(REPO, "studies/ablation_sr.py"), ["--experiment", "refused-study",
+                        "--storage-path", str(tmp_path / "runs")], cwd=REPO, env=env)
 
 
 def test_the_server_runs_no_job_consumers(tracking_server):
@@ -57,13 +56,13 @@ def test_the_server_runs_no_job_consumers(tracking_server):
 
 
 @pytest.mark.slow
-def test_a_study_without_credentials_stops_before_it_starts_naming_the_fix(tracking_server, tmp_path):
+def test_a_study_without_credentials_stops_before_it_starts_naming_the_fix(tracking_server, tmp_path, commands):
     url, user, password, _ = tracking_server
-    anonymous = _study(tmp_path, url)
+    anonymous = _study(commands, tmp_path, url)
     assert anonymous.returncode == 2
     assert "refused the request" in anonymous.stderr
     assert "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in anonymous.stderr
-    wrong = _study(tmp_path, url, MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD="wrong")
+    wrong = _study(commands, tmp_path, url, MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD="wrong")
     assert wrong.returncode == 2 and "check MLFLOW_TRACKING_PASSWORD" in wrong.stderr
     assert "Started a local Ray" not in anonymous.stderr + wrong.stderr
     os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)

@@ -5,8 +5,6 @@ and training on 2 cores.
 """
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import ray
@@ -125,20 +123,21 @@ def test_two_nodes_keep_parameters_and_bn_statistics_identical(tmp_path):
         cluster.shutdown()
 
 
-def _train_cli(*args):
-    return subprocess.run([sys.executable, "studies/train.py", *args], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_train_command_help_and_bad_input_fail_fast():
+def test_train_command_help_and_bad_input_fail_fast(commands):
     """--help works; a bad field or value is a clear error before Ray starts."""
-    assert "--scale" in _train_cli("--help").stdout
-    bad = _train_cli("--set", "normalization=layer_norm")
+    def train(*args):
+        return commands.run(os.path.join(ROOT, "studies/train.py"), args, cwd=ROOT, env=dict(os.environ))
+
+    assert "--scale" in train("--help").stdout
+    bad = train("--set", "normalization=layer_norm")
     assert bad.returncode == 2 and "normalization='layer_norm' is not allowed" in bad.stderr
-    unknown = _train_cli("--set", "colour=blue")
+    unknown = train("--set", "colour=blue")
     assert unknown.returncode == 2 and "unknown config field" in unknown.stderr
-    missing = _train_cli("--dataset", "cifar10", "--data-dir", "/nonexistent/nvae-data")
+    missing = train("--dataset", "cifar10", "--data-dir", "/nonexistent/nvae-data")
     assert missing.returncode == 2
     assert "'cifar10' not found" in missing.stderr and "/nonexistent/nvae-data" in missing.stderr
     assert "--dataset digits" in missing.stderr
@@ -146,7 +145,7 @@ def test_train_command_help_and_bad_input_fail_fast():
 
 
 @pytest.mark.slow
-def test_train_command_refuses_gpus_a_local_machine_lacks(tmp_path):
+def test_train_command_refuses_gpus_a_local_machine_lacks(tmp_path, commands):
     """--scale small wants a GPU per worker: on a CPU-only machine, a clear error, not a wait."""
     import pickle
 
@@ -161,7 +160,8 @@ def test_train_command_refuses_gpus_a_local_machine_lacks(tmp_path):
         pickle.dump({"label_names": ["x"] * 10}, f)
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = _train_cli("--dataset", "cifar10", "--scale", "small", "--data-dir", str(tmp_path), "--num-cpus", "1")
+    result = commands.run(os.path.join(ROOT, "studies/train.py"), ["--dataset", "cifar10", "--scale", "small",
+                          "--data-dir", str(tmp_path), "--num-cpus", "1"], cwd=ROOT, env=dict(os.environ))
     assert result.returncode == 2
     assert "needs 1 GPU(s) (1 worker(s) x 1) and a local Ray of --num-cpus 1 has 0" in result.stderr
     assert "--gpus-per-worker 0" in result.stderr
