@@ -10,7 +10,7 @@ import time
 import pytest
 
 from nvae_platform.train import data_cache
-from nvae_platform.train.data_cache import DataCopyError, local_data_dir, remote_files
+from nvae_platform.train.data_cache import DataCopyError, local_data_dir, remote_files, upload
 
 CIFAR = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
          "batches.meta")
@@ -117,3 +117,17 @@ def test_a_missing_or_empty_dataset_is_one_line_naming_the_upload(store, dataset
         remote_files(uri, dataset)
     assert f"--data-dir {uri}" in str(error.value) and "\n" not in str(error.value)
     assert "studies/download_data.py" in str(error.value)
+
+
+def test_an_image_folder_uploads_to_a_file_uri_whose_folders_do_not_exist_yet(tmp_path):
+    """file:// is a store too: its folders are made as the files go in (S3 needs none)."""
+    for split, count in (("train", 3), ("test", 2)):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        for i in range(count):
+            (tmp_path / "images" / split / f"{i}.png").write_bytes(b"png")
+    (tmp_path / "images" / "top.png").write_bytes(b"png")
+    files, size = upload("image-folder", tmp_path / "images", f"file://{tmp_path}/store/new/imgs")
+    assert (files, size) == (6, 18)
+    assert sorted(p.relative_to(tmp_path / "store/new/imgs").as_posix()
+                  for p in (tmp_path / "store/new/imgs").rglob("*.png")) == [
+        "test/0.png", "test/1.png", "top.png", "train/0.png", "train/1.png", "train/2.png"]

@@ -241,6 +241,9 @@ def upload(dataset, local_root, data_dir):
         pyarrow.fs.copy_files(str(path), f"{target}/{path.relative_to(source).as_posix()}",
                               source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=filesystem)
 
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):  # a file:// target needs its folders (S3 has none)
+        for parent in {f"{target}/{p.relative_to(source).parent.as_posix()}" for p in paths}:
+            filesystem.create_dir(parent.removesuffix("/."), recursive=True)
     with concurrent.futures.ThreadPoolExecutor(COPY_THREADS) as pool:
         list(pool.map(put, paths))
     _, _, files = remote_files(data_dir, dataset)
