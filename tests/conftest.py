@@ -117,6 +117,9 @@ def finished_study(tmp_path_factory):
     return outcome, uri
 
 
+PRELOADED_SCRIPTS = ("ablation_sr.py", "ablation_norm.py", "train.py")  # the entry points tests run as commands
+
+
 @pytest.fixture(scope="session")
 def commands():
     """The entry points as commands forked from one process that imported them (tests/forked_commands.py):
@@ -124,11 +127,8 @@ def commands():
     from forked_commands import ForkedCommands
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with ForkedCommands(os.path.join(root, "studies", name) for name in ENTRY_POINTS) as server:
+    with ForkedCommands(os.path.join(root, "studies", name) for name in PRELOADED_SCRIPTS) as server:
         yield server
-
-
-ENTRY_POINTS = ("ablation_sr.py", "ablation_norm.py", "train.py")
 
 
 def free_port():

@@ -12,6 +12,7 @@ tests/test_front_door.py checks that a case gives the same answer either way.
         result = commands.run(script, args, cwd=folder, env=environment)  # a CompletedProcess
 """
 import atexit
+import contextlib
 import json
 import os
 import runpy
@@ -98,7 +99,8 @@ def _become(request):
 def _wait(pid, timeout):
     """The fork's exit code, negative for a signal as subprocess gives it; killed after timeout seconds."""
     def kill(*_):
-        os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it ended as the alarm rang
+            os.killpg(pid, signal.SIGKILL)
 
     signal.signal(signal.SIGALRM, kill)
     signal.alarm(int(timeout))

@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import posixpath
 import socket
 import threading
 import time
@@ -235,17 +236,17 @@ def upload(dataset, local_root, data_dir):
     source = os.path.join(local_root, folder).rstrip("/")
     filesystem, base = pyarrow.fs.FileSystem.from_uri(data_dir)
     target = f"{base.rstrip('/')}/{folder}".rstrip("/")
-    paths = [path for path in Path(source).rglob("*") if path.is_file() and not _archive(path.name)]
+    targets = {str(path): f"{target}/{path.relative_to(source).as_posix()}" for path in Path(source).rglob("*")
+               if path.is_file() and not _archive(path.name)}
 
-    def put(path):
-        pyarrow.fs.copy_files(str(path), f"{target}/{path.relative_to(source).as_posix()}",
-                              source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=filesystem)
+    def put(item):
+        pyarrow.fs.copy_files(*item, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=filesystem)
 
     if isinstance(filesystem, pyarrow.fs.LocalFileSystem):  # a file:// target needs its folders (S3 has none)
-        for parent in {f"{target}/{p.relative_to(source).parent.as_posix()}" for p in paths}:
-            filesystem.create_dir(parent.removesuffix("/."), recursive=True)
+        for parent in {posixpath.dirname(path) for path in targets.values()}:
+            filesystem.create_dir(parent, recursive=True)
     with concurrent.futures.ThreadPoolExecutor(COPY_THREADS) as pool:
-        list(pool.map(put, paths))
+        list(pool.map(put, targets.items()))
     _, _, files = remote_files(data_dir, dataset)
     return len(files), sum(size for size, _ in files.values())
 
