@@ -86,21 +86,25 @@ class FolderLock:
         self.held = False
         self.stop.set()
         self.renewing.join(timeout=10)  # a renewal in flight would write the lock again
+        # One attempt per request: a store that is down at exit is not waited out. A lock left
+        # behind is taken over by the next invocation (on this host at once, elsewhere when stale).
+        filesystem = _one_attempt(self.filesystem)
         try:
-            held = self._read()
+            held = self._read(filesystem)
             if held is not None and held[0].get("token") == self.mine["token"]:
-                self.filesystem.delete_file(self.path)
+                filesystem.delete_file(self.path)
         except OSError:
             pass
 
-    def _read(self):
+    def _read(self, filesystem=None):
         """(holder, age in seconds) of the lock file, None when there is none. A file that cannot be
         parsed has an empty holder: it is judged by its age alone."""
+        filesystem = filesystem or self.filesystem
         try:
-            info = self.filesystem.get_file_info(self.path)
+            info = filesystem.get_file_info(self.path)
             if info.type == pyarrow.fs.FileType.NotFound:
                 return None
-            with self.filesystem.open_input_stream(self.path) as f:
+            with filesystem.open_input_stream(self.path) as f:
                 text = f.read()
         except FileNotFoundError:
             return None
@@ -196,3 +200,15 @@ def _parse(text):
 
 def _token(text):
     return _parse(text).get("token")
+
+
+def _one_attempt(filesystem):
+    """The same S3 filesystem, making one attempt per request (pyarrow's default retries a refused
+    connection for 6 s); any other filesystem as it is."""
+    if not isinstance(filesystem, pyarrow.fs.S3FileSystem):
+        return filesystem
+    try:
+        options = filesystem.__reduce__()[1][0]  # its constructor's arguments, as pickling rebuilds it
+        return pyarrow.fs.S3FileSystem(**options, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=1))
+    except (TypeError, IndexError, KeyError):  # another pyarrow's pickling: the filesystem as it is
+        return filesystem

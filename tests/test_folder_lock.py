@@ -8,13 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pyarrow.fs
 import pytest
 
 from nvae_platform import folder_lock
-from nvae_platform.folder_lock import LOCK_FILE, STALE_SECONDS, AlreadyRunning, FolderLock
+from nvae_platform.folder_lock import LOCK_FILE, STALE_SECONDS, AlreadyRunning, FolderLock, _one_attempt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLD = """
@@ -123,3 +124,31 @@ def test_an_s3_folders_lock_refuses_is_taken_over_and_released(s3_folder):
     assert lock.acquire()["pid"] == holder.pid
     lock.release()
     assert filesystem.get_file_info(f"nvae/study/{LOCK_FILE}").type == pyarrow.fs.FileType.NotFound
+
+
+def test_release_makes_one_attempt_per_request_to_an_object_store_that_is_down():
+    """At exit a store that is down is not waited out: pyarrow's default retries a failed request
+    (6 s for a refused connection); the filesystem release uses makes one attempt."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def hang_up():  # a store that drops every connection unanswered
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(connection)
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        store = pyarrow.fs.S3FileSystem(endpoint_override=f"127.0.0.1:{listener.getsockname()[1]}", scheme="http",
+                                        region="us-east-1", access_key="k", secret_key="s")
+        for filesystem in (store, _one_attempt(store)):
+            connections.clear()
+            with pytest.raises(OSError):
+                filesystem.get_file_info(f"nvae/study/{LOCK_FILE}")
+        assert len(connections) == 1  # the default made 3 here
+    finally:
+        listener.close()

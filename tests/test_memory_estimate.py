@@ -1,8 +1,14 @@
 """A worker's training memory, estimated on the meta device before anything starts: no Ray."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from nvae_core import NVAE
+from nvae_platform.train.estimate_cache import remembered
 from nvae_platform.train.failures import reason
 from nvae_platform.train.memory import check_memory, cluster_memory_warning, estimate_memory, smoke_warning
 from nvae_platform.train.scales import run_config
@@ -51,3 +57,39 @@ def test_on_a_cluster_cpu_workers_larger_than_its_largest_node_are_warned_about(
     assert cluster_memory_warning(cfg, on_gpu=True, nodes=nodes) is None  # Ray reports no GPU's memory
     nodes.append({"Alive": True, "Resources": {"CPU": 16.0, "memory": 64e9}})
     assert cluster_memory_warning(cfg, on_gpu=False, nodes=nodes) is None
+
+
+def test_a_measurement_is_kept_on_disk_so_the_next_command_skips_the_meta_device(tmp_path, monkeypatch):
+    monkeypatch.setenv("NVAE_MEMORY_CACHE", str(tmp_path))
+    cfg = run_config("digits", "smoke", num_latent_per_group=7)  # measured nowhere else in the suite
+    first = estimate_memory(cfg)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    script = ("import sys; from nvae_platform.train.memory import estimate_memory; "
+              "from nvae_platform.train.scales import run_config; "
+              "found = estimate_memory(run_config('digits', 'smoke', num_latent_per_group=7)); "
+              "print(found.parameters, found.worker_gb, 'sympy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NVAE_MEMORY_CACHE": str(tmp_path)}).stdout.split()
+    assert out == [str(first.parameters), str(first.worker_gb), "False"]  # no meta kernels loaded
+
+
+def test_a_damaged_or_outdated_measurement_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("NVAE_MEMORY_CACHE", str(tmp_path))
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return [123, 4.5]
+
+    assert remembered('{"a": 1}', __file__, measure) == [123, 4.5]
+    assert remembered('{"a": 1}', __file__, measure) == [123, 4.5] and len(calls) == 1
+    (kept,) = tmp_path.glob("*.json")
+    kept.write_text('{"config": "{\\"a\\"')  # a write cut short
+    assert remembered('{"a": 1}', __file__, measure) == [123, 4.5] and len(calls) == 2
+    assert json.loads(kept.read_text())["value"] == [123, 4.5]
+    other_code = tmp_path / "changed.py"
+    other_code.write_text("# the measuring code, changed")
+    assert remembered('{"a": 1}', str(other_code), measure) == [123, 4.5] and len(calls) == 3
+    monkeypatch.setenv("NVAE_MEMORY_CACHE", str(tmp_path / "file" / "under"))
+    (tmp_path / "file").write_text("not a folder")  # an unwritable cache only means measuring
+    assert remembered('{"a": 1}', __file__, measure) == [123, 4.5] and len(calls) == 4

@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nvae_core import NVAE, NVAEConfig
+from nvae_platform.train.estimate_cache import remembered
 
 BASE_GB = 0.75
 BYTES_PER_PARAMETER = 24
@@ -71,18 +72,23 @@ def _measure(cfg):
     return parameters, mode.total / PROBE_IMAGES
 
 
-@functools.lru_cache(maxsize=64)
-def _estimate(config_json):
+def _measured(config_json):
+    """[parameters, bytes output per image] of the config."""
     cfg = NVAEConfig().replace(**json.loads(config_json))
     groups = cfg.num_groups_per_scale
     if groups <= MEASURED_GROUPS:
-        parameters, per_image = _measure(cfg)
-    else:  # both grow linearly with the groups (the parameters exactly); building 400 groups takes 20 s
-        low, high = (_measure(cfg.replace(num_groups_per_scale=g)) for g in (MEASURED_GROUPS // 2, MEASURED_GROUPS))
-        parameters, per_image = (round(h + (h - lo) * (groups - MEASURED_GROUPS) / (MEASURED_GROUPS // 2))
-                                 for lo, h in zip(low, high))
+        return list(_measure(cfg))
+    # both grow linearly with the groups (the parameters exactly); building 400 groups takes 20 s
+    low, high = (_measure(cfg.replace(num_groups_per_scale=g)) for g in (MEASURED_GROUPS // 2, MEASURED_GROUPS))
+    return [round(h + (h - lo) * (groups - MEASURED_GROUPS) / (MEASURED_GROUPS // 2)) for lo, h in zip(low, high)]
+
+
+@functools.lru_cache(maxsize=64)
+def _estimate(config_json):
+    parameters, per_image = remembered(config_json, __file__, lambda: _measured(config_json))
+    batch_size = json.loads(config_json)["batch_size"]
     return MemoryEstimate(parameters, parameters * BYTES_PER_PARAMETER / 1e9,
-                          ACTIVATION_SHARE * per_image * cfg.batch_size / 1e9)
+                          ACTIVATION_SHARE * per_image * batch_size / 1e9)
 
 
 # Fields of the objective and the optimizer: configs that differ only in these share one estimate
