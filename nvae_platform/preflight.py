@@ -1,7 +1,8 @@
 """The front door: the checks every command (studies/train.py, every study script) runs before Ray
 starts, so that bad input costs seconds and records nothing.
 
-- numbers in range, as argparse types (`at_least`), so the error names the flag;
+- numbers in range, as argparse types (`at_least`), so the error names the flag; NAME=VALUE flags
+  (`parse_pairs`, `parse_value`);
 - names are labels, never paths (`label`: no '/', '..', nothing a file system or MLflow cannot hold);
 - storage writable, by writing and deleting a probe file of its own name (a folder or s3:// gs://);
 - one invocation at a time in a study's or run's folder (folder_lock.py);
@@ -49,6 +50,30 @@ def at_least(minimum, kind=int, strictly=False, note=""):
 
     parse.__name__ = name  # argparse names the type in "invalid <type> value" messages
     return parse
+
+
+def parse_value(text):
+    """'3' -> 3, '0.1' -> 0.1, 'true' -> True, anything else stays a string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_pairs(parser, items, flag):
+    """{NAME: VALUE} of repeated NAME=VALUE flags; a malformed one is a parser error naming flag."""
+    pairs = {}
+    for item in items:
+        if "=" not in item:
+            parser.error(f"{flag} {item!r}: expected NAME=VALUE")
+        key, value = item.split("=", 1)
+        pairs[key] = value
+    return pairs
 
 
 # --max-failures of train.py and the studies.

@@ -30,7 +30,16 @@ from nvae_core.datasets import DatasetNotFoundError
 from nvae_core.paths import absolute
 from nvae_platform.defaults import default_data_dir, default_storage_path, default_tracking_uri
 from nvae_platform.folder_lock import FolderLock
-from nvae_platform.preflight import FAILURE_COUNT, CommandLine, at_least, check_local_resources, check_storage, label
+from nvae_platform.preflight import (
+    FAILURE_COUNT,
+    CommandLine,
+    at_least,
+    check_local_resources,
+    check_storage,
+    label,
+    parse_pairs,
+    parse_value,
+)
 from nvae_platform.process_exit import (
     end_now,
     exit_with,
@@ -42,7 +51,6 @@ from nvae_platform.ray_cluster import add_ray_arguments, cluster_address, init_r
 from nvae_platform.ray_output import ray_log_path, send_ray_logs_to
 from nvae_platform.record.tracking import StoreWriteError, check_tracking_uri
 from nvae_platform.record.train_record import TrainRecord, describe_changes, resume_changes, run_name
-from nvae_platform.study.cli import parse_pairs, parse_value
 from nvae_platform.train.data_cache import is_remote
 from nvae_platform.train.memory import check_memory, cluster_memory_warning, smoke_warning
 from nvae_platform.train.run import run_training

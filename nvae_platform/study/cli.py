@@ -5,7 +5,7 @@ import sys
 from nvae_core import ConfigError
 from nvae_core.datasets import DatasetNotFoundError
 from nvae_platform.defaults import DATA_ENV, STORAGE_ENV, default_data_dir, default_storage_path, default_tracking_uri
-from nvae_platform.preflight import FAILURE_COUNT, CommandLine, at_least, label
+from nvae_platform.preflight import FAILURE_COUNT, CommandLine, at_least, label, parse_pairs, parse_value
 from nvae_platform.process_exit import exit_with, interrupted_code, stop_on_sigterm_as_on_sigint
 from nvae_platform.ray_cluster import add_ray_arguments
 from nvae_platform.record.outcomes import ended_outcomes
@@ -28,30 +28,6 @@ from nvae_platform.study.until_decided import (
 from nvae_platform.train.scales import SCALES
 
 STUDY_DATA_HINT = " In a study: add --download, or run --scale smoke, which needs no files."
-
-
-def parse_value(text):
-    """'3' -> 3, '0.1' -> 0.1, 'true' -> True, anything else stays a string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_pairs(parser, items, flag):
-    """{NAME: VALUE} of repeated NAME=VALUE flags; a malformed one is a parser error naming flag."""
-    pairs = {}
-    for item in items:
-        if "=" not in item:
-            parser.error(f"{flag} {item!r}: expected NAME=VALUE")
-        key, value = item.split("=", 1)
-        pairs[key] = value
-    return pairs
 
 
 def build_parser(study):
