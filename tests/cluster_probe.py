@@ -27,7 +27,10 @@ def trial_at(client, experiment_name, epochs, status="RUNNING"):
         return None
     for run in client.search_runs([experiment.experiment_id], f"attributes.status = '{status}'"):
         if "mlflow.parentRunId" in run.data.tags and (done := epochs_done(client, run)) >= epochs:
-            return {"id": run.info.run_id, "name": run.info.run_name, "epochs": done, "tags": run.data.tags}
+            # read again: the search saw the tags before the epochs were counted, and an epoch's tags
+            # (nvae.nodes) are written before its metrics
+            tags = client.get_run(run.info.run_id).data.tags
+            return {"id": run.info.run_id, "name": run.info.run_name, "epochs": done, "tags": tags}
     return None
 
 

@@ -173,18 +173,40 @@ def bucket_listing(hosts, prefix):
 
 
 @pytest.fixture(scope="module")
-def first_study(local_hosts):
-    """Two trials of 2 workers each, spanning the two worker hosts; (record, job logs)."""
-    submit(local_hosts, "spans-hosts", "spans-hosts", "--levels", "sr_lambda=0.0,0.1", own_folder=False)
-    end = job_end(local_hosts, "spans-hosts")
-    assert end["status"] == "SUCCEEDED", end["logs"][-5000:]
-    return probe(local_hosts, "record", "spans-hosts"), end["logs"]
+def outage_study(local_hosts):
+    """One study of two trials (one after the other, 2 workers each, spanning the two worker hosts),
+    submitted with no storage or tracking flag, through what a long job meets. Once the first trial
+    has an epoch recorded, the tracking server is gone for 30 s, then, once it is back, the store
+    refuses every connection for 20 s; once that trial has finished, `ray job stop` (SIGTERM to the
+    driver); the same study submitted again trains only the second trial. What was seen on the way:
+    {finished: the first trial, stopped: that job's end, before: the record after it, end: the second
+    job's end, runs: the record after it}."""
+    flags = ("--levels", "sr_lambda=0.0,0.01")
+    submit(local_hosts, "stopped-1", "stopped", *flags, own_folder=False)
+    wait_for_trial(local_hosts, "stopped")
+    local_hosts.stop_tracking_server()
+    time.sleep(30)
+    local_hosts.start_tracking_server()
+    local_hosts.refuse_store()
+    try:
+        time.sleep(20)
+    finally:
+        local_hosts.refuse_store(False)
+    finished = wait_for_trial(local_hosts, "stopped", "finished", EPOCHS)
+    on(local_hosts, "laptop", f"ray job stop --address {dashboard(local_hosts)} stopped-1", timeout=300)
+    stopped = job_end(local_hosts, "stopped-1")
+    before = probe(local_hosts, "record", "stopped")
+    submit(local_hosts, "stopped-2", "stopped", *flags, own_folder=False)
+    end = job_end(local_hosts, "stopped-2")
+    return {"finished": finished, "stopped": stopped, "before": before, "end": end,
+            "runs": probe(local_hosts, "record", "stopped")}
 
 
-def test_a_study_spans_the_worker_hosts_and_lands_in_the_bucket_and_on_the_head(local_hosts, first_study):
-    runs, logs = first_study
+def test_a_study_spans_the_worker_hosts_and_lands_in_the_bucket_and_on_the_head(local_hosts, outage_study):
+    runs, logs = outage_study["runs"], outage_study["end"]["logs"]
+    assert outage_study["end"]["status"] == "SUCCEEDED", logs[-5000:]
     children = check_complete(runs, trials=2)
-    assert "checkpoints: s3://nvae/nvae/" in logs and "| 0.1 |" in logs
+    assert "checkpoints: s3://nvae/nvae/" in logs and "| 0.01 |" in logs
     for run in children:
         assert run["metrics"]["worker_nodes"] == 2  # DDP over gloo between the two worker hosts
         assert run["metrics"]["replica_bn_spread"] == 0  # synchronized BN kept the replicas' statistics equal
@@ -204,16 +226,16 @@ def test_a_study_spans_the_worker_hosts_and_lands_in_the_bucket_and_on_the_head(
     assert len(nodes["controllers"]) >= 2 and set(nodes["controllers"]) == {nodes["head"]}, nodes
 
 
-def test_the_laptop_evaluates_a_trial_from_the_bucket_and_reports_through_the_server(local_hosts, first_study):
-    runs, _ = first_study
+def test_the_laptop_evaluates_a_trial_from_the_bucket_and_reports_through_the_server(local_hosts, outage_study):
+    runs = outage_study["runs"]
     trial = next(r for r in runs if "mlflow.parentRunId" in r["tags"])
     on(local_hosts, "laptop", f"cd /tmp/home && python {local_hosts.REPO}/studies/evaluate.py {trial['id']} "
                               "--iw-samples 10 --num-cpus 1", timeout=900)
-    after = next(r for r in probe(local_hosts, "record", "spans-hosts") if r["id"] == trial["id"])
+    after = next(r for r in probe(local_hosts, "record", "stopped") if r["id"] == trial["id"])
     assert 0 < after["metrics"]["test_bpd_iw10"] < 1.5 and "evaluation_iw10.json" in after["artifacts"]
-    report = on(local_hosts, "laptop", "cd /tmp/home && python -m reports spans-hosts --out /tmp/home/report "
-                                       "&& cat /tmp/home/report/spans-hosts/*/table.md")
-    assert "| 0.0 |" in report and "| 0.1 |" in report
+    report = on(local_hosts, "laptop", "cd /tmp/home && python -m reports stopped --out /tmp/home/report "
+                                       "&& cat /tmp/home/report/stopped/*/table.md")
+    assert "| 0.0 |" in report and "| 0.01 |" in report
 
 
 def test_a_study_run_on_the_head_joins_its_cluster_as_under_ray_submit(local_hosts):
@@ -239,36 +261,18 @@ def wait_for_trial(hosts, experiment, state="running", epochs=1):
 
 
 def test_a_job_through_both_outages_then_stopped_and_submitted_again_completes_without_duplicates_or_retraining(
-        local_hosts):
-    """One study, two trials one after the other. Once the first has an epoch recorded, the tracking
-    server is gone for 30 s, then, once it is back, the store refuses every connection for 20 s; once
-    that trial has finished, `ray job stop` (SIGTERM to the driver); the same study submitted again
-    trains only the second trial. The record holds every epoch of both once."""
-    flags = ("--levels", "sr_lambda=0.0,0.01")
-    submit(local_hosts, "stopped-1", "stopped", *flags)
-    wait_for_trial(local_hosts, "stopped")
-    local_hosts.stop_tracking_server()
-    time.sleep(30)
-    local_hosts.start_tracking_server()
-    local_hosts.refuse_store()
-    try:
-        time.sleep(20)
-    finally:
-        local_hosts.refuse_store(False)
-    finished = wait_for_trial(local_hosts, "stopped", "finished", EPOCHS)
-    on(local_hosts, "laptop", f"ray job stop --address {dashboard(local_hosts)} stopped-1", timeout=300)
-    stopped = job_end(local_hosts, "stopped-1")
+        local_hosts, outage_study):
+    """The study of outage_study: stopped after its first trial, the rest KILLED and the re-run line
+    said; the second job trains only the second trial, and the record holds every epoch of both once."""
+    stopped, before, end = outage_study["stopped"], outage_study["before"], outage_study["end"]
     assert stopped["status"] == "STOPPED", stopped["logs"][-3000:]
-    before = probe(local_hosts, "record", "stopped")
     print(f"\nafter ray job stop: {sorted((r['name'], r['status']) for r in before)}")
     assert sorted(r["status"] for r in before) == ["FINISHED", "KILLED", "KILLED"]  # parent, running trial
     assert "The study was interrupted: re-run the same command to resume it." in stopped["logs"]
-
-    submit(local_hosts, "stopped-2", "stopped", *flags)
-    end = job_end(local_hosts, "stopped-2")
     assert end["status"] == "SUCCEEDED", end["logs"][-5000:]
+    finished = outage_study["finished"]
     assert "resumed: " in end["logs"] and f"started {finished['name']}" not in end["logs"], end["logs"][-5000:]
-    after = check_complete(probe(local_hosts, "record", "stopped"), trials=2)
+    after = check_complete(outage_study["runs"], trials=2)
     print(f"after the second job: {sorted((r['name'], r['status']) for r in after)}")
     assert {r["id"] for r in after} == {r["id"] for r in before if "mlflow.parentRunId" in r["tags"]}
 
