@@ -11,6 +11,7 @@ from nvae_platform.train.failures import (
     is_deterministic,
     read_failure,
     reason,
+    storage_stopped,
     write_failure,
 )
 from nvae_platform.train.run import run_training
@@ -49,6 +50,20 @@ def test_an_object_store_that_cannot_be_reached_is_one_line_naming_it_and_what_t
         "the run's storage at http://minio.example:9000 cannot be reached (AWS Error NETWORK_CONNECTION during ")
     full = reason("OSError: [Errno 28] Error writing bytes. Detail: No space left on device")
     assert reason(full) == full
+
+
+def test_a_studys_folder_that_tune_cannot_reach_or_fill_is_one_line_and_other_errors_are_not_the_storages():
+    """pyarrow's text when Tune, ending, lists the study's folder on a store that is down."""
+    listing = OSError("When listing objects under key 'runs/s/tune-60e49e5c/' in bucket 'nvae': AWS Error "
+                      "NETWORK_CONNECTION during ListObjectsV2 operation: curlCode: 7, Could not connect to server; "
+                      "Details: Failed to connect to 127.0.0.1 port 59325 after 0 ms: Could not connect to server")
+    assert storage_stopped(listing, "s3://nvae/runs/s", "study") == (
+        "the study's storage s3://nvae/runs/s at 127.0.0.1:59325 cannot be reached (AWS Error NETWORK_CONNECTION "
+        "during ListObjectsV2 operation: curlCode: 7, Could not connect to server); once it answers, run the same "
+        "command: it resumes from the newest checkpoint")
+    assert storage_stopped(OSError(28, "No space left on device"), "/runs/s", "study").startswith(
+        "the study's storage is full (OSError: [Errno 28] No space left on device)")
+    assert storage_stopped(OSError(13, "Permission denied"), "s3://nvae/runs/s", "study") is None
 
 
 def test_a_failure_is_written_read_and_cleared(tmp_path):

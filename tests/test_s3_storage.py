@@ -218,6 +218,9 @@ def test_a_studys_trial_whose_store_stays_down_is_resumed_by_the_same_command_no
     proxy, _, out = _store_down_after_epoch_0(s3_store, bucket, _study, tmp_path)
     said = [line for line in out.splitlines() if "failed: the run's storage" in line and "cannot be reached" in line]
     assert said and f"at 127.0.0.1:{proxy.port}" in said[-1] and "run the same command" in said[-1], out[-5000:]
+    assert "Traceback" not in out, out[-5000:]  # Tune, ending, met the store too: said in one line, not its traceback
+    (ended,) = [line for line in out.splitlines() if line.startswith("[study] the study's storage s3://nvae/runs/")]
+    assert f"at 127.0.0.1:{proxy.port} cannot be reached" in ended and "run the same command" in ended
     assert not [f for f in _files(bucket, "nvae/runs") if f.endswith("/outcome.json")]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("ablation_sr").experiment_id

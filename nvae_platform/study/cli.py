@@ -25,6 +25,7 @@ from nvae_platform.study.until_decided import (
     run_until_decided,
     until_decided_settings,
 )
+from nvae_platform.train.failures import StorageError
 from nvae_platform.train.scales import SCALES
 
 STUDY_DATA_HINT = " In a study: add --download, or run --scale smoke, which needs no files."
@@ -129,11 +130,15 @@ def main(study, argv=None):
         parser.error(str(error))
     stop_on_sigterm_as_on_sigint()
     stop_once_on_ctrl_c()
-    if args.until_decided:
-        outcome = run_until_decided(study, settings, prepared, args.max_seeds, tracking_uri, args.budget_gpu_hours,
-                                    args.probe, cost)
-    else:
-        outcome = run_study(study, settings, prepared, cost)
+    try:
+        if args.until_decided:
+            outcome = run_until_decided(study, settings, prepared, args.max_seeds, tracking_uri,
+                                        args.budget_gpu_hours, args.probe, cost)
+        else:
+            outcome = run_study(study, settings, prepared, cost)
+    except StorageError as error:  # the study's folder (full, or not reachable): its trials are resumable
+        print(f"[study] {error}", file=sys.stderr, flush=True)
+        return 1
     if outcome.unrecorded:
         print(outcome.unrecorded, file=sys.stderr, flush=True)
         return 1

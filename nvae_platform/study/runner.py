@@ -40,6 +40,7 @@ from nvae_platform.study.plan import StudyPlan, StudySettings, estimated_work, p
 from nvae_platform.study.progress_callback import ProgressCallback
 from nvae_platform.study.trial import run_trial
 from nvae_platform.summaries import mean_sd_of, non_dominated
+from nvae_platform.train.failures import StorageError, storage_stopped
 from nvae_platform.train.memory import check_memory, cluster_memory_warning, smoke_warning
 from nvae_platform.verdicts import judge, verdict_lines
 
@@ -357,11 +358,16 @@ def _run_prepared(study, settings, plan, max_concurrent, cost=None):
         print(f"[study] all {len(plan.trials)} trials ended before: nothing to train", flush=True)
     try:
         grid_results = tuner.fit() if tuner else []
-    except BaseException:
+    except BaseException as error:
         try:
             MlflowTracker(plan, tracking_uri, experiment).open().close()  # no run stays RUNNING; resumable
         except STORE_ERRORS:
             pass  # the store still refuses writes: the next invocation's tracker completes the record
+        # Tune saves its state to the study's folder as it ends, and reads it back: a store that is
+        # down (or a full disk) meets it there, after the trials have said so
+        said = storage_stopped(error, plan.study_key, "study") if isinstance(error, OSError) else None
+        if said:
+            raise StorageError(said) from None
         raise
     results = [grid_results[i] for i in range(len(grid_results))]
     results = [r for r in results if r.config]  # a trial never started has no config

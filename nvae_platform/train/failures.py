@@ -35,9 +35,10 @@ def is_deterministic(error):
     return isinstance(error, OSError) and any(text in str(error) for text in UNREADABLE_IMAGE)
 
 
-def reason(error, storage=""):
+def reason(error, storage="", whose="run"):
     """One line for an error Ray Train reports with its workers' tracebacks inside: the last
-    exception line, and for a full or unreachable storage (storage: the run's folder) what to do."""
+    exception line, and for a full or unreachable storage (storage: the run's folder; whose: "run",
+    or "study" for a study's folder) what to do."""
     text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
     lines = [line.strip() for line in text.splitlines() if _ERROR_LINE.match(line)]
     last = lines[-1] if lines else ([line.strip() for line in text.splitlines() if line.strip()] or ["unknown error"])[-1]
@@ -47,15 +48,16 @@ def reason(error, storage=""):
         last = f"{last} {cause}" if cause else last
     if _STORAGE in last:  # already this function's line (a study's view reads the status again)
         return last[last.index(_STORAGE):]
+    named_storage = _STORAGE.replace("run's", f"{whose}'s")
     if NO_SPACE in text:
-        return (f"{_STORAGE}is full ({last}); free space and run the same command: it resumes "
+        return (f"{named_storage}is full ({last}); free space and run the same command: it resumes "
                 "from the newest whole checkpoint")
     unreachable = _UNREACHABLE.findall(text)
     if unreachable:
         address = _ADDRESS.findall(text)
         endpoint = ":".join(address[-1]) if address else os.environ.get("AWS_ENDPOINT_URL", "")
         named = [storage.split("?")[0], f"at {endpoint}" if endpoint else "", "cannot be reached"]
-        return (f"{_STORAGE}{' '.join(filter(None, named))} ({unreachable[-1].strip()}); once it answers, run "
+        return (f"{named_storage}{' '.join(filter(None, named))} ({unreachable[-1].strip()}); once it answers, run "
                 "the same command: it resumes from the newest checkpoint")
     return last
 
@@ -67,6 +69,12 @@ class StorageError(RuntimeError):
 def is_storage_failure(status):
     """Whether a run's status says its storage stopped it (see reason)."""
     return status.startswith(f"failed: {_STORAGE}")
+
+
+def storage_stopped(error, storage, whose="run"):
+    """reason's line when error is the storage's (full, or not reachable), else None."""
+    line = reason(error, storage, whose)
+    return line if line.startswith(_STORAGE.replace("run's", f"{whose}'s")) else None
 
 
 def _location(run_folder):
