@@ -117,7 +117,7 @@ def finished_study(tmp_path_factory):
     return outcome, uri
 
 
-PRELOADED_SCRIPTS = ("ablation_sr.py", "ablation_norm.py", "train.py")  # the entry points tests run as commands
+PRELOADED_SCRIPTS = ("ablation_sr.py", "ablation_norm.py", "train.py", "evaluate.py")  # the entry points tests run as commands
 
 
 @pytest.fixture(scope="session")

@@ -54,7 +54,16 @@ class ForkedCommands:
                                                    out.read(), err.read())
 
 
+# Ray reads its authentication mode once per process, as it is imported; ray.init then writes it to
+# os.environ (RAY_AUTH_MODE=token), so a test process that ran Ray passes it on. A fork keeps the
+# server's mode, whatever its command's environment says.
+_RAY_AUTH_MODE = "RAY_AUTH_MODE"
+_SERVER_AUTH_MODE = None  # the server's, read before it imports Ray
+
+
 def _serve(scripts):
+    global _SERVER_AUTH_MODE
+    _SERVER_AUTH_MODE = os.environ.get(_RAY_AUTH_MODE)
     for script in scripts:
         runpy.run_path(script, run_name="preloaded")  # imports and declarations, not the command
     print("ready", flush=True)
@@ -76,6 +85,9 @@ def _become(request):
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    os.environ.pop(_RAY_AUTH_MODE, None)
+    if _SERVER_AUTH_MODE is not None:
+        os.environ[_RAY_AUTH_MODE] = _SERVER_AUTH_MODE
     sys.argv = [request["script"], *request["args"]]
     sys.path[0] = os.path.dirname(os.path.abspath(request["script"]))
     try:

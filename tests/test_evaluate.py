@@ -10,8 +10,6 @@ import os
 import pickle
 import shutil
 import sqlite3
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -32,9 +30,10 @@ from studies.evaluate import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _evaluate_cli(*args):
-    return subprocess.run([sys.executable, "studies/evaluate.py", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+def _evaluate_cli(commands, *args):
+    """studies/evaluate.py with args, forked from the tests' command server (conftest.commands)."""
+    return commands.run(os.path.join(ROOT, "studies", "evaluate.py"), args, cwd=ROOT, env=dict(os.environ),
+                        timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +109,12 @@ def test_what_cannot_be_loaded_is_one_error_naming_the_problem_and_the_fix(store
 
 
 @pytest.mark.slow
-def test_evaluate_a_trial_by_run_id_logs_the_figures_and_grids_to_its_run(store):
+def test_evaluate_a_trial_by_run_id_logs_the_figures_and_grids_to_its_run(store, commands):
     """With the run's K and test images, the sharded IW figure is the run's up to sampling noise and
     the active-unit counts are the run's exactly."""
     uri, client, runs = store
     run = runs["finished"][0]
-    result = _evaluate_cli(run.info.run_id, "--tracking-uri", uri, "--iw-samples", "10", "--max-test-images", "256",
+    result = _evaluate_cli(commands, run.info.run_id, "--tracking-uri", uri, "--iw-samples", "10", "--max-test-images", "256",
                            "--temperatures", "1.0", "0.7", "--readjust-batches", "2", "--num-cpus", "2",
                            "--workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -165,7 +164,7 @@ def test_evaluate_a_cifar10_checkpoint_writes_its_figures_and_grids_to_a_folder(
 
 
 @pytest.mark.slow
-def test_bad_input_is_one_error_before_ray_starts(store, tmp_path, capsys):
+def test_bad_input_is_one_error_before_ray_starts(store, tmp_path, capsys, commands):
     """A run id not in the store, a missing checkpoint, a dataset not on disk: exit 2, one line."""
     uri, _, _ = store
     cfg = run_config("cifar10", "smoke")
@@ -181,7 +180,7 @@ def test_bad_input_is_one_error_before_ray_starts(store, tmp_path, capsys):
         error = capsys.readouterr().err
         assert exit_.value.code == 2 and message in error and len(error.strip().splitlines()) == 1, error
         assert not ray.is_initialized()
-    missing = _evaluate_cli(str(checkpoint.parent), "--data-dir", str(tmp_path / "no-data"))
+    missing = _evaluate_cli(commands, str(checkpoint.parent), "--data-dir", str(tmp_path / "no-data"))
     assert missing.returncode == 2, missing.stderr[-3000:]
     assert "dataset 'cifar10' not found" in missing.stderr and str(tmp_path / "no-data") in missing.stderr
     assert "Started a local Ray instance" not in missing.stderr

@@ -230,7 +230,7 @@ def test_the_laptop_evaluates_a_trial_from_the_bucket_and_reports_through_the_se
     runs = outage_study["runs"]
     trial = next(r for r in runs if "mlflow.parentRunId" in r["tags"])
     on(local_hosts, "laptop", f"cd /tmp/home && python {local_hosts.REPO}/studies/evaluate.py {trial['id']} "
-                              "--iw-samples 10 --num-cpus 1", timeout=900)
+                              "--iw-samples 10 --temperatures 1.0 --readjust-batches 2 --num-cpus 1", timeout=900)
     after = next(r for r in probe(local_hosts, "record", "stopped") if r["id"] == trial["id"])
     assert 0 < after["metrics"]["test_bpd_iw10"] < 1.5 and "evaluation_iw10.json" in after["artifacts"]
     report = on(local_hosts, "laptop", "cd /tmp/home && python -m reports stopped --out /tmp/home/report "

@@ -35,8 +35,12 @@ def _study_command(*flags):
             "--set", f"epochs={EPOCHS}", "--num-cpus", "2", *flags]
 
 
-def _run(command, folder, env=None):
-    """Run a study script in its own process group; whatever it leaves running is killed after."""
+def _run(command, folder, env=None, commands=None):
+    """Run a study script in its own process group; whatever it leaves running is killed after. Given
+    the tests' command server (conftest.commands), forked from it instead: a run that ends by itself."""
+    if commands is not None:
+        done = commands.run(command[1], command[2:], cwd=folder, env={**os.environ, **(env or {})}, timeout=600)
+        return done.returncode, done.stdout, done.stderr
     process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, env={**os.environ, **(env or {})})
     try:
@@ -75,7 +79,7 @@ def _assert_readable(out, err):
         assert "Creating initial MLflow database tables" in log
 
 
-def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_path):
+def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_path, commands):
     """SIGKILL of the driver when trial 2's epoch 0 reaches it (its checkpoint committed, MLflow not
     yet written); the rerun back-fills that epoch from the checkpoint and retrains no finished trial."""
     plan = plan_study(NORM, StudySettings(levels={"groups": ["2"]}, overrides={"epochs": EPOCHS}))
@@ -92,7 +96,7 @@ def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_pa
     assert client.get_metric_history(children[second_trial].info.run_id, "train_bpd") == []  # the lost epoch
     checkpoints_before = sorted(os.listdir(trials / finished[0]))
 
-    code, out, err = _run(command, tmp_path)
+    code, out, err = _run(command, tmp_path, commands=commands)
     assert code == 0, out[-3000:] + err[-3000:]
     assert "resuming" in out and f"started {finished[0]}" not in out
     assert "[study] resumed: 1 trial(s) ended before  (1/3 done: 1 finished" in out
@@ -105,7 +109,7 @@ def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_pa
         assert os.path.exists(os.path.join(run.data.tags["nvae.checkpoint"], "state.pt"))
 
 
-def test_a_store_that_stops_taking_writes_is_said_in_one_line_and_the_rerun_completes_the_record(tmp_path):
+def test_a_store_that_stops_taking_writes_is_said_in_one_line_and_the_rerun_completes_the_record(tmp_path, commands):
     """The store refuses the second child's params (as a full disk does): the study trains on, says
     so once, and at its end says in one line that its record is incomplete; once the store takes
     writes again, the same command completes every child run and retrains nothing."""
@@ -115,7 +119,7 @@ def test_a_store_that_stops_taking_writes_is_said_in_one_line_and_the_rerun_comp
         db.execute("CREATE TRIGGER full_disk BEFORE INSERT ON params WHEN (SELECT count(*) FROM runs) >= 3 "
                    "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
     command = _study_command("--levels", "norm_act=BN+ELU,BN+Swish", "--max-concurrent", "2")
-    code, out, err = _run(command, tmp_path)
+    code, out, err = _run(command, tmp_path, commands=commands)
     assert code == 1, out[-3000:] + err[-3000:]
     behind = [line for line in out.splitlines() if "stopped taking writes" in line]
     assert len(behind) == 1 and "database or disk is full" in behind[0] and "the study goes on" in behind[0]
@@ -130,7 +134,7 @@ def test_a_store_that_stops_taking_writes_is_said_in_one_line_and_the_rerun_comp
 
     with sqlite3.connect(store) as db:
         db.execute("DROP TRIGGER full_disk")
-    code, out, err = _run(command, tmp_path)
+    code, out, err = _run(command, tmp_path, commands=commands)
     assert code == 0, out[-3000:] + err[-3000:]
     assert sorted(str(p.relative_to(trials)) for p in trials.rglob("checkpoint_*")) == trained
     client, runs, children = _children(tmp_path)
@@ -161,16 +165,16 @@ def test_two_studies_started_at_once_in_one_folder_both_record_every_epoch_once(
         _assert_every_epoch_once(client, children)
 
 
-def test_a_finished_study_run_again_under_another_experiment_is_recorded_there_whole_and_not_retrained(tmp_path):
+def test_a_finished_study_run_again_under_another_experiment_is_recorded_there_whole_and_not_retrained(tmp_path, commands):
     """The study's folder is keyed by what it trains, not by --experiment: the second command finds
     every trial ended, trains nothing, and records the whole study in the experiment it names."""
     command = _study_command("--levels", "norm_act=BN+ELU", "--max-concurrent", "1")
-    code, out, err = _run(command, tmp_path)
+    code, out, err = _run(command, tmp_path, commands=commands)
     assert code == 0, out[-3000:] + err[-3000:]
     trials = next((tmp_path / "runs").glob("ablation_norm-smoke-*")) / "trials"
     trained = sorted(str(p.relative_to(trials)) for p in trials.rglob("checkpoint_*"))
 
-    code, out, err = _run([*command, "--experiment", "norm-again"], tmp_path)
+    code, out, err = _run([*command, "--experiment", "norm-again"], tmp_path, commands=commands)
     assert code == 0 and "interrupted" not in out, out[-3000:] + err[-3000:]
     assert sorted(str(p.relative_to(trials)) for p in trials.rglob("checkpoint_*")) == trained
     for experiment in ("ablation_norm", "norm-again"):

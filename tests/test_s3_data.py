@@ -40,7 +40,7 @@ def test_new_content_of_the_same_size_uploaded_within_a_second_makes_a_new_copy(
     assert open(os.path.join(path, "b.png"), "rb").read() == b"first"  # the old copy is left whole
 
 
-def test_a_run_trains_on_an_uploaded_dataset_copied_once_to_its_node_and_recorded(bucket, tmp_path):
+def test_a_run_trains_on_an_uploaded_dataset_copied_once_to_its_node_and_recorded(bucket, tmp_path, commands):
     (tmp_path / "local").mkdir()
     write_cifar10(tmp_path / "local", per_batch=8)
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -49,9 +49,9 @@ def test_a_run_trains_on_an_uploaded_dataset_copied_once_to_its_node_and_recorde
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert upload.returncode == 0, upload.stderr
     assert "cifar10: uploaded to s3://nvae/data (7 files" in upload.stdout, upload.stdout
-    train = subprocess.run([sys.executable, os.path.join(ROOT, "studies", "train.py"), "--num-cpus", "2",
-                            "--dataset", "cifar10", "--data-dir", "s3://nvae/data", "--set", "epochs=1"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    train = commands.run(os.path.join(ROOT, "studies", "train.py"), ["--num-cpus", "2", "--dataset", "cifar10",
+                                                                     "--data-dir", "s3://nvae/data", "--set", "epochs=1"],
+                         cwd=tmp_path, env=env, timeout=600)  # forked from the tests' command server
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
     said = [line for line in train.stdout.splitlines() if "s3://nvae/data" in line]
     assert sum("copying to this node's disk s3://nvae/data: 0/7 files" in line for line in said) == 1, said

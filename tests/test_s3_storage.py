@@ -143,21 +143,27 @@ def _whole_checkpoints(filesystem):
     return [f for f in files if f.endswith("/metrics.json") and f.replace("metrics.json", "state.pt") in files]
 
 
-def _start(script, folder, endpoint, *flags):
-    """studies/<script> at smoke scale, 3 epochs, its storage s3://nvae/runs reached at endpoint."""
+def _start(script, folder, endpoint, *flags, commands=None):
+    """studies/<script> at smoke scale, 3 epochs, its storage s3://nvae/runs reached at endpoint: started
+    (a Popen, its output merged), or given the tests' command server (conftest.commands) run to its end
+    forked from it (a CompletedProcess)."""
     command = [sys.executable, os.path.join(ROOT, "studies", script), "--num-cpus", "2", "--set", "epochs=3",
                "--storage-path", "s3://nvae/runs", "--tracking-uri", f"sqlite:///{folder}/mlflow.db", *flags]
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
+    if commands is not None:
+        return commands.run(command[1], command[2:], cwd=folder, env=env, timeout=600)
     return subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "AWS_ENDPOINT_URL": endpoint})
+                            start_new_session=True, env=env)
 
 
-def _train(folder, endpoint):
-    return _start("train.py", folder, endpoint, "--scale", "smoke", "--max-failures", "1")
+def _train(folder, endpoint, commands=None):
+    return _start("train.py", folder, endpoint, "--scale", "smoke", "--max-failures", "1", commands=commands)
 
 
-def _study(folder, endpoint):
+def _study(folder, endpoint, commands=None):
     # No retries: the store stays down, and each retry would wait it out again.
-    return _start("ablation_sr.py", folder, endpoint, "--levels", "sr_lambda=0.0", "--max-failures", "0")
+    return _start("ablation_sr.py", folder, endpoint, "--levels", "sr_lambda=0.0", "--max-failures", "0",
+                  commands=commands)
 
 
 def _store_down_after_epoch_0(s3_store, bucket, start, folder):
@@ -186,7 +192,8 @@ def _finish(process):
 
 
 @pytest.mark.slow
-def test_a_store_that_stays_down_fails_the_run_in_one_line_and_the_same_command_resumes(bucket, s3_store, tmp_path):
+def test_a_store_that_stays_down_fails_the_run_in_one_line_and_the_same_command_resumes(bucket, s3_store, tmp_path,
+                                                                                       commands):
     """The store goes down once epoch 0's checkpoint is in the bucket and stays down until the run
     ends; once it answers again on the same port, the same command resumes from that checkpoint."""
     proxy, first, out = _store_down_after_epoch_0(s3_store, bucket, _train, tmp_path)
@@ -198,8 +205,8 @@ def test_a_store_that_stays_down_fails_the_run_in_one_line_and_the_same_command_
     assert (f'"status": "failed: the run\'s storage s3://nvae/runs/{name} at 127.0.0.1:{proxy.port} cannot be reached '
             "(AWS Error NETWORK_CONNECTION") in said[0] and "run the same command: it resumes" in said[0]
 
-    second = _train(tmp_path, f"http://127.0.0.1:{proxy.port}")  # the same command
-    out = _finish(second)
+    second = _train(tmp_path, f"http://127.0.0.1:{proxy.port}", commands)  # the same command
+    out = second.stdout + second.stderr
     assert second.returncode == 0, out[-5000:]
     history = [c.metrics for c in epoch_checkpoints(f"s3://nvae/runs/{name}")]
     assert [(m["epoch"], m["start_epoch"]) for m in history] == [(0, 0), (1, 1), (2, 1)]  # resumed after epoch 0
@@ -212,7 +219,7 @@ def test_a_store_that_stays_down_fails_the_run_in_one_line_and_the_same_command_
 
 @pytest.mark.slow
 def test_a_studys_trial_whose_store_stays_down_is_resumed_by_the_same_command_not_reported_failed(
-        bucket, s3_store, tmp_path):
+        bucket, s3_store, tmp_path, commands):
     """As above, for a study: the trial fails naming the store, but its failure is not its result
     (no outcome file): the same command resumes it after epoch 0 and its MLflow run ends FINISHED."""
     proxy, _, out = _store_down_after_epoch_0(s3_store, bucket, _study, tmp_path)
@@ -227,8 +234,8 @@ def test_a_studys_trial_whose_store_stays_down_is_resumed_by_the_same_command_no
     (child,) = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" in r.data.tags]
     assert child.info.status == "FAILED", out[-5000:]
 
-    second = _study(tmp_path, f"http://127.0.0.1:{proxy.port}")  # the same command
-    out = _finish(second)
+    second = _study(tmp_path, f"http://127.0.0.1:{proxy.port}", commands)  # the same command
+    out = second.stdout + second.stderr
     assert second.returncode == 0 and "1 finished" in out, out[-5000:]
     (trial,) = {f.split("/trials/")[1].split("/")[0] for f in _whole_checkpoints(bucket)}
     history = [c.metrics for c in epoch_checkpoints(next(

@@ -81,7 +81,7 @@ def test_two_invocations_at_once_one_runs_the_other_is_refused_in_one_line(tmp_p
     assert not list((tmp_path / "runs").glob("*/.lock")) and not list((tmp_path / "runs").glob(".write-probe*"))
 
 
-def test_after_a_sigkilled_holder_the_next_invocation_takes_the_lock_over_and_resumes(tmp_path):
+def test_after_a_sigkilled_holder_the_next_invocation_takes_the_lock_over_and_resumes(tmp_path, commands):
     env = _env()
     first = _start(_command(2), tmp_path, env)
     try:
@@ -96,7 +96,8 @@ def test_after_a_sigkilled_holder_the_next_invocation_takes_the_lock_over_and_re
     (lock,) = (tmp_path / "runs").glob("*/.lock")  # left behind by the killed holder
     assert f'"pid": {first.pid}' in lock.read_text()
 
-    again = subprocess.run(_command(2), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    command = _command(2)
+    again = commands.run(command[1], command[2:], cwd=tmp_path, env=_env(), timeout=300)  # forked, to its end
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert f"[study] taking over from pid {first.pid} on host {socket.gethostname()}, which is gone" in again.stdout
     assert "[study] resuming" in again.stdout

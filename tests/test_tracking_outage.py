@@ -74,10 +74,7 @@ class Study:
     """ablation_norm (3 trials a seed, one at a time) recording to the server; its output read as it comes."""
 
     def __init__(self, server, folder, experiment, seeds=1):
-        command = [sys.executable, os.path.join(REPO, "studies", "ablation_norm.py"), "--levels", "groups=2",
-                   "--seeds", str(seeds), "--set", f"epochs={EPOCHS}", "--num-cpus", "2", "--max-concurrent", "1",
-                   "--experiment", experiment, "--storage-path", str(folder / "runs")]
-        env = dict(os.environ, MLFLOW_TRACKING_URI=server.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+        command, env = self.command(server, folder, experiment, seeds)
         self.process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, start_new_session=True)
         self.out, self.err = [], []
@@ -85,6 +82,14 @@ class Study:
                         for s, into in ((self.process.stdout, self.out), (self.process.stderr, self.err))]
         for reader in self.readers:
             reader.start()
+
+    @staticmethod
+    def command(server, folder, experiment, seeds=1):
+        """(argv, environment) of the study."""
+        command = [sys.executable, os.path.join(REPO, "studies", "ablation_norm.py"), "--levels", "groups=2",
+                   "--seeds", str(seeds), "--set", f"epochs={EPOCHS}", "--num-cpus", "2", "--max-concurrent", "1",
+                   "--experiment", experiment, "--storage-path", str(folder / "runs")]
+        return command, dict(os.environ, MLFLOW_TRACKING_URI=server.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
 
     def wait_for_line(self, text, seconds=300):
         deadline = time.time() + seconds
@@ -151,7 +156,8 @@ def test_the_study_rides_through_a_server_outage_and_its_record_catches_up(serve
     _assert_complete(server, "outage-back", trials=6)
 
 
-def test_a_server_still_gone_at_the_end_is_said_in_one_line_and_the_rerun_completes_the_record(server, tmp_path):
+def test_a_server_still_gone_at_the_end_is_said_in_one_line_and_the_rerun_completes_the_record(server, tmp_path,
+                                                                                               commands):
     study = Study(server, tmp_path, "outage-end")
     _first_epoch_recorded(server, "outage-end", study)
     server.kill()
@@ -169,7 +175,8 @@ def test_a_server_still_gone_at_the_end_is_said_in_one_line_and_the_rerun_comple
     assert parent.info.status == "RUNNING" and [r.info.status for r in children] == ["RUNNING"]  # before the rerun
     steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "train_bpd")]
     assert steps == list(range(len(steps))) and 0 < len(steps) < EPOCHS, steps  # the epochs before the kill
-    again = Study(server, tmp_path, "outage-end")
-    assert again.wait() == 0, again.output()
+    command, env = Study.command(server, tmp_path, "outage-end")
+    again = commands.run(command[1], command[2:], cwd=tmp_path, env=env, timeout=600)  # forked, to its end
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert _checkpoints(tmp_path) == trained  # nothing retrained
     _assert_complete(server, "outage-end")

@@ -20,7 +20,11 @@ def _command(*flags):
     return [sys.executable, os.path.join(ROOT, "studies", "train.py"), "--num-cpus", "2", *flags]
 
 
-def _train(folder, *flags):
+def _train(folder, *flags, commands=None):
+    """The command in folder: forked from the tests' command server (conftest.commands) when given one."""
+    if commands is not None:
+        command = _command(*flags)
+        return commands.run(command[1], command[2:], cwd=folder, env=dict(os.environ), timeout=600)
     return subprocess.run(_command(*flags), cwd=folder, capture_output=True, text=True, timeout=600)
 
 
@@ -34,8 +38,8 @@ def _steps(client, run, name):
     return [m.step for m in client.get_metric_history(run.info.run_id, name)]
 
 
-def test_a_training_run_is_recorded_and_the_same_command_does_not_repeat_it(tmp_path):
-    first = _train(tmp_path, "--set", "epochs=2")
+def test_a_training_run_is_recorded_and_the_same_command_does_not_repeat_it(tmp_path, commands):
+    first = _train(tmp_path, "--set", "epochs=2", commands=commands)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     client, runs = _runs(tmp_path)
     assert len(runs) == 1
@@ -56,19 +60,20 @@ def test_a_training_run_is_recorded_and_the_same_command_does_not_repeat_it(tmp_
     with open(said[0].split("Ray's own messages go to ")[1]) as f:
         assert "Started a local Ray instance" in f.read()
 
-    again = _train(tmp_path, "--set", "epochs=2")
+    again = _train(tmp_path, "--set", "epochs=2", commands=commands)
     assert again.returncode == 0 and "already finished" in again.stdout
     assert len(_runs(tmp_path)[1]) == 1
 
-    changed = _train(tmp_path, "--set", "epochs=2", "--set", "num_channels_enc=8")  # a new config: a new run
+    changed = _train(tmp_path, "--set", "epochs=2", "--set", "num_channels_enc=8", commands=commands)  # a new run
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert len(_runs(tmp_path)[1]) == 2
 
-    refused = _train(tmp_path, "--resume-from", name, "--set", "epochs=3", "--set", "num_channels_enc=32")
+    refused = _train(tmp_path, "--resume-from", name, "--set", "epochs=3", "--set", "num_channels_enc=32",
+                     commands=commands)
     assert refused.returncode == 2 and "other shapes" in refused.stderr and "num_channels_enc 16 -> 32" in refused.stderr
     assert "Started a local Ray instance" not in refused.stderr
 
-    extended = _train(tmp_path, "--resume-from", name, "--set", "epochs=3")
+    extended = _train(tmp_path, "--resume-from", name, "--set", "epochs=3", commands=commands)
     assert extended.returncode == 0, extended.stderr[-2000:]
     assert f"continuing run {name} with epochs 2 -> 3" in extended.stdout
     assert f"[nvae] resuming at epoch 3/3 from {tmp_path}/runs/{name}/checkpoint_" in extended.stdout
@@ -79,7 +84,7 @@ def test_a_training_run_is_recorded_and_the_same_command_does_not_repeat_it(tmp_
     assert all(_steps(client, run, m) == [0, 1, 2] for m in PER_EPOCH)
 
 
-def test_a_driver_killed_at_a_random_moment_is_resumed_into_the_same_run_with_every_epoch_once(tmp_path):
+def test_a_driver_killed_at_a_random_moment_is_resumed_into_the_same_run_with_every_epoch_once(tmp_path, commands):
     """SIGKILL the driver (and its Ray) at a random moment of a 4-epoch run (about 40 s here, Ray's
     start-up included), then run it again. NVAE_FAULT_SEED=<seed> replays a failing draw."""
     seed, rng = fault_rng()
@@ -94,7 +99,7 @@ def test_a_driver_killed_at_a_random_moment_is_resumed_into_the_same_run_with_ev
         first.wait()
     printed = [line for line in (tmp_path / "first.log").read_text().splitlines() if "epoch" in line]
     replay = f"killed after {moment:.1f} s, at {printed[-1:]} (NVAE_FAULT_SEED={seed})"
-    second = _train(tmp_path, "--set", "epochs=4")
+    second = _train(tmp_path, "--set", "epochs=4", commands=commands)
     assert second.returncode == 0, replay + second.stdout[-2000:] + second.stderr[-2000:]
     client, runs = _runs(tmp_path)
     assert len(runs) == 1, replay
