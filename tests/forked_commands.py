@@ -41,6 +41,11 @@ class ForkedCommands:
         self.server.stdin.close()
         self.server.wait(timeout=30)
 
+    def run_argv(self, argv, cwd, env, timeout=120):
+        """run() for an argv as subprocess takes it: [sys.executable, script, *args]."""
+        assert argv[0] == sys.executable, argv
+        return self.run(argv[1], argv[2:], cwd, env, timeout)
+
     def run(self, script, args, cwd, env, timeout=120):
         """script run as `python script *args` in cwd with env: a CompletedProcess with its text output."""
         with tempfile.TemporaryDirectory() as folder:

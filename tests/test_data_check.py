@@ -82,7 +82,7 @@ def test_the_train_command_refuses_bad_images_or_skips_them_and_records_which(tm
     command = [sys.executable, "studies/train.py", "--dataset", "image-folder", "--data-dir", str(folder),
                "--set", "image_size=8", "--set", "epochs=1", "--set", "batch_size=8", "--num-cpus", "2",
                "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
-    refused = commands.run(command[1], command[2:], cwd=ROOT, env=dict(os.environ))
+    refused = commands.run_argv(command, cwd=ROOT, env=dict(os.environ))
     assert refused.returncode == 2 and "corrupt.png" in refused.stderr and "--skip-unreadable" in refused.stderr
     assert "Started a local Ray instance" not in refused.stderr
 

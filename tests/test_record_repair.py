@@ -39,7 +39,7 @@ def _run(command, folder, env=None, commands=None):
     """Run a study script in its own process group; whatever it leaves running is killed after. Given
     the tests' command server (conftest.commands), forked from it instead: a run that ends by itself."""
     if commands is not None:
-        done = commands.run(command[1], command[2:], cwd=folder, env={**os.environ, **(env or {})}, timeout=600)
+        done = commands.run_argv(command, cwd=folder, env={**os.environ, **(env or {})}, timeout=600)
         return done.returncode, done.stdout, done.stderr
     process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, env={**os.environ, **(env or {})})

@@ -151,7 +151,7 @@ def _start(script, folder, endpoint, *flags, commands=None):
                "--storage-path", "s3://nvae/runs", "--tracking-uri", f"sqlite:///{folder}/mlflow.db", *flags]
     env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
     if commands is not None:
-        return commands.run(command[1], command[2:], cwd=folder, env=env, timeout=600)
+        return commands.run_argv(command, cwd=folder, env=env, timeout=600)
     return subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=env)
 

@@ -97,7 +97,7 @@ def test_after_a_sigkilled_holder_the_next_invocation_takes_the_lock_over_and_re
     assert f'"pid": {first.pid}' in lock.read_text()
 
     command = _command(2)
-    again = commands.run(command[1], command[2:], cwd=tmp_path, env=_env(), timeout=300)  # forked, to its end
+    again = commands.run_argv(command, cwd=tmp_path, env=_env(), timeout=300)  # forked, to its end
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert f"[study] taking over from pid {first.pid} on host {socket.gethostname()}, which is gone" in again.stdout
     assert "[study] resuming" in again.stdout

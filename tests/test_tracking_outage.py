@@ -176,7 +176,7 @@ def test_a_server_still_gone_at_the_end_is_said_in_one_line_and_the_rerun_comple
     steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "train_bpd")]
     assert steps == list(range(len(steps))) and 0 < len(steps) < EPOCHS, steps  # the epochs before the kill
     command, env = Study.command(server, tmp_path, "outage-end")
-    again = commands.run(command[1], command[2:], cwd=tmp_path, env=env, timeout=600)  # forked, to its end
+    again = commands.run_argv(command, cwd=tmp_path, env=env, timeout=600)  # forked, to its end
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert _checkpoints(tmp_path) == trained  # nothing retrained
     _assert_complete(server, "outage-end")

@@ -24,7 +24,7 @@ def _train(folder, *flags, commands=None):
     """The command in folder: forked from the tests' command server (conftest.commands) when given one."""
     if commands is not None:
         command = _command(*flags)
-        return commands.run(command[1], command[2:], cwd=folder, env=dict(os.environ), timeout=600)
+        return commands.run_argv(command, cwd=folder, env=dict(os.environ), timeout=600)
     return subprocess.run(_command(*flags), cwd=folder, capture_output=True, text=True, timeout=600)
 
 

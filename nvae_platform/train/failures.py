@@ -22,7 +22,14 @@ FAILURE_FILE = "failure.json"
 DETERMINISTIC = (ConfigError, DatasetNotFoundError, BadDataError, UnidentifiedImageError)
 UNREADABLE_IMAGE = ("image file is truncated", "cannot identify image file")  # PIL's OSError texts
 NO_SPACE = "No space left on device"
-_STORAGE = "the run's storage "
+
+
+def _storage_words(whose):
+    """How a line names the storage of a run or of a study: "the run's storage "."""
+    return f"the {whose}'s storage "
+
+
+_STORAGE = _storage_words("run")
 _UNREACHABLE = re.compile(r"AWS Error NETWORK_CONNECTION[^;\n]*")  # pyarrow's S3: refused, timed out, no such host
 _ADDRESS = re.compile(r"Failed to connect to (\S+) port (\d+)")  # curl's words in it
 _ERROR_LINE = re.compile(r"^\s*[\w.]+(Error|Exception)\b.*")
@@ -48,7 +55,7 @@ def reason(error, storage="", whose="run"):
         last = f"{last} {cause}" if cause else last
     if _STORAGE in last:  # already this function's line (a study's view reads the status again)
         return last[last.index(_STORAGE):]
-    named_storage = _STORAGE.replace("run's", f"{whose}'s")
+    named_storage = _storage_words(whose)
     if NO_SPACE in text:
         return (f"{named_storage}is full ({last}); free space and run the same command: it resumes "
                 "from the newest whole checkpoint")
@@ -74,7 +81,7 @@ def is_storage_failure(status):
 def storage_stopped(error, storage, whose="run"):
     """reason's line when error is the storage's (full, or not reachable), else None."""
     line = reason(error, storage, whose)
-    return line if line.startswith(_STORAGE.replace("run's", f"{whose}'s")) else None
+    return line if line.startswith(_storage_words(whose)) else None
 
 
 def _location(run_folder):
