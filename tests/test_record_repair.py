@@ -35,16 +35,12 @@ def _study_command(*flags):
             "--set", f"epochs={EPOCHS}", "--num-cpus", "2", *flags]
 
 
-def _run(command, folder, env=None, commands=None):
-    """Run a study script in its own process group; whatever it leaves running is killed after. Given
-    the tests' command server (conftest.commands), forked from it instead: a run that ends by itself."""
-    if commands is not None:
-        done = commands.run_argv(command, cwd=folder, env={**os.environ, **(env or {})}, timeout=600)
-        return done.returncode, done.stdout, done.stderr
-    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, **(env or {})})
+def _run(command, folder, commands, env=None):
+    """Run a study script, forked from the tests' command server (conftest.commands), in its own process
+    group; whatever it leaves running is killed after."""
+    process = commands.start(command, folder, {**os.environ, **(env or {})}, timeout=600)
     try:
-        out, err = process.communicate(timeout=600)
+        out, err = process.communicate(timeout=630)
     finally:
         try:
             os.killpg(process.pid, signal.SIGKILL)
@@ -85,7 +81,7 @@ def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_pa
     plan = plan_study(NORM, StudySettings(levels={"groups": ["2"]}, overrides={"epochs": EPOCHS}))
     second_trial = plan.trials[1].key
     command = _study_command("--max-concurrent", "1")
-    code, out, err = _run(command, tmp_path, {KILL_DRIVER_ENV: f"{second_trial}@0"})
+    code, out, err = _run(command, tmp_path, commands, {KILL_DRIVER_ENV: f"{second_trial}@0"})
     assert code == -signal.SIGKILL and "1/3 done" in out, out[-3000:] + err[-3000:]
     _assert_readable(out, err)
     trials = next((tmp_path / "runs").glob("ablation_norm-smoke-*")) / "trials"
@@ -96,7 +92,7 @@ def test_driver_killed_between_a_checkpoint_and_its_record_loses_no_epoch(tmp_pa
     assert client.get_metric_history(children[second_trial].info.run_id, "train_bpd") == []  # the lost epoch
     checkpoints_before = sorted(os.listdir(trials / finished[0]))
 
-    code, out, err = _run(command, tmp_path, commands=commands)
+    code, out, err = _run(command, tmp_path, commands)
     assert code == 0, out[-3000:] + err[-3000:]
     assert "resuming" in out and f"started {finished[0]}" not in out
     assert "[study] resumed: 1 trial(s) ended before  (1/3 done: 1 finished" in out
@@ -119,7 +115,7 @@ def test_a_store_that_stops_taking_writes_is_said_in_one_line_and_the_rerun_comp
         db.execute("CREATE TRIGGER full_disk BEFORE INSERT ON params WHEN (SELECT count(*) FROM runs) >= 3 "
                    "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
     command = _study_command("--levels", "norm_act=BN+ELU,BN+Swish", "--max-concurrent", "2")
-    code, out, err = _run(command, tmp_path, commands=commands)
+    code, out, err = _run(command, tmp_path, commands)
     assert code == 1, out[-3000:] + err[-3000:]
     behind = [line for line in out.splitlines() if "stopped taking writes" in line]
     assert len(behind) == 1 and "database or disk is full" in behind[0] and "the study goes on" in behind[0]
@@ -134,7 +130,7 @@ def test_a_store_that_stops_taking_writes_is_said_in_one_line_and_the_rerun_comp
 
     with sqlite3.connect(store) as db:
         db.execute("DROP TRIGGER full_disk")
-    code, out, err = _run(command, tmp_path, commands=commands)
+    code, out, err = _run(command, tmp_path, commands)
     assert code == 0, out[-3000:] + err[-3000:]
     assert sorted(str(p.relative_to(trials)) for p in trials.rglob("checkpoint_*")) == trained
     client, runs, children = _children(tmp_path)
@@ -147,14 +143,13 @@ def test_a_store_that_stops_taking_writes_is_said_in_one_line_and_the_rerun_comp
     _assert_every_epoch_once(client, children)
 
 
-def test_two_studies_started_at_once_in_one_folder_both_record_every_epoch_once(tmp_path):
+def test_two_studies_started_at_once_in_one_folder_both_record_every_epoch_once(tmp_path, commands):
     """Two study scripts, each with its own local Ray, start together on a fresh ./mlflow.db."""
     one_trial = {"ablation_norm.py": ["--levels", "groups=2", "--levels", "norm_act=BN+Swish"],
                  "ablation_sr.py": ["--levels", "sr_lambda=0.01"]}
-    commands = [[sys.executable, os.path.join(ROOT, "studies", script), *levels, "--set", f"epochs={EPOCHS}",
-                 "--num-cpus", "1"] for script, levels in one_trial.items()]
-    processes = [subprocess.Popen(c, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  start_new_session=True) for c in commands]
+    argvs = [[sys.executable, os.path.join(ROOT, "studies", script), *levels, "--set", f"epochs={EPOCHS}",
+              "--num-cpus", "1"] for script, levels in one_trial.items()]
+    processes = [commands.start(c, tmp_path, dict(os.environ), stderr=subprocess.STDOUT) for c in argvs]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], [out[-3000:] for out in outputs]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -169,12 +164,12 @@ def test_a_finished_study_run_again_under_another_experiment_is_recorded_there_w
     """The study's folder is keyed by what it trains, not by --experiment: the second command finds
     every trial ended, trains nothing, and records the whole study in the experiment it names."""
     command = _study_command("--levels", "norm_act=BN+ELU", "--max-concurrent", "1")
-    code, out, err = _run(command, tmp_path, commands=commands)
+    code, out, err = _run(command, tmp_path, commands)
     assert code == 0, out[-3000:] + err[-3000:]
     trials = next((tmp_path / "runs").glob("ablation_norm-smoke-*")) / "trials"
     trained = sorted(str(p.relative_to(trials)) for p in trials.rglob("checkpoint_*"))
 
-    code, out, err = _run([*command, "--experiment", "norm-again"], tmp_path, commands=commands)
+    code, out, err = _run([*command, "--experiment", "norm-again"], tmp_path, commands)
     assert code == 0 and "interrupted" not in out, out[-3000:] + err[-3000:]
     assert sorted(str(p.relative_to(trials)) for p in trials.rglob("checkpoint_*")) == trained
     for experiment in ("ablation_norm", "norm-again"):

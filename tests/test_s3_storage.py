@@ -143,35 +143,30 @@ def _whole_checkpoints(filesystem):
     return [f for f in files if f.endswith("/metrics.json") and f.replace("metrics.json", "state.pt") in files]
 
 
-def _start(script, folder, endpoint, *flags, commands=None):
-    """studies/<script> at smoke scale, 3 epochs, its storage s3://nvae/runs reached at endpoint: started
-    (a Popen, its output merged), or given the tests' command server (conftest.commands) run to its end
-    forked from it (a CompletedProcess)."""
+def _start(script, folder, endpoint, commands, *flags):
+    """studies/<script> at smoke scale, 3 epochs, its storage s3://nvae/runs reached at endpoint: started,
+    forked from the tests' command server (conftest.commands), its output merged (a ForkedProcess)."""
     command = [sys.executable, os.path.join(ROOT, "studies", script), "--num-cpus", "2", "--set", "epochs=3",
                "--storage-path", "s3://nvae/runs", "--tracking-uri", f"sqlite:///{folder}/mlflow.db", *flags]
-    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
-    if commands is not None:
-        return commands.run_argv(command, cwd=folder, env=env, timeout=600)
-    return subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
+    return commands.start(command, folder, {**os.environ, "AWS_ENDPOINT_URL": endpoint}, stderr=subprocess.STDOUT,
+                          timeout=600)
 
 
-def _train(folder, endpoint, commands=None):
-    return _start("train.py", folder, endpoint, "--scale", "smoke", "--max-failures", "1", commands=commands)
+def _train(folder, endpoint, commands):
+    return _start("train.py", folder, endpoint, commands, "--scale", "smoke", "--max-failures", "1")
 
 
-def _study(folder, endpoint, commands=None):
+def _study(folder, endpoint, commands):
     # No retries: the store stays down, and each retry would wait it out again.
-    return _start("ablation_sr.py", folder, endpoint, "--levels", "sr_lambda=0.0", "--max-failures", "0",
-                  commands=commands)
+    return _start("ablation_sr.py", folder, endpoint, commands, "--levels", "sr_lambda=0.0", "--max-failures", "0")
 
 
-def _store_down_after_epoch_0(s3_store, bucket, start, folder):
-    """Run start(folder, endpoint) with the store behind a Proxy, taken down once epoch 0's checkpoint
-    is in the bucket and kept down until the command ends, then up again: (proxy, process, output)."""
+def _store_down_after_epoch_0(s3_store, bucket, start, folder, commands):
+    """Run start(folder, endpoint, commands) with the store behind a Proxy, taken down once epoch 0's
+    checkpoint is in the bucket and kept down until the command ends, then up again: (proxy, process, output)."""
     proxy = Proxy(s3_store.port)  # the command reaches the store through it; the test reaches moto directly
     started = time.time()
-    process = start(folder, f"http://127.0.0.1:{proxy.port}")
+    process = start(folder, f"http://127.0.0.1:{proxy.port}", commands)
     while not _whole_checkpoints(bucket):
         assert process.poll() is None and time.time() - started < 300, _finish(process)
         time.sleep(0.5)
@@ -196,7 +191,7 @@ def test_a_store_that_stays_down_fails_the_run_in_one_line_and_the_same_command_
                                                                                        commands):
     """The store goes down once epoch 0's checkpoint is in the bucket and stays down until the run
     ends; once it answers again on the same port, the same command resumes from that checkpoint."""
-    proxy, first, out = _store_down_after_epoch_0(s3_store, bucket, _train, tmp_path)
+    proxy, first, out = _store_down_after_epoch_0(s3_store, bucket, _train, tmp_path, commands)
     name = re.search(r"run (\S+), checkpoints in s3://nvae/runs/", out).group(1)
     own = [line for line in out.splitlines() if "pid=" not in line]  # not what Ray forwards from its processes
     assert not [line for line in own if "Traceback" in line], out[-5000:]
@@ -206,7 +201,7 @@ def test_a_store_that_stays_down_fails_the_run_in_one_line_and_the_same_command_
             "(AWS Error NETWORK_CONNECTION") in said[0] and "run the same command: it resumes" in said[0]
 
     second = _train(tmp_path, f"http://127.0.0.1:{proxy.port}", commands)  # the same command
-    out = second.stdout + second.stderr
+    out = _finish(second)
     assert second.returncode == 0, out[-5000:]
     history = [c.metrics for c in epoch_checkpoints(f"s3://nvae/runs/{name}")]
     assert [(m["epoch"], m["start_epoch"]) for m in history] == [(0, 0), (1, 1), (2, 1)]  # resumed after epoch 0
@@ -222,7 +217,7 @@ def test_a_studys_trial_whose_store_stays_down_is_resumed_by_the_same_command_no
         bucket, s3_store, tmp_path, commands):
     """As above, for a study: the trial fails naming the store, but its failure is not its result
     (no outcome file): the same command resumes it after epoch 0 and its MLflow run ends FINISHED."""
-    proxy, _, out = _store_down_after_epoch_0(s3_store, bucket, _study, tmp_path)
+    proxy, _, out = _store_down_after_epoch_0(s3_store, bucket, _study, tmp_path, commands)
     said = [line for line in out.splitlines() if "failed: the run's storage" in line and "cannot be reached" in line]
     assert said and f"at 127.0.0.1:{proxy.port}" in said[-1] and "run the same command" in said[-1], out[-5000:]
     assert "Traceback" not in out, out[-5000:]  # Tune, ending, met the store too: said in one line, not its traceback
@@ -235,7 +230,7 @@ def test_a_studys_trial_whose_store_stays_down_is_resumed_by_the_same_command_no
     assert child.info.status == "FAILED", out[-5000:]
 
     second = _study(tmp_path, f"http://127.0.0.1:{proxy.port}", commands)  # the same command
-    out = second.stdout + second.stderr
+    out = _finish(second)
     assert second.returncode == 0 and "1 finished" in out, out[-5000:]
     (trial,) = {f.split("/trials/")[1].split("/")[0] for f in _whole_checkpoints(bucket)}
     history = [c.metrics for c in epoch_checkpoints(next(

@@ -1,7 +1,7 @@
 """The same study started twice in one folder (a double-clicked job, a scheduler's retried submission):
 one runs, the other is refused in one line naming the holder, exit 2, before Ray starts; after a
-SIGKILLed holder the next invocation takes its lock over and resumes the study. Real study scripts,
-subprocesses, a real local Ray and SQLite store."""
+SIGKILLed holder the next invocation takes its lock over and resumes the study. Real study scripts
+(forked from the tests' command server), a real local Ray and SQLite store."""
 import json
 import os
 import signal
@@ -34,9 +34,9 @@ def _command(epochs):
             "--set", f"epochs={epochs}", "--num-cpus", "2", "--address", "local"]
 
 
-def _start(command, folder, env):
-    return subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def _start(command, folder, env, commands):
+    """The command started, forked from the tests' command server (conftest.commands)."""
+    return commands.start(command, folder, env)
 
 
 def _statuses(folder):
@@ -55,10 +55,10 @@ def _kill_all(process, env):
             p.kill()
 
 
-def test_two_invocations_at_once_one_runs_the_other_is_refused_in_one_line(tmp_path):
+def test_two_invocations_at_once_one_runs_the_other_is_refused_in_one_line(tmp_path, commands):
     env = _env()
     started = time.time()
-    both = [_start(_command(1), tmp_path, env) for _ in range(2)]
+    both = [_start(_command(1), tmp_path, env, commands) for _ in range(2)]
     try:
         while all(p.poll() is None for p in both) and time.time() - started < 300:
             time.sleep(0.05)
@@ -83,7 +83,7 @@ def test_two_invocations_at_once_one_runs_the_other_is_refused_in_one_line(tmp_p
 
 def test_after_a_sigkilled_holder_the_next_invocation_takes_the_lock_over_and_resumes(tmp_path, commands):
     env = _env()
-    first = _start(_command(2), tmp_path, env)
+    first = _start(_command(2), tmp_path, env, commands)
     try:
         started = time.time()
         for line in first.stdout:  # until the trial has checkpointed its first epoch

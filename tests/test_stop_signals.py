@@ -3,11 +3,10 @@ group: `timeout`; to its pid: `ray job stop`, Kubernetes) stops the same way: it
 table, the one line of advice, its unfinished runs marked KILLED, exit 130 or 143, and no process it
 started left running; so does `studies/train.py`. A study whose local Ray is lost (its raylet
 SIGKILLed) says so and ends the same way, with exit 1. A study that finishes or fails leaves no
-process either. Real commands, subprocesses."""
+process either. Real commands, forked from the tests' command server (tests/forked_commands.py)."""
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -78,14 +77,13 @@ def _command_env(tmp_path):
     return env, ray_dir
 
 
-def _study_after_an_epoch(tmp_path, env, ray_dir):
-    """A study of 20 epochs started on a new local Ray, once a trial has finished an epoch: (process,
-    its output so far, its processes)."""
+def _study_after_an_epoch(tmp_path, env, ray_dir, commands):
+    """A study of 20 epochs started (forked from the tests' command server, conftest.commands) on a new
+    local Ray, once a trial has finished an epoch: (process, its output so far, its processes)."""
     command = [sys.executable, os.path.join(ROOT, "studies", "ablation_sr.py"), "--levels", "sr_lambda=0.0,0.01",
                "--set", "epochs=20", "--num-cpus", "2",
                "--address", "local"]  # a new local Ray, whatever else runs on this machine
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    process = commands.start(command, tmp_path, env)
     started, out = time.time(), []
     for line in process.stdout:  # until a trial has finished an epoch
         out.append(line)
@@ -109,10 +107,10 @@ def _assert_stopped_cleanly(tree, ray_dir, tmp_path, experiment):
 
 
 @pytest.mark.parametrize("stop", STUDY_STOPS)
-def test_a_stopped_study_says_so_marks_its_runs_killed_and_leaves_no_process(stop, tmp_path):
+def test_a_stopped_study_says_so_marks_its_runs_killed_and_leaves_no_process(stop, tmp_path, commands):
     send, code = STUDY_STOPS[stop]
     env, ray_dir = _command_env(tmp_path)
-    process, out, tree = _study_after_an_epoch(tmp_path, env, ray_dir)
+    process, out, tree = _study_after_an_epoch(tmp_path, env, ray_dir, commands)
     try:
         rest, err = _stop(process, send, tree, ray_dir, f"study, {stop}")
     finally:
@@ -125,11 +123,11 @@ def test_a_stopped_study_says_so_marks_its_runs_killed_and_leaves_no_process(sto
     _assert_stopped_cleanly(tree, ray_dir, tmp_path, "ablation_sr")
 
 
-def test_a_study_whose_local_ray_is_lost_says_so_marks_its_runs_killed_and_leaves_nothing(tmp_path):
+def test_a_study_whose_local_ray_is_lost_says_so_marks_its_runs_killed_and_leaves_nothing(tmp_path, commands):
     """The study's raylet SIGKILLed, as by the out-of-memory killer: one line says so, then the table
     and the re-run line; exit 1, no process left, no checkpoint left in the temp folder."""
     env, ray_dir = _command_env(tmp_path)
-    process, out, tree = _study_after_an_epoch(tmp_path, env, ray_dir)
+    process, out, tree = _study_after_an_epoch(tmp_path, env, ray_dir, commands)
     try:
         (raylet,) = [p for p in tree if p.name() == "raylet"]
         rest, err = _stop(process, lambda _: raylet.kill(), tree, ray_dir, "study, raylet SIGKILLed")
@@ -146,13 +144,12 @@ def test_a_study_whose_local_ray_is_lost_says_so_marks_its_runs_killed_and_leave
 
 
 @pytest.mark.parametrize("stop", TRAIN_STOPS)
-def test_a_stopped_training_run_says_so_marks_its_run_killed_and_leaves_no_process(stop, tmp_path):
+def test_a_stopped_training_run_says_so_marks_its_run_killed_and_leaves_no_process(stop, tmp_path, commands):
     send, code = TRAIN_STOPS[stop]
     env, ray_dir = _command_env(tmp_path)
     command = [sys.executable, os.path.join(ROOT, "studies", "train.py"), "--set", "epochs=20", "--num-cpus", "2",
                "--address", "local"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    process = commands.start(command, tmp_path, env)
     try:
         first = process.stdout.readline()  # "[nvae] training ... checkpoints in <run folder>; ..."
         assert first.startswith("[nvae] training"), first + process.stderr.read()[-3000:]
@@ -175,10 +172,10 @@ def test_a_stopped_training_run_says_so_marks_its_run_killed_and_leaves_no_proce
     assert client.get_metric_history(run.info.run_id, "val_bpd")  # the epochs checkpointed before the stop
 
 
-def _watch(command, cwd, env):
-    """Run command to its end, listing its processes every 0.2 s: (process, stdout, stderr, every process seen)."""
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+def _watch(command, cwd, env, commands):
+    """Run command (forked from the tests' command server) to its end, listing its processes every
+    0.2 s: (process, stdout, stderr, every process seen)."""
+    process = commands.start(command, cwd, env)
     output = {}
     reader = threading.Thread(target=lambda: output.update(zip(("out", "err"), process.communicate(timeout=300))))
     reader.start()
@@ -197,7 +194,7 @@ def _watch(command, cwd, env):
 
 
 @pytest.mark.parametrize("end", ["finished", "failed"])
-def test_a_study_that_ends_leaves_no_process(end, tmp_path):
+def test_a_study_that_ends_leaves_no_process(end, tmp_path, commands):
     """A study that finishes (exit 0), and one whose MLflow store refuses its writes once it has started
     (it trains on, then ends with exit 1: its record incomplete), leave none of the processes they started."""
     if end == "failed":  # the first child run's params are refused, as by a full disk
@@ -209,7 +206,7 @@ def test_a_study_that_ends_leaves_no_process(end, tmp_path):
     env, ray_dir = _command_env(tmp_path)
     command = [sys.executable, os.path.join(ROOT, "studies", "ablation_sr.py"), "--levels", "sr_lambda=0.0",
                "--set", "epochs=1", "--num-cpus", "2", "--address", "local"]
-    process, out, err, seen = _watch(command, tmp_path, env)
+    process, out, err, seen = _watch(command, tmp_path, env, commands)
     _, alive = psutil.wait_procs(seen, timeout=5)
     print(f"{end}: exit {process.returncode}, {len(seen)} processes seen, {len(alive)} alive 5 s after the exit, "
           f"{len(_started_by_now(ray_dir))} naming its Ray folder")

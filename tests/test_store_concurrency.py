@@ -30,16 +30,22 @@ client.set_terminated(run.info.run_id)
 """
 
 
-def test_processes_starting_at_once_on_a_fresh_store_all_record(tmp_path):
+def test_processes_starting_at_once_on_a_fresh_store_all_record(tmp_path, commands):
+    """The processes are forked from the tests' command server (conftest.commands), which has MLflow
+    imported: they are all started well before the instant at which they all begin."""
     folders = [tmp_path / f"round{r}" for r in range(ROUNDS)]
     for folder in folders:
         folder.mkdir()
-    start = time.time() + 20  # every process imports MLflow first, then all begin together
-    procs = [(folder, subprocess.Popen(
-        [sys.executable, "-c", COMMAND, f"sqlite:///{folder}/mlflow.db", f"study_{i % 2}", str(start), f"run{i}"],
-        cwd=folder, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))))
+    script = tmp_path / "record.py"
+    script.write_text(COMMAND)
+    start = time.time() + 3
+    procs = [(folder, commands.start(
+        [sys.executable, script, f"sqlite:///{folder}/mlflow.db", f"study_{i % 2}", str(start), f"run{i}"],
+        folder, dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL, timeout=180))
         for folder in folders for i in range(PROCESSES)]
-    failures = [(folder.name, p.stderr.read()[-2000:]) for folder, p in procs if p.wait(timeout=180) != 0]
+    late = [p.pid for _, p in procs if p.poll() is not None or time.time() > start]
+    assert not late, f"started after the instant they all begin: {late}"
+    failures = [(folder.name, p.communicate(timeout=180)[1][-2000:]) for folder, p in procs if p.wait(timeout=180)]
     assert not failures, failures
     for folder in folders:
         client = MlflowClient(f"sqlite:///{folder}/mlflow.db")

@@ -71,12 +71,12 @@ def server(postgres, tmp_path, monkeypatch):
 
 
 class Study:
-    """ablation_norm (3 trials a seed, one at a time) recording to the server; its output read as it comes."""
+    """ablation_norm (3 trials a seed, one at a time) recording to the server, forked from the tests'
+    command server (conftest.commands); its output read as it comes."""
 
-    def __init__(self, server, folder, experiment, seeds=1):
+    def __init__(self, server, folder, experiment, commands, seeds=1):
         command, env = self.command(server, folder, experiment, seeds)
-        self.process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, start_new_session=True)
+        self.process = commands.start(command, folder, env)
         self.out, self.err = [], []
         self.readers = [threading.Thread(target=lambda s=s, into=into: into.extend(s), daemon=True)
                         for s, into in ((self.process.stdout, self.out), (self.process.stderr, self.err))]
@@ -144,8 +144,8 @@ def _checkpoints(folder):
     return sorted(str(p.relative_to(folder)) for p in (folder / "runs").rglob("checkpoint_*"))
 
 
-def test_the_study_rides_through_a_server_outage_and_its_record_catches_up(server, tmp_path):
-    study = Study(server, tmp_path, "outage-back", seeds=2)  # 6 trials: time to restart and catch up
+def test_the_study_rides_through_a_server_outage_and_its_record_catches_up(server, tmp_path, commands):
+    study = Study(server, tmp_path, "outage-back", commands, seeds=2)  # 6 trials: time to restart and catch up
     _first_epoch_recorded(server, "outage-back", study)
     server.kill()
     study.wait_for_line(FELL_BEHIND)
@@ -158,7 +158,7 @@ def test_the_study_rides_through_a_server_outage_and_its_record_catches_up(serve
 
 def test_a_server_still_gone_at_the_end_is_said_in_one_line_and_the_rerun_completes_the_record(server, tmp_path,
                                                                                                commands):
-    study = Study(server, tmp_path, "outage-end")
+    study = Study(server, tmp_path, "outage-end", commands)
     _first_epoch_recorded(server, "outage-end", study)
     server.kill()
     assert study.wait() == 1, study.output()
