@@ -178,9 +178,11 @@ def outage_study(local_hosts):
     submitted with no storage or tracking flag, through what a long job meets. Once the first trial
     has an epoch recorded, the tracking server is gone for 30 s, then, once it is back, the store
     refuses every connection for 20 s; once that trial has finished, `ray job stop` (SIGTERM to the
-    driver); the same study submitted again trains only the second trial. What was seen on the way:
-    {finished: the first trial, stopped: that job's end, before: the record after it, end: the second
-    job's end, runs: the record after it}."""
+    driver); the same study submitted again trains only the second trial, and once that trial has an
+    epoch more recorded, worker2 is lost (every process SIGKILLed, its disk gone) and a fresh host
+    joins in its place. What was seen on the way: {finished: the first trial, stopped: that job's end,
+    before: the record after it, lost: the second trial as worker2 was lost, end: the second job's end,
+    runs: the record after it}."""
     flags = ("--levels", "sr_lambda=0.0,0.01")
     submit(local_hosts, "stopped-1", "stopped", *flags, own_folder=False)
     wait_for_trial(local_hosts, "stopped")
@@ -197,8 +199,13 @@ def outage_study(local_hosts):
     stopped = job_end(local_hosts, "stopped-1")
     before = probe(local_hosts, "record", "stopped")
     submit(local_hosts, "stopped-2", "stopped", *flags, own_folder=False)
+    done = max(len(r["steps"].get("train_bpd", [])) for r in before if r["id"] != finished["id"])
+    assert done + 1 < EPOCHS, f"the second trial had {done} epochs before the second job: none left to lose a host in"
+    lost = wait_for_trial(local_hosts, "stopped", epochs=done + 1)
+    local_hosts.lose_host("worker2")
+    local_hosts.start_worker("worker2")
     end = job_end(local_hosts, "stopped-2")
-    return {"finished": finished, "stopped": stopped, "before": before, "end": end,
+    return {"finished": finished, "stopped": stopped, "before": before, "lost": lost, "end": end,
             "runs": probe(local_hosts, "record", "stopped")}
 
 
@@ -210,7 +217,8 @@ def test_a_study_spans_the_worker_hosts_and_lands_in_the_bucket_and_on_the_head(
     for run in children:
         assert run["metrics"]["worker_nodes"] == 2  # DDP over gloo between the two worker hosts
         assert run["metrics"]["replica_bn_spread"] == 0  # synchronized BN kept the replicas' statistics equal
-        assert len(run["tags"]["nvae.nodes"].split(",")) == 2
+        hosts_used = 3 if run["id"] == outage_study["lost"]["id"] else 2  # the second: worker2 replaced
+        assert len(run["tags"]["nvae.nodes"].split(",")) == hosts_used
         assert run["tags"]["nvae.checkpoint"].startswith("s3://nvae/nvae/")
         assert "samples.png" in run["artifacts"] and "config.json" in run["artifacts"]
     keys = bucket_listing(local_hosts, "nvae/")
@@ -277,16 +285,13 @@ def test_a_job_through_both_outages_then_stopped_and_submitted_again_completes_w
     assert {r["id"] for r in after} == {r["id"] for r in before if "mlflow.parentRunId" in r["tags"]}
 
 
-def test_a_lost_worker_host_is_replaced_and_the_trial_resumes_from_the_buckets_checkpoint(local_hosts):
-    """worker2 is lost (every process SIGKILLed, its disk gone) after the first checkpoint, and a fresh
-    host joins: the trial continues on it from the checkpoint in the bucket."""
-    submit(local_hosts, "host-lost", "host-lost", "--levels", "sr_lambda=0.0")
-    trial = wait_for_trial(local_hosts, "host-lost")
-    local_hosts.lose_host("worker2")
-    local_hosts.start_worker("worker2")
-    end = job_end(local_hosts, "host-lost")
+def test_a_lost_worker_host_is_replaced_and_the_trial_resumes_from_the_buckets_checkpoint(local_hosts, outage_study):
+    """The second job of outage_study: worker2 is lost (every process SIGKILLed, its disk gone) after
+    its trial's next checkpoint, and a fresh host joins: the trial continues on it from the checkpoint
+    in the bucket."""
+    trial, end = outage_study["lost"], outage_study["end"]
     assert end["status"] == "SUCCEEDED", end["logs"][-5000:]
-    (run,) = check_complete(probe(local_hosts, "record", "host-lost"), trials=1)
+    (run,) = [r for r in check_complete(outage_study["runs"], trials=2) if r["id"] == trial["id"]]
     nodes_before, nodes_after = set(trial["tags"]["nvae.nodes"].split(",")), set(run["tags"]["nvae.nodes"].split(","))
     assert nodes_before < nodes_after and len(nodes_after) == 3  # the tag lists every node: now the fresh host too
     assert run["metrics"]["start_epoch"] >= trial["epochs"]  # resumed from the checkpoint, not from scratch
