@@ -26,6 +26,8 @@ import time
 import psutil
 import pyarrow.fs
 
+from nvae_platform.storage import open_storage
+
 LOCK_FILE = ".lock"
 RENEW_SECONDS = 30
 STALE_SECONDS = 120
@@ -47,7 +49,7 @@ class FolderLock:
 
     def __init__(self, folder, what):
         self.folder, self.what = folder.split("?")[0].rstrip("/"), what  # as the user knows it: no URI options
-        self.filesystem, base = pyarrow.fs.FileSystem.from_uri(folder)
+        self.filesystem, base = open_storage(folder)
         self.base = base.rstrip("/")
         self.path = f"{self.base}/{LOCK_FILE}"
         self.local = isinstance(self.filesystem, pyarrow.fs.LocalFileSystem)

@@ -20,9 +20,8 @@ import os
 import re
 import sys
 
-import pyarrow.fs
-
 from nvae_platform.folder_lock import unique_name
+from nvae_platform.storage import open_storage
 
 
 class CommandLine(argparse.ArgumentParser):
@@ -111,7 +110,7 @@ def check_storage(storage_path, flag="--storage-path"):
     """Raise ValueError unless the storage root can be created and written (a probe file is
     written and deleted)."""
     try:
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(storage_path)
+        filesystem, path = open_storage(storage_path)
         filesystem.create_dir(path, recursive=True)
         probe = f"{path}/{unique_name('.write-probe')}"  # two commands at once probe different files
         with filesystem.open_output_stream(probe) as f:

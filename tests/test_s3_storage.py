@@ -145,10 +145,12 @@ def _whole_checkpoints(filesystem):
 
 def _start(script, folder, endpoint, commands, *flags):
     """studies/<script> at smoke scale, 3 epochs, its storage s3://nvae/runs reached at endpoint: started,
-    forked from the tests' command server (conftest.commands), its output merged (a ForkedProcess)."""
+    forked from the tests' command server (conftest.commands), its output merged (a ForkedProcess).
+    AWS_MAX_ATTEMPTS=1: the platform's requests to a store that is down each fail at the first try
+    (nvae_platform/storage.py), where pyarrow's own retrying takes seconds for each."""
     command = [sys.executable, os.path.join(ROOT, "studies", script), "--num-cpus", "2", "--set", "epochs=3",
                "--storage-path", "s3://nvae/runs", "--tracking-uri", f"sqlite:///{folder}/mlflow.db", *flags]
-    return commands.start(command, folder, {**os.environ, "AWS_ENDPOINT_URL": endpoint}, stderr=subprocess.STDOUT,
+    return commands.start(command, folder, {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_MAX_ATTEMPTS": "1"}, stderr=subprocess.STDOUT,
                           timeout=600)
 
 

@@ -21,6 +21,7 @@ from nvae_core.paths import absolute
 from nvae_platform.defaults import default_tracking_uri
 from nvae_platform.record.store import StoreClient, sqlite_path
 from nvae_platform.record.tracking import CHECKPOINT_TAG, CONFIG_ARTIFACT, STATUS_TAG, STORE_ERRORS
+from nvae_platform.storage import open_storage
 from nvae_platform.train.checkpoints import CHECKPOINT_FILE, CHECKPOINT_PREFIX, epoch_checkpoints, is_file, read_state
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids
@@ -103,7 +104,7 @@ def _from_run(run_id, tracking_uri):
 
 def _filesystem(folder):
     try:
-        return pyarrow.fs.FileSystem.from_uri(folder)
+        return open_storage(folder)
     except (ValueError, OSError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise ValueError(f"{folder} cannot be opened ({error}); {SOURCES}") from None
 

@@ -10,11 +10,13 @@ import os
 
 import pyarrow.fs
 
+from nvae_platform.storage import open_storage
+
 OUTCOME_FILE = "outcome.json"
 
 
 def _location(trials_path, key):
-    return pyarrow.fs.FileSystem.from_uri(f"{trials_path}/{key}/{OUTCOME_FILE}")
+    return open_storage(f"{trials_path}/{key}/{OUTCOME_FILE}")
 
 
 def read_outcome(trials_path, key):
@@ -38,7 +40,7 @@ def ended_outcomes(trials_path):
     """{trial key: outcome} of every trial under trials_path that has ended, whichever invocation of
     its study ran it ({} when the folder does not exist yet or cannot be listed)."""
     try:
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(trials_path)
+        filesystem, path = open_storage(trials_path)
         found = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     except OSError:
         return {}

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import pyarrow.fs
 import torch
 
+from nvae_platform.storage import open_storage
+
 CHECKPOINT_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.png"
@@ -49,11 +51,6 @@ class EpochCheckpoint:
 
 def _join(root, name):
     return f"{root.rstrip('/')}/{name}"
-
-
-def open_storage(path):
-    """(pyarrow filesystem, path in it) of a local path or a URI."""
-    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
 
 
 def is_file(filesystem, path):
@@ -98,7 +95,7 @@ def epoch_checkpoints(run_folder, skip=()):
     """The run's checkpoints that carry their metrics, one per epoch (the newest folder wins when an
     epoch was written twice), by epoch; [] when the folder does not exist. Folders named in skip are
     not read (a caller that polls has read them already)."""
-    filesystem, base = pyarrow.fs.FileSystem.from_uri(run_folder)
+    filesystem, base = open_storage(run_folder)
     try:
         entries = filesystem.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
     except (FileNotFoundError, OSError):

@@ -27,6 +27,7 @@ import pyarrow.fs
 
 from nvae_core.datasets import IMAGE_EXTENSIONS, check_available, files_layout
 from nvae_platform.defaults import data_cache_root
+from nvae_platform.storage import open_storage
 
 MANIFEST = ".nvae-copy.json"  # written last into a whole copy: the URI, its digest and its files
 TRIES = 3  # per file, 1 s then 2 s apart, before the store is named as failing
@@ -61,7 +62,7 @@ def remote_files(data_dir, dataset):
     uri, (folder, entries) = _plain(data_dir), files_layout(dataset)
     upload = f"upload it with: python studies/download_data.py {dataset} --data-dir {uri}"
     try:
-        filesystem, base = pyarrow.fs.FileSystem.from_uri(data_dir)
+        filesystem, base = open_storage(data_dir)
         base = base.rstrip("/")
         top = f"{base}/{folder}".rstrip("/")
         found = filesystem.get_file_info(pyarrow.fs.FileSelector(top, recursive=True, allow_not_found=True))
@@ -234,7 +235,7 @@ def upload(dataset, local_root, data_dir):
     local_data_dir reads (the same relative paths), then list them there. Returns (files, bytes)."""
     folder, _ = files_layout(dataset)
     source = os.path.join(local_root, folder).rstrip("/")
-    filesystem, base = pyarrow.fs.FileSystem.from_uri(data_dir)
+    filesystem, base = open_storage(data_dir)
     target = f"{base.rstrip('/')}/{folder}".rstrip("/")
     targets = {str(path): f"{target}/{path.relative_to(source).as_posix()}" for path in Path(source).rglob("*")
                if path.is_file() and not _archive(path.name)}

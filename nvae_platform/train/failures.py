@@ -16,7 +16,8 @@ from PIL import UnidentifiedImageError
 from nvae_core import ConfigError
 from nvae_core.data_check import BadDataError
 from nvae_core.datasets import DatasetNotFoundError
-from nvae_platform.train.checkpoints import is_file, open_storage
+from nvae_platform.storage import open_storage
+from nvae_platform.train.checkpoints import is_file
 
 FAILURE_FILE = "failure.json"
 DETERMINISTIC = (ConfigError, DatasetNotFoundError, BadDataError, UnidentifiedImageError)

@@ -11,7 +11,8 @@ import pyarrow.fs
 import torch
 
 from nvae_platform.ray_internals import TRAIN_SNAPSHOT_FILE
-from nvae_platform.train.checkpoints import CHECKPOINT_FILE, epoch_checkpoints, is_file, move_folder, open_storage
+from nvae_platform.storage import open_storage
+from nvae_platform.train.checkpoints import CHECKPOINT_FILE, epoch_checkpoints, is_file, move_folder
 
 DAMAGED_PREFIX = "damaged_"
 

@@ -17,7 +17,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import pyarrow.fs
 import ray.train
 import torch
 import torch.distributed as dist
@@ -30,6 +29,7 @@ from nvae_core.datasets import Batches, load_dataset
 from nvae_core.layers import synchronize_batchnorm
 from nvae_core.lineage import dataset_lineage
 from nvae_platform.machine import peak_memory_gb, reset_peak_memory
+from nvae_platform.storage import open_storage
 from nvae_platform.train import fault_injection
 from nvae_platform.train.checkpoints import CHECKPOINT_FILE, METRICS_FILE, SAMPLES_FILE, staging_folder
 from nvae_platform.train.data_cache import local_data_dir
@@ -94,7 +94,7 @@ def _checkpoint_state(model, step, epoch, cfg):
 
 
 def _checkpoint_at(path):
-    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+    filesystem, inner = open_storage(path)
     return ray.train.Checkpoint(inner, filesystem=filesystem)
 
 

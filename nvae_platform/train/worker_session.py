@@ -17,7 +17,8 @@ import ray.train
 import ray.train.torch
 import torch
 
-from nvae_platform.train.checkpoints import CHECKPOINT_PREFIX, METRICS_FILE, epoch_checkpoints, open_storage
+from nvae_platform.storage import open_storage
+from nvae_platform.train.checkpoints import CHECKPOINT_PREFIX, METRICS_FILE, epoch_checkpoints
 
 
 class RayTrainSession:
