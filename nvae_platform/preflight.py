@@ -21,7 +21,7 @@ import re
 import sys
 
 from nvae_platform.folder_lock import unique_name
-from nvae_platform.storage import open_storage
+from nvae_platform.storage import StorageSettingError, open_storage
 
 
 class CommandLine(argparse.ArgumentParser):
@@ -116,6 +116,8 @@ def check_storage(storage_path, flag="--storage-path"):
         with filesystem.open_output_stream(probe) as f:
             f.write(b"ok")
         filesystem.delete_file(probe)
+    except StorageSettingError:
+        raise  # not the folder's fault: its own line
     except Exception as error:  # noqa: BLE001  pyarrow raises OSError, ArrowInvalid, ... for the same causes
         raise ValueError(f"{flag} {storage_path} is not writable ({error}); choose a folder you can "
                          "write (e.g. --storage-path ~/nvae-runs) or a reachable s3:// / gs:// URI") from None

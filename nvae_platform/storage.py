@@ -21,12 +21,16 @@ def open_storage(path):
     return filesystem, inner
 
 
+class StorageSettingError(ValueError):
+    """A storage setting in the environment that cannot be used; the message names the fix."""
+
+
 def request_attempts():
     """AWS_MAX_ATTEMPTS as a count of tries (1 or more), or None where it is unset."""
     value = os.environ.get(ATTEMPTS_ENV, "").strip()
     if not value:
         return None
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{ATTEMPTS_ENV}={value!r} is not a count of tries: set it to 1 or more (each request to an "
+        raise StorageSettingError(f"{ATTEMPTS_ENV}={value!r} is not a count of tries: set it to 1 or more (each request to an "
                          "S3 store is tried that many times), or unset it for pyarrow's own retrying")
     return int(value)

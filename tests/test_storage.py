@@ -6,6 +6,7 @@ import threading
 import pyarrow.fs
 import pytest
 
+from nvae_platform.preflight import check_storage
 from nvae_platform.storage import open_storage
 
 
@@ -47,6 +48,9 @@ def test_a_bad_value_is_refused_naming_the_variable_and_the_fix(value, hangs_up,
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", value)
     with pytest.raises(ValueError, match=rf"AWS_MAX_ATTEMPTS='{value}' is not a count of tries: set it to 1 or more"):
         open_storage(uri)
+    with pytest.raises(ValueError, match=r"^AWS_MAX_ATTEMPTS=") as refused:  # its own line, before the storage's
+        check_storage(uri)
+    assert "not writable" not in str(refused.value)
     assert connections[0] == 0  # refused before any request
     filesystem, path = open_storage(str(tmp_path))  # a local folder does not read it
     assert isinstance(filesystem, pyarrow.fs.LocalFileSystem) and path == str(tmp_path)
