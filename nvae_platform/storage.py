@@ -31,6 +31,7 @@ def request_attempts():
     if not value:
         return None
     if not value.isdigit() or int(value) < 1:
-        raise StorageSettingError(f"{ATTEMPTS_ENV}={value!r} is not a count of tries: set it to 1 or more (each request to an "
-                         "S3 store is tried that many times), or unset it for pyarrow's own retrying")
+        raise StorageSettingError(f"{ATTEMPTS_ENV}={value!r} is not a count of tries: set it to 1 or more (each "
+                                  "request to an S3 store is tried that many times), or unset it for pyarrow's "
+                                  "own retrying")
     return int(value)

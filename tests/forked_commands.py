@@ -86,8 +86,9 @@ def _stream_path(stream, folder, name):
 
 class ForkedProcess:
     """A forked command as subprocess.Popen shows one: args, pid (its process group's too), stdout and
-    stderr (text pipes, when asked for), returncode, poll(), wait(), communicate(), send_signal(), kill().
-    Its exit code comes from the server, which is its parent, through a file."""
+    stderr (text pipes, when asked for), returncode, poll(), wait(), communicate(), send_signal().
+    Its exit code comes from the server, which is its parent, through a file in folder (held here,
+    with its pipes, until the process object goes)."""
 
     def __init__(self, args, pid, folder, returncode_path, pipes):
         self.args, self.pid, self.folder, self.returncode_path = args, pid, folder, returncode_path
@@ -119,10 +120,10 @@ class ForkedProcess:
             for reader in self.readers:
                 reader.start()
         for reader in self.readers:
-            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            reader.join(_left(deadline))
             if reader.is_alive():
                 raise subprocess.TimeoutExpired(self.args, timeout)
-        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self.wait(_left(deadline))
         return self.output.get("stdout"), self.output.get("stderr")
 
     def _read(self, name):
@@ -134,11 +135,10 @@ class ForkedProcess:
         if self.poll() is None:
             os.kill(self.pid, signum)
 
-    def terminate(self):
-        self.send_signal(signal.SIGTERM)
 
-    def kill(self):
-        self.send_signal(signal.SIGKILL)
+def _left(deadline):
+    """Seconds to a time.monotonic() deadline (None: no deadline)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 # Ray reads its authentication mode once per process, as it is imported; ray.init then writes it to
@@ -218,6 +218,7 @@ def _reap(pid, request):
             os.killpg(pid, signal.SIGKILL)
 
     timer = threading.Timer(request["timeout"], kill)
+    timer.daemon = True  # the server's end does not wait for it
     timer.start()
     _, status = os.waitpid(pid, 0)
     timer.cancel()
